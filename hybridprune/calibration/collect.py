@@ -1,0 +1,86 @@
+"""Collect every statistic (Wanda and all NeuronRank modes) in one layer-wise pass."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from hybridprune.calibration.runner import run_layerwise
+from hybridprune.calibration.stats import CalibrationStats, LayerAccumulator
+from hybridprune.models.adapters import FamilyAdapter
+
+
+@dataclass(frozen=True)
+class CollectionOptions:
+    """The collection knobs that change the statistics (all part of the cache key)."""
+
+    topics: int = 128
+    q_active: float = 0.9
+    seed: int = 0
+
+
+def statistics_observer(
+    adapter: FamilyAdapter, num_windows: int, options: CollectionOptions, finished: dict[str, Tensor]
+) -> Callable[[int, nn.Module], Callable[[], None]]:
+    """An observer for run_layerwise that fills `finished` with each layer's statistics."""
+
+    def observe(index: int, layer: nn.Module) -> Callable[[], None]:
+        accumulator = LayerAccumulator(
+            layer=index, num_windows=num_windows, topics=options.topics, q_active=options.q_active, seed=options.seed
+        )
+        linears = adapter.linears(layer)
+        taps = {
+            adapter.attention_inputs[0]: lambda x: accumulator.add_sumsq("attn_in", x),
+            adapter.attention_output: lambda x: accumulator.add_sumsq("o_in", x),
+            adapter.mlp_inputs[0]: accumulator.observe_mlp_input,
+            adapter.mlp_output: accumulator.observe_neurons,
+        }
+        handles = [
+            linears[name].register_forward_pre_hook(lambda _module, args, tap=tap: tap(args[0].detach()))
+            for name, tap in taps.items()
+        ]
+
+        def remove() -> None:
+            for handle in handles:
+                handle.remove()
+            finished.update(accumulator.finish())
+
+        return remove
+
+    return observe
+
+
+def collect_statistics(
+    model: nn.Module,
+    adapter: FamilyAdapter,
+    windows: Tensor,
+    options: CollectionOptions,
+    *,
+    batch_size: int = 4,
+    device: torch.device = torch.device("cpu"),
+    after_layer: Callable[[int, nn.Module], None] | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> CalibrationStats:
+    """One pass over `windows` [N, seqlen]; with `after_layer` it is the sequential (pruned-inputs) mode."""
+    tensors: dict[str, Tensor] = {}
+    observer = statistics_observer(adapter, windows.shape[0], options, tensors)
+
+    def after(index: int, layer: nn.Module) -> None:
+        if after_layer is not None:
+            after_layer(index, layer)
+
+    run_layerwise(
+        model,
+        adapter,
+        windows,
+        batch_size=batch_size,
+        device=device,
+        observe=observer,
+        after_layer=after if after_layer is not None else None,
+        on_batch=on_batch,
+    )
+    tensors["tokens"] = torch.tensor(float(windows.numel()), dtype=torch.float64)
+    return CalibrationStats(tensors)

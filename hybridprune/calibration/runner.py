@@ -1,0 +1,114 @@
+"""The layer-wise engine: run windows through one decoder layer at a time.
+
+Layer 0's inputs (and each layer's keyword arguments: masks, rotary embeddings) are
+captured by running the trunk with every decoder layer replaced by a recorder, which
+costs only the embedding. Then layer l runs on all windows, its outputs become layer
+l+1's inputs. Peak activation memory is two copies of windows x seqlen x hidden, and
+only one layer has to be resident on the accelerator at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from hybridprune.models.adapters import FamilyAdapter
+
+
+@dataclass
+class WindowBatch:
+    """Hidden states of a batch of windows and the per-layer keyword arguments they need."""
+
+    hidden: Tensor
+    layer_kwargs: list[dict[str, Any]]
+
+
+class _StopCapture(Exception):
+    pass
+
+
+def capture_layer_inputs(
+    model: nn.Module, adapter: FamilyAdapter, windows: Tensor, batch_size: int, device: torch.device
+) -> list[WindowBatch]:
+    """Layer-0 inputs and every layer's kwargs, for each batch of windows, at the cost of the embedding."""
+    layers = adapter.layers(model)
+    base = adapter.base_model(model)
+    batches: list[WindowBatch] = []
+    recorded: list[dict[str, Any]] = []
+    first_input: list[Tensor] = []
+
+    def recorder(hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if args:
+            raise RuntimeError("decoder layers are expected to take keyword arguments after hidden_states")
+        kwargs.pop("cache", None)
+        kwargs.pop("past_key_values", None)
+        kwargs["use_cache"] = False
+        recorded.append(kwargs)
+        if not first_input:
+            first_input.append(hidden_states)
+        return hidden_states
+
+    try:
+        for layer in layers:
+            layer.forward = recorder
+        with torch.no_grad():
+            for start in range(0, windows.shape[0], batch_size):
+                recorded, first_input = [], []
+                base(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
+                batches.append(WindowBatch(hidden=first_input[0], layer_kwargs=recorded))
+    finally:
+        for layer in layers:
+            layer.__dict__.pop("forward", None)  # back to the class's own method
+    return batches
+
+
+LayerObserver = Callable[[int, nn.Module], Callable[[], None]]
+"""Called before layer l runs; installs its hooks and returns the function that removes them."""
+
+
+def run_layerwise(
+    model: nn.Module,
+    adapter: FamilyAdapter,
+    windows: Tensor,
+    *,
+    batch_size: int,
+    device: torch.device,
+    observe: LayerObserver | None = None,
+    after_layer: Callable[[int, nn.Module], None] | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> list[Tensor]:
+    """Run all windows through the decoder layers one layer at a time; return the last layer's outputs.
+
+    `after_layer` (used by sequential calibration) may change the layer, for example prune it;
+    the layer's outputs are then recomputed so the next layer sees the changed layer's outputs.
+    """
+    batches = capture_layer_inputs(model, adapter, windows, batch_size, device)
+    for index, layer in enumerate(adapter.layers(model)):
+        remove_hooks = observe(index, layer) if observe else (lambda: None)
+        try:
+            outputs = _run_layer(layer, index, batches, on_batch)
+        finally:
+            remove_hooks()
+        if after_layer is not None:
+            after_layer(index, layer)
+            outputs = _run_layer(layer, index, batches, None)
+        for batch, output in zip(batches, outputs):
+            batch.hidden = output
+    return [batch.hidden for batch in batches]
+
+
+def _run_layer(
+    layer: nn.Module, index: int, batches: list[WindowBatch], on_batch: Callable[[int, int], None] | None
+) -> list[Tensor]:
+    outputs = []
+    with torch.no_grad():
+        for number, batch in enumerate(batches):
+            output = layer(batch.hidden, **batch.layer_kwargs[index])
+            outputs.append(output[0] if isinstance(output, tuple) else output)
+            if on_batch:
+                on_batch(index, number)
+    return outputs

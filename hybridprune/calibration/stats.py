@@ -1,0 +1,144 @@
+"""Calibration statistics: reduced sums per decoder layer, accumulated in float64.
+
+Names inside `stats.safetensors` (l = layer index):
+  tokens                       scalar, calibration tokens seen
+  layer.l.attn_in.sumsq  [H]   sum of x_j^2 at the input of q/k/v (Wanda's squared norm)
+  layer.l.o_in.sumsq     [A]   ... at the input of o_proj
+  layer.l.mlp_in.sumsq   [H]   ... at the input of gate/up
+  layer.l.down_in.sumsq  [I]   ... at the input of down_proj (= sum a_i^2 for NeuronRank)
+  layer.l.nr.abs_sum     [I]   sum |a_i|
+  layer.l.nr.tau         scalar activity threshold (the q_active quantile of |a|)
+  layer.l.nr.active_tokens [I], layer.l.nr.window_active [N, I], layer.l.nr.window_tokens [N]
+  layer.l.nr.topic_active [k, I], layer.l.nr.topic_tokens [k]
+Every entry is a sum over tokens (or windows), so disjoint shards of the text add up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from hybridprune.methods.neuronrank import NeuronStats, assign_topics, kmeans_cosine, quantile_threshold
+
+INPUT_GROUPS = ("attn_in", "o_in", "mlp_in", "down_in")
+TOPIC_SAMPLE_TOKENS = 2048
+
+
+@dataclass
+class CalibrationStats:
+    """All layers' statistics as one flat dict of tensors (the on-disk format, see module doc)."""
+
+    tensors: dict[str, Tensor]
+
+    @property
+    def tokens(self) -> int:
+        return int(self.tensors["tokens"].item())
+
+    @property
+    def num_layers(self) -> int:
+        return sum(1 for name in self.tensors if name.endswith(".attn_in.sumsq"))
+
+    def sumsq(self, layer: int, group: str) -> Tensor:
+        return self.tensors[f"layer.{layer}.{group}.sumsq"]
+
+    def tau(self, layer: int) -> float:
+        return float(self.tensors[f"layer.{layer}.nr.tau"].item())
+
+    def neuron_stats(self, layer: int) -> NeuronStats:
+        prefix = f"layer.{layer}.nr."
+        return NeuronStats(
+            tokens=self.tokens,
+            abs_sum=self.tensors[prefix + "abs_sum"],
+            sq_sum=self.sumsq(layer, "down_in"),
+            active_tokens=self.tensors[prefix + "active_tokens"],
+            window_active=self.tensors[prefix + "window_active"],
+            window_tokens=self.tensors[prefix + "window_tokens"],
+            topic_active=self.tensors[prefix + "topic_active"],
+            topic_tokens=self.tensors[prefix + "topic_tokens"],
+        )
+
+    def add_(self, other: CalibrationStats) -> CalibrationStats:
+        """Sum another shard's statistics into this one (tau is kept from self: it is a threshold, not a sum)."""
+        if self.tensors.keys() != other.tensors.keys():
+            raise ValueError("statistics of different layouts cannot be added")
+        for name, tensor in self.tensors.items():
+            if not name.endswith(".nr.tau"):
+                tensor.add_(other.tensors[name])
+        return self
+
+
+@dataclass
+class LayerAccumulator:
+    """Collects one decoder layer's statistics from forward pre-hooks on its Linears.
+
+    The activity threshold tau and the topic centroids are fitted on the first batch of
+    windows (a random sample of the text) and then applied to every batch, so the whole
+    collection needs a single forward pass of the layer.
+    """
+
+    layer: int
+    num_windows: int
+    topics: int
+    q_active: float
+    seed: int
+    sums: dict[str, Tensor] = field(default_factory=dict)
+    tau: float | None = None
+    centroids: Tensor | None = None
+    batch_topics: Tensor | None = None
+    window_offset: int = 0
+    tokens: int = 0
+
+    def add_sumsq(self, group: str, x: Tensor) -> None:
+        flat = x.reshape(-1, x.shape[-1]).float()
+        self._add(f"{group}.sumsq", flat.pow(2).sum(0))
+
+    def observe_mlp_input(self, x: Tensor) -> None:
+        """Input of gate/up: Wanda sums, and the token-to-topic assignment for this batch."""
+        self.add_sumsq("mlp_in", x)
+        flat = x.reshape(-1, x.shape[-1]).float()
+        if self.centroids is None:
+            generator = torch.Generator().manual_seed(self.seed * 1000 + self.layer)
+            count = min(TOPIC_SAMPLE_TOKENS, flat.shape[0])
+            sample = flat[torch.randperm(flat.shape[0], generator=generator)[:count].to(flat.device)]
+            self.centroids = kmeans_cosine(sample.cpu(), self.topics, seed=self.seed + self.layer, iters=8)
+        self.batch_topics = assign_topics(flat, self.centroids.to(flat.device))
+
+    def observe_neurons(self, a: Tensor) -> None:
+        """Input of down_proj (the neuron activations a = act(gate) * up) of a batch of windows."""
+        batch, seqlen, neurons = a.shape
+        flat = a.reshape(-1, neurons).float()
+        self._add("down_in.sumsq", flat.square().sum(0))
+        magnitude = flat.abs()
+        if self.tau is None:
+            self.tau = quantile_threshold(magnitude, self.q_active, max_sample=2**18, seed=self.seed + self.layer)
+        active = (magnitude > self.tau).float()  # float once: bool sums would go through int64
+        per_window = active.view(batch, seqlen, neurons).sum(1)
+        self._add("nr.abs_sum", magnitude.sum(0))
+        self._add("nr.active_tokens", per_window.sum(0))
+        window_active = self.sums.setdefault(
+            "nr.window_active", torch.zeros(self.num_windows, neurons, dtype=torch.float64)
+        )
+        window_tokens = self.sums.setdefault("nr.window_tokens", torch.zeros(self.num_windows, dtype=torch.float64))
+        rows = slice(self.window_offset, self.window_offset + batch)
+        window_active[rows] += per_window.double().cpu()
+        window_tokens[rows] += seqlen
+        one_hot = torch.nn.functional.one_hot(self.batch_topics, self.topics).to(a.device, torch.float32)
+        self._add("nr.topic_active", one_hot.T @ active)
+        self._add("nr.topic_tokens", one_hot.sum(0))
+        self.window_offset += batch
+        self.tokens += batch * seqlen
+
+    def _add(self, name: str, value: Tensor) -> None:
+        value = value.double().cpu()
+        if name in self.sums:
+            self.sums[name] += value
+        else:
+            self.sums[name] = value.clone()
+
+    def finish(self) -> dict[str, Tensor]:
+        """This layer's entries, named as in the module doc."""
+        named = {f"layer.{self.layer}.{name}": tensor for name, tensor in self.sums.items()}
+        named[f"layer.{self.layer}.nr.tau"] = torch.tensor(float(self.tau), dtype=torch.float64)
+        return named

@@ -1,0 +1,233 @@
+"""Turn metrics into keep-masks (bool, True = keep) and decide how many weights go where.
+
+Every selection uses a stable sort, so equal metrics are pruned lower index first and
+the same inputs always give the same mask (``torch.topk`` gives no such guarantee).
+Counts go through :func:`prune_counts`, so an achieved sparsity equals its target to
+one weight.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+PatternKind = Literal["unstructured", "nm", "structured"]
+UnstructuredGroup = Literal["row", "matrix"]
+
+_N_M_TEXT = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+def _check_sparsity(sparsity: Tensor) -> None:
+    if bool(torch.isnan(sparsity).any()) or bool(((sparsity < 0) | (sparsity > 1)).any()):
+        raise ValueError("sparsity must be in [0, 1]")
+
+
+def _check_metric(metric: Tensor, dims: int) -> None:
+    if metric.dim() != dims:
+        raise ValueError(f"metric must be {dims}-D, got shape {tuple(metric.shape)}")
+    if metric.is_floating_point() and bool(torch.isnan(metric).any()):
+        raise ValueError("metric contains NaN; the statistics or weights behind it are broken")
+
+
+def prune_counts(sizes: Tensor, sparsities: Tensor | float) -> Tensor:
+    """How many to prune in each unit (LongTensor [U]).
+
+    The total is exactly round(sum(sizes * sparsities)) (round half to even, like
+    Python's ``round``) and each unit gets the floor or the ceiling of its own share;
+    the leftover units go to the largest fractional parts, ties to the lower index.
+    """
+    if sizes.dim() != 1:
+        raise ValueError(f"sizes must be 1-D, got shape {tuple(sizes.shape)}")
+    if bool((sizes < 0).any()):
+        raise ValueError("sizes must be >= 0")
+    rates = torch.as_tensor(sparsities, dtype=torch.float64, device=sizes.device)
+    if rates.dim() != 0 and rates.shape != sizes.shape:
+        raise ValueError(
+            f"sparsities must be a float or have shape {tuple(sizes.shape)}, got {tuple(rates.shape)}"
+        )
+    _check_sparsity(rates)
+    shares = sizes.to(torch.float64) * rates
+    floors = shares.floor()
+    missing = round(float(shares.sum())) - int(floors.sum())
+    counts = floors.to(torch.long)
+    if missing > 0:
+        by_fraction = torch.argsort(-(shares - floors), stable=True)
+        counts[by_fraction[:missing]] += 1
+    return counts
+
+
+def _keep_all_but_lowest(metric: Tensor, counts: Tensor) -> Tensor:
+    """Keep-mask for a 2-D metric where row r loses its counts[r] lowest entries."""
+    order = torch.argsort(metric, dim=1, stable=True)
+    positions = torch.arange(metric.shape[1], device=metric.device)
+    keep_in_sorted_order = positions.unsqueeze(0) >= counts.to(metric.device).unsqueeze(1)
+    return torch.empty(metric.shape, dtype=torch.bool, device=metric.device).scatter_(
+        1, order, keep_in_sorted_order
+    )
+
+
+def mask_unstructured(
+    metric: Tensor, sparsity: float, group: UnstructuredGroup = "row"
+) -> Tensor:
+    """Prune the lowest-metric weights of an [out, in] matrix.
+
+    ``row``: each output row loses its share (Wanda's published comparison groups).
+    ``matrix``: one group for the whole matrix (what magnitude pruning often uses).
+    """
+    _check_metric(metric, 2)
+    rows, cols = metric.shape
+    if group == "row":
+        counts = prune_counts(torch.full((rows,), cols, dtype=torch.long), sparsity)
+        return _keep_all_but_lowest(metric, counts)
+    if group == "matrix":
+        count = prune_counts(torch.tensor([rows * cols]), sparsity)
+        return _keep_all_but_lowest(metric.reshape(1, -1), count).reshape(rows, cols)
+    raise ValueError(f"unknown group {group!r}; use 'row' or 'matrix'")
+
+
+def mask_rows(metric: Tensor, row_sparsity: Tensor) -> Tensor:
+    """Like row-group unstructured pruning, but each row has its own sparsity.
+
+    Used when a neuron's score sets its row's share; the matrix total stays exact.
+    """
+    _check_metric(metric, 2)
+    rows, cols = metric.shape
+    if row_sparsity.shape != (rows,):
+        raise ValueError(f"row_sparsity must have shape ({rows},), got {tuple(row_sparsity.shape)}")
+    counts = prune_counts(torch.full((rows,), cols, dtype=torch.long), row_sparsity.cpu())
+    return _keep_all_but_lowest(metric, counts)
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """A sparsity pattern; for ``nm``, n weights are pruned in each block of m inputs."""
+
+    kind: PatternKind
+    n: int = 0
+    m: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind == "nm":
+            if not 0 < self.n < self.m:
+                raise ValueError(
+                    f"invalid N:M pattern {self.n}:{self.m}: need 0 < N < M "
+                    "(N weights pruned in each block of M inputs, e.g. 2:4)"
+                )
+        elif self.kind in ("unstructured", "structured"):
+            if self.n or self.m:
+                raise ValueError(f"pattern {self.kind!r} takes no N or M")
+        else:
+            raise ValueError(f"unknown pattern kind {self.kind!r}")
+
+    @property
+    def sparsity(self) -> float | None:
+        """The sparsity the pattern fixes by itself (N/M), or None when the target decides."""
+        return self.n / self.m if self.kind == "nm" else None
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}" if self.kind == "nm" else self.kind
+
+
+def parse_pattern(text: str) -> Pattern:
+    """Read "unstructured", "structured" or "N:M" (N pruned per M, 0 < N < M)."""
+    cleaned = text.strip().lower()
+    if cleaned in ("unstructured", "structured"):
+        return Pattern(kind=cleaned)  # type: ignore[arg-type]
+    match = _N_M_TEXT.match(cleaned)
+    if match is None:
+        raise ValueError(
+            f"invalid pattern {text!r}: use 'unstructured', 'structured' or N:M such as 2:4 or 4:8"
+        )
+    n, m = int(match.group(1)), int(match.group(2))
+    if not 0 < n < m:
+        raise ValueError(
+            f"invalid pattern {text!r}: need 0 < N < M (N weights pruned in each block of M, e.g. 2:4)"
+        )
+    return Pattern(kind="nm", n=n, m=m)
+
+
+def mask_n_m(metric: Tensor, n: int, m: int) -> Tensor:
+    """In each block of m consecutive inputs of each row, prune the n lowest (N:M sparsity)."""
+    _check_metric(metric, 2)
+    if not 0 < n < m:
+        raise ValueError(f"invalid N:M {n}:{m}: need 0 < N < M")
+    rows, cols = metric.shape
+    if cols % m != 0:
+        raise ValueError(f"N:M with M={m} needs the input size to be a multiple of {m}, got {cols}")
+    blocks = metric.reshape(-1, m)
+    counts = torch.full((blocks.shape[0],), n, dtype=torch.long)
+    return _keep_all_but_lowest(blocks, counts).reshape(rows, cols)
+
+
+def neuron_keep_mask(scores: Tensor, sparsity: float) -> Tensor:
+    """Keep the best I - round(sparsity * I) neurons (structured pruning of an MLP)."""
+    _check_metric(scores, 1)
+    count = prune_counts(torch.tensor([scores.shape[0]]), sparsity)
+    return _keep_all_but_lowest(scores.unsqueeze(0), count).squeeze(0)
+
+
+def _normalized_rank(importance: Tensor) -> Tensor:
+    """Rank in [0, 1] (0 = least important); equal importances share their mean rank."""
+    units = importance.shape[0]
+    if units == 1:
+        return torch.full((1,), 0.5, dtype=torch.float64)
+    ordered = importance.sort().values
+    below = torch.searchsorted(ordered, importance, right=False)
+    below_or_equal = torch.searchsorted(ordered, importance, right=True)
+    mean_rank = (below + below_or_equal - 1).to(torch.float64) / 2.0
+    return mean_rank / (units - 1)
+
+
+def allocate_sparsity(
+    importance: Tensor,
+    sizes: Tensor,
+    target: float,
+    spread: float,
+    max_sparsity: float = 0.95,
+) -> Tensor:
+    """Non-uniform sparsities (float64 [U]) whose size-weighted mean is exactly ``target``.
+
+    Less important units get more: s_u = target + spread * (1 - 2 r_u), r_u the
+    normalized importance rank, then a common shift is found (bisection, so clipping to
+    [0, max_sparsity] is accounted for) that restores the weighted mean to ``target``.
+    """
+    if importance.dim() != 1 or sizes.shape != importance.shape or importance.shape[0] == 0:
+        raise ValueError(
+            f"importance and sizes must be non-empty 1-D tensors of equal shape, got "
+            f"{tuple(importance.shape)} and {tuple(sizes.shape)}"
+        )
+    if bool(torch.isnan(importance.to(torch.float64)).any()):
+        raise ValueError("importance contains NaN")
+    weights = sizes.detach().cpu().to(torch.float64)
+    if bool((weights < 0).any()) or float(weights.sum()) <= 0:
+        raise ValueError("sizes must be >= 0 with a positive total")
+    if not 0.0 <= max_sparsity <= 1.0:
+        raise ValueError(f"max_sparsity must be in [0, 1], got {max_sparsity}")
+    if not 0.0 <= target <= max_sparsity:
+        raise ValueError(f"target sparsity {target} is infeasible: it must be in [0, {max_sparsity}]")
+    if spread < 0 or math.isnan(spread):
+        raise ValueError(f"spread must be >= 0, got {spread}")
+    if spread == 0:
+        return torch.full(importance.shape, target, dtype=torch.float64)
+
+    base = target + spread * (1.0 - 2.0 * _normalized_rank(importance.detach().cpu()))
+    total_weight = float(weights.sum())
+
+    def weighted_mean(shift: float) -> float:
+        return float((weights * (base + shift).clamp(0.0, max_sparsity)).sum()) / total_weight
+
+    # The mean is non-decreasing in the shift with slope <= 1 (0 at `low`, max_sparsity at
+    # `high`), so once high - low <= 1e-12 the mean at `high` is within 1e-12 of target.
+    low, high = -float(base.max()), max_sparsity - float(base.min())
+    while high - low > 1e-12:
+        middle = (low + high) / 2.0
+        if weighted_mean(middle) < target:
+            low = middle
+        else:
+            high = middle
+    return (base + high).clamp(0.0, max_sparsity)

