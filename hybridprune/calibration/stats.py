@@ -24,6 +24,7 @@ from hybridprune.methods.neuronrank import NeuronStats, assign_topics, kmeans_co
 
 INPUT_GROUPS = ("attn_in", "o_in", "mlp_in", "down_in")
 TOPIC_SAMPLE_TOKENS = 2048
+COUNT_ENTRIES = ("nr.active_tokens", "nr.window_active", "nr.window_tokens", "nr.topic_active", "nr.topic_tokens")
 
 
 @dataclass
@@ -48,15 +49,19 @@ class CalibrationStats:
 
     def neuron_stats(self, layer: int) -> NeuronStats:
         prefix = f"layer.{layer}.nr."
+
+        def entry(name: str) -> Tensor:
+            return self.tensors[prefix + name].double()
+
         return NeuronStats(
             tokens=self.tokens,
-            abs_sum=self.tensors[prefix + "abs_sum"],
+            abs_sum=entry("abs_sum"),
             sq_sum=self.sumsq(layer, "down_in"),
-            active_tokens=self.tensors[prefix + "active_tokens"],
-            window_active=self.tensors[prefix + "window_active"],
-            window_tokens=self.tensors[prefix + "window_tokens"],
-            topic_active=self.tensors[prefix + "topic_active"],
-            topic_tokens=self.tensors[prefix + "topic_tokens"],
+            active_tokens=entry("active_tokens"),
+            window_active=entry("window_active"),
+            window_tokens=entry("window_tokens"),
+            topic_active=entry("topic_active"),
+            topic_tokens=entry("topic_tokens"),
         )
 
     def add_(self, other: CalibrationStats) -> CalibrationStats:
@@ -138,7 +143,10 @@ class LayerAccumulator:
             self.sums[name] = value.clone()
 
     def finish(self) -> dict[str, Tensor]:
-        """This layer's entries, named as in the module doc."""
-        named = {f"layer.{self.layer}.{name}": tensor for name, tensor in self.sums.items()}
+        """This layer's entries, named as in the module doc; counts are stored as int32 (exact, half the bytes)."""
+        named = {
+            f"layer.{self.layer}.{name}": tensor.to(torch.int32) if name in COUNT_ENTRIES else tensor
+            for name, tensor in self.sums.items()
+        }
         named[f"layer.{self.layer}.nr.tau"] = torch.tensor(float(self.tau), dtype=torch.float64)
         return named

@@ -104,6 +104,7 @@ def load_model(
     """Load model and tokenizer; the architecture is checked before any weight is read."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    quiet_transformers()
     folder = model_folder(spec, cache_dir)
     config = read_config(folder)
     adapter = adapter_for(str(config.get("model_type", "unknown")))
@@ -131,6 +132,14 @@ def load_model(
         folder=folder,
         fingerprint=fingerprint_folder(folder, cache_dir),
     )
+
+
+def quiet_transformers() -> None:
+    """Our own progress panels replace transformers' per-load bars and warnings."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
 
 
 def fingerprint_folder(folder: Path, cache_dir: Path | None = None) -> str:
@@ -197,6 +206,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     """GGUF -> a plain LlamaForCausalLM folder (save_pretrained refuses the GGUF-quantized object)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    quiet_transformers()
     quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config_dict = quantized.config.to_dict()
     config_dict.pop("quantization_config", None)

@@ -1,0 +1,3 @@
+from hybridprune.cli.main import main
+
+main()

@@ -1,0 +1,187 @@
+"""The statistics cache: one folder per key holding `stats.safetensors` and `manifest.json`.
+
+Layout under the cache root (see fsutil.cache_root):
+  stats/<key>/stats.safetensors   the reduced sums (calibration/stats.py names them)
+  stats/<key>/manifest.json       schema, key fields, tool version, creation time, tokens,
+                                  layers, byte size and sha256 of stats.safetensors
+  locks/<key>.lock                flock held while an entry is being computed
+An entry is written to a temporary folder and renamed into place, so a reader sees a
+complete entry or none. Loading re-checks the manifest against the requested key and the
+file's checksum, and refuses anything that does not match. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hybridprune import __version__
+from hybridprune.calibration.stats import CalibrationStats
+from hybridprune.errors import UserError
+from hybridprune.fsutil import atomic_folder, ensure_writable_dir, file_lock, sha256_file
+
+SCHEMA_VERSION = 1
+KEY_PATTERN = re.compile(r"^[0-9a-f]{20}$")
+STATS_FILE = "stats.safetensors"
+MANIFEST_FILE = "manifest.json"
+
+
+@dataclass(frozen=True)
+class StatsKey:
+    """Everything that changes the statistics, and nothing else (sparsity, exponents, pattern are not here)."""
+
+    model_fingerprint: str
+    dtype: str
+    tokenizer_fingerprint: str
+    text_name: str
+    text_split: str
+    text_fingerprint: str
+    nsamples: int
+    seqlen: int
+    seed: int
+    topics: int
+    q_active: float
+    mode: str = "dense"  # "dense", or "sequential:<digest of the pruning configuration>"
+    schema: int = SCHEMA_VERSION
+
+    def fields(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.fields(), sort_keys=True).encode()).hexdigest()[:20]
+
+
+def check_key(key: str) -> str:
+    """Cache keys come from users too (`cache show KEY`): only plain hex names, never a path."""
+    if not KEY_PATTERN.match(key):
+        raise UserError(f"'{key}' is not a cache key (20 hex characters): see `hybridprune cache list`")
+    return key
+
+
+class CorruptEntry(UserError):
+    """A cache entry that fails verification; never used silently."""
+
+
+class StatsCache:
+    """Save, find, verify and remove statistics entries under one cache root."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.stats_dir = self.root / "stats"
+
+    def entry_dir(self, key: str) -> Path:
+        return self.stats_dir / check_key(key)
+
+    @contextmanager
+    def lock(self, key: StatsKey) -> Iterator[None]:
+        """Held while an entry is computed, so a second process waits and then reuses it."""
+        ensure_writable_dir(self.root, "cache folder")
+        with file_lock(self.root / "locks" / f"{key.digest}.lock"):
+            yield
+
+    def has(self, key: StatsKey) -> bool:
+        return (self.entry_dir(key.digest) / MANIFEST_FILE).is_file()
+
+    def load(self, key: StatsKey) -> CalibrationStats:
+        """The verified statistics of `key`; a mismatch or corruption raises CorruptEntry naming the fix."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        folder = self.entry_dir(key.digest)
+        manifest = self.read_manifest(key.digest)
+        fix = f"rerun with --force or run `hybridprune cache clear {key.digest}`"
+        if manifest.get("schema") != SCHEMA_VERSION:
+            raise CorruptEntry(
+                f"cache entry {key.digest} has schema {manifest.get('schema')}, this tool reads {SCHEMA_VERSION}: {fix}"
+            )
+        if manifest.get("key") != key.fields():
+            raise CorruptEntry(f"cache entry {key.digest} was made for other inputs (manifest differs): {fix}")
+        stats_path = folder / STATS_FILE
+        if not stats_path.is_file() or stats_path.stat().st_size != manifest.get("bytes"):
+            raise CorruptEntry(f"cache entry {key.digest} is incomplete (stats file missing or truncated): {fix}")
+        if sha256_file(stats_path) != manifest.get("sha256"):
+            raise CorruptEntry(f"cache entry {key.digest} is corrupt (checksum mismatch): {fix}")
+        try:
+            tensors = load_file(stats_path)
+        except (SafetensorError, OSError) as err:
+            raise CorruptEntry(f"cache entry {key.digest} cannot be read ({err}): {fix}") from None
+        stats = CalibrationStats(tensors)
+        if stats.num_layers != manifest.get("layers"):
+            raise CorruptEntry(f"cache entry {key.digest} has {stats.num_layers} layers, manifest says otherwise: {fix}")
+        return stats
+
+    def read_manifest(self, key: str) -> dict[str, Any]:
+        path = self.entry_dir(key) / MANIFEST_FILE
+        try:
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise UserError(f"no cache entry {key}: see `hybridprune cache list`") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise CorruptEntry(
+                f"cache entry {key} has an unreadable manifest ({err}): run `hybridprune cache clear {key}`"
+            ) from None
+        if not isinstance(manifest, dict):
+            raise CorruptEntry(f"cache entry {key} has a malformed manifest: run `hybridprune cache clear {key}`")
+        return manifest
+
+    def save(self, key: StatsKey, stats: CalibrationStats, info: dict[str, Any]) -> Path:
+        """Write the entry atomically (replacing an older one only once the new one is complete)."""
+        from safetensors.torch import save_file
+
+        final = self.entry_dir(key.digest)
+        with atomic_folder(final, replace=True) as staging:
+            stats_path = staging / STATS_FILE
+            save_file({name: tensor.contiguous() for name, tensor in stats.tensors.items()}, str(stats_path))
+            manifest = {
+                "schema": SCHEMA_VERSION,
+                "digest": key.digest,
+                "key": key.fields(),
+                "tool_version": __version__,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "tokens": stats.tokens,
+                "layers": stats.num_layers,
+                "bytes": stats_path.stat().st_size,
+                "sha256": sha256_file(stats_path),
+                **info,
+            }
+            (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+        return final
+
+    def entries(self) -> list[dict[str, Any]]:
+        """Manifests of all complete entries, newest first (temporary folders are not entries)."""
+        if not self.stats_dir.is_dir():
+            return []
+        found = []
+        for folder in self.stats_dir.iterdir():
+            if KEY_PATTERN.match(folder.name) and (folder / MANIFEST_FILE).is_file():
+                try:
+                    found.append(self.read_manifest(folder.name))
+                except UserError:
+                    found.append({"digest": folder.name, "corrupt": True})
+        return sorted(found, key=lambda manifest: str(manifest.get("created", "")), reverse=True)
+
+    def remove(self, key: str) -> None:
+        folder = self.entry_dir(key)
+        if not folder.exists():
+            raise UserError(f"no cache entry {key}: see `hybridprune cache list`")
+        shutil.rmtree(folder)
+
+    def clear(self) -> int:
+        """Remove every entry and every leftover temporary folder; returns the number of entries removed."""
+        if not self.stats_dir.is_dir():
+            return 0
+        removed = 0
+        for folder in self.stats_dir.iterdir():
+            removed += bool(KEY_PATTERN.match(folder.name))
+            shutil.rmtree(folder, ignore_errors=True)
+        return removed

@@ -1,0 +1,136 @@
+"""Statistics for a model and a text: from the cache when possible, else one calibration pass."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from hybridprune.cache import StatsCache, StatsKey
+from hybridprune.calibration.collect import CollectionOptions, collect_statistics
+from hybridprune.calibration.stats import CalibrationStats
+from hybridprune.data import load_text, sample_windows, tokenize, tokenizer_fingerprint
+from hybridprune.errors import UserError
+from hybridprune.models.loading import LoadedModel
+from hybridprune.reporting import Reporter
+
+
+@dataclass(frozen=True)
+class CalibrationRequest:
+    """What the user asked to calibrate on; everything here except batch_size is in the cache key."""
+
+    data: str = "wiki-vital"
+    text_field: str | None = None
+    nsamples: int = 32
+    seqlen: int = 512
+    seed: int = 0
+    topics: int = 128
+    q_active: float = 0.9
+    batch_size: int = 4
+
+    def validate(self) -> None:
+        if self.nsamples <= 0:
+            raise UserError(f"--nsamples must be a positive number of windows, got {self.nsamples}")
+        if self.seqlen <= 0:
+            raise UserError(f"--seqlen must be a positive number of tokens, got {self.seqlen}")
+        if self.topics <= 0:
+            raise UserError(f"--topics must be >= 1, got {self.topics}")
+        if not 0.0 < self.q_active < 1.0:
+            raise UserError(f"--q-active must be a quantile strictly between 0 and 1, got {self.q_active}")
+        if self.batch_size <= 0:
+            raise UserError(f"--batch-size must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class CalibrationResult:
+    stats: CalibrationStats
+    key: StatsKey
+    reused: bool
+    seconds: float
+    entry: Path
+
+
+def dtype_name(model: nn.Module) -> str:
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
+
+
+def calibration_windows(loaded: LoadedModel, request: CalibrationRequest, cache_root: Path) -> tuple[torch.Tensor, StatsKey]:
+    """The seeded calibration windows and the cache key they lead to."""
+    request.validate()
+    max_positions = getattr(loaded.model.config, "max_position_embeddings", None)
+    if max_positions and request.seqlen > max_positions:
+        raise UserError(f"--seqlen {request.seqlen} exceeds the model's max_position_embeddings ({max_positions})")
+    source = load_text(request.data, split="calibration", text_field=request.text_field)
+    ids = tokenize(source, loaded.tokenizer, cache_dir=cache_root / "tokens")
+    windows = sample_windows(ids, request.nsamples, request.seqlen, request.seed)
+    key = StatsKey(
+        model_fingerprint=loaded.fingerprint,
+        dtype=dtype_name(loaded.model),
+        tokenizer_fingerprint=tokenizer_fingerprint(loaded.tokenizer),
+        text_name=source.name,
+        text_split=source.split,
+        text_fingerprint=source.fingerprint,
+        nsamples=request.nsamples,
+        seqlen=request.seqlen,
+        seed=request.seed,
+        topics=request.topics,
+        q_active=request.q_active,
+    )
+    return windows, key
+
+
+def calibrated_statistics(
+    loaded: LoadedModel,
+    request: CalibrationRequest,
+    cache: StatsCache,
+    reporter: Reporter,
+    *,
+    force: bool = False,
+    mode: str = "dense",
+    after_layer: Callable[[int, nn.Module], None] | None = None,
+) -> CalibrationResult:
+    """Reuse the cached entry for these inputs, or run the layer-wise pass once and store it.
+
+    The entry's lock is held while computing, so a concurrent run with the same inputs waits
+    and then reuses the result instead of calibrating twice.
+    """
+    windows, key = calibration_windows(loaded, request, cache.root)
+    if mode != "dense":
+        key = StatsKey(**{**key.fields(), "mode": mode})
+    with cache.lock(key):
+        if cache.has(key) and not force:
+            started = time.perf_counter()
+            stats = cache.load(key)
+            reporter.note(f"[green]✓[/] reused cached statistics {key.digest} (no forward pass)")
+            return CalibrationResult(stats, key, True, time.perf_counter() - started, cache.entry_dir(key.digest))
+        started = time.perf_counter()
+        layers = loaded.num_layers
+        batches = -(-request.nsamples // request.batch_size)
+        reporter.phase(
+            "Calibration",
+            [
+                f"model     {loaded.source}  ({layers} layers, {dtype_name(loaded.model)})",
+                f"text      {key.text_name} [{key.text_split}]  {request.nsamples} x {request.seqlen} tokens, seed {request.seed}",
+                f"collect   Wanda norms (attention + MLP) and NeuronRank doc / topic (k={request.topics}) / old "
+                f"(q_active={request.q_active})" + ("" if mode == "dense" else "  [sequential]"),
+            ],
+        )
+        with reporter.progress("calibrating layers", layers * batches) as advance:
+            stats = collect_statistics(
+                loaded.model,
+                loaded.adapter,
+                windows,
+                CollectionOptions(topics=request.topics, q_active=request.q_active, seed=request.seed),
+                batch_size=request.batch_size,
+                device=next(loaded.model.parameters()).device,
+                after_layer=after_layer,
+                on_batch=lambda _layer, _batch: advance(1),
+            )
+        seconds = time.perf_counter() - started
+        entry = cache.save(key, stats, {"model_source": loaded.source, "seconds": round(seconds, 2)})
+        reporter.note(f"[green]✓[/] collected statistics for {layers} layers in {seconds:.1f}s")
+        return CalibrationResult(stats, key, False, seconds, entry)

@@ -1,0 +1,82 @@
+"""What every command shares: option declarations, error handling, model loading."""
+
+from __future__ import annotations
+
+import functools
+import os
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from hybridprune import ui
+from hybridprune.errors import UserError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+ModelOpt = Annotated[
+    str | None,
+    typer.Option("--model", help="Model folder, hub id (with HYBRIDPRUNE_ONLINE=1), or nothing for the embedded SmolLM2-135M."),
+]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="float32 | bfloat16 | float16 (statistics stay float64).")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="cpu | cuda[:N].")]
+CacheDirOpt = Annotated[
+    Path | None, typer.Option("--cache-dir", help="Cache folder (default: $HYBRIDPRUNE_CACHE or ~/.cache/hybridprune).")
+]
+TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow a model folder's own Python code to run.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout (human output goes to stderr).")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No panels or progress bars.")]
+DataOpt = Annotated[str, typer.Option("--data", help="wiki-vital | a .txt/.jsonl/.parquet file | a hub dataset (online).")]
+TextFieldOpt = Annotated[str | None, typer.Option("--text-field", help="Field holding the text in .jsonl/.parquet files.")]
+NsamplesOpt = Annotated[int, typer.Option("--nsamples", help="Calibration windows.")]
+SeqlenOpt = Annotated[int, typer.Option("--seqlen", help="Tokens per calibration window.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the window sampling and topic clustering.")]
+TopicsOpt = Annotated[
+    int, typer.Option("--topics", "--nr-tfidf-k", help="Topics (k-means clusters) for NeuronRank topic mode.")
+]
+QActiveOpt = Annotated[
+    float, typer.Option("--q-active", "--nr-q-active", help="Quantile of |activation| above which a neuron is active.")
+]
+BatchOpt = Annotated[int, typer.Option("--batch-size", help="Windows per forward batch (memory vs speed; not in the key).")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Recompute even when a cached entry exists.")]
+
+
+def handle_errors(command: F) -> F:
+    """One clear line and a non-zero exit for user errors; a traceback only with HYBRIDPRUNE_DEBUG=1."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except UserError as err:
+            if os.environ.get("HYBRIDPRUNE_DEBUG") == "1":
+                traceback.print_exc()
+            ui.print_error(str(err))
+            raise typer.Exit(err.exit_code) from None
+        except KeyboardInterrupt:
+            ui.print_error("interrupted: nothing was written (partial results are discarded)")
+            raise typer.Exit(130) from None
+        except typer.Exit:
+            raise
+        except Exception as err:  # a bug of ours: say so in one line, keep the traceback behind the flag
+            if os.environ.get("HYBRIDPRUNE_DEBUG") == "1":
+                raise
+            ui.print_error(f"internal error: {type(err).__name__}: {err} (rerun with HYBRIDPRUNE_DEBUG=1 for the traceback)")
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def setup_output(json_output: bool, quiet: bool) -> ui.RichReporter:
+    ui.set_json_mode(json_output)
+    return ui.RichReporter(quiet=quiet)
+
+
+def configure_torch() -> None:
+    import torch
+
+    threads = os.environ.get("HYBRIDPRUNE_THREADS")
+    if threads:
+        torch.set_num_threads(int(threads))

@@ -1,0 +1,83 @@
+"""The one Rich console: panels, progress bars and tables, and the --json sink.
+
+With --json the human-oriented output goes to stderr and stdout carries one JSON document.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from rich.console import Console
+from rich.panel import Panel
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+console = Console(highlight=False)
+error_console = Console(stderr=True, highlight=False)
+
+
+class RichReporter:
+    """Reporter (see reporting.py) that draws panels and progress bars on the console."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+
+    def phase(self, title: str, lines: list[str]) -> None:
+        if not self.quiet:
+            console.print(Panel("\n".join(lines) if lines else "", title=f"[bold]{title}", title_align="left", expand=False))
+
+    def note(self, text: str) -> None:
+        if not self.quiet:
+            console.print(text)
+
+    @contextlib.contextmanager
+    def progress(self, description: str, total: int) -> Iterator[Callable[[int], None]]:
+        if self.quiet:
+            yield lambda n=1: None
+            return
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+        )
+        with Progress(*columns, console=console, transient=False) as progress:
+            task = progress.add_task(description, total=total)
+            yield lambda n=1: progress.advance(task, n)
+
+
+def set_json_mode(enabled: bool) -> None:
+    """Send human output to stderr so stdout carries only the JSON document."""
+    console.file = sys.stderr if enabled else sys.stdout
+
+
+def emit_json(document: Any) -> None:
+    sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def table(title: str, columns: list[str], rows: list[list[Any]], justify_numbers: bool = True) -> Table:
+    """A summary table; numeric columns right-aligned."""
+    view = Table(title=title, title_justify="left", header_style="bold")
+    for index, name in enumerate(columns):
+        view.add_column(name, justify="right" if justify_numbers and index > 0 else "left")
+    for row in rows:
+        view.add_row(*[str(cell) for cell in row])
+    return view
+
+
+def print_error(message: str) -> None:
+    error_console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+
+
+def human_count(number: float) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(number) >= size:
+            return f"{number / size:.1f}{unit}"
+    return str(int(number))
