@@ -29,14 +29,15 @@ def test_every_family_loads_and_its_adapter_finds_all_linears(family, tiny_model
     assert not loaded.model.training and next(loaded.model.parameters()).dtype == torch.float32
     assert loaded.num_layers == 2
     hidden, intermediate = config.hidden_size, config.intermediate_size
-    heads_width = config.num_attention_heads * loaded.model.config.head_dim if hasattr(config, "head_dim") else hidden
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    heads_width, kv_width = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
     for layer in loaded.adapter.layers(loaded.model):
         linears = loaded.adapter.linears(layer)
         assert tuple(linears) == LINEAR_NAMES
         assert all(isinstance(module, nn.Linear) for module in linears.values())
         assert len({id(module) for module in linears.values()}) == 7  # seven distinct modules
         assert linears["q_proj"].in_features == hidden and linears["q_proj"].out_features == heads_width
-        assert linears["k_proj"].out_features == config.num_key_value_heads * heads_width // config.num_attention_heads
+        assert linears["k_proj"].out_features == kv_width == linears["v_proj"].out_features
         assert linears["o_proj"].in_features == heads_width and linears["o_proj"].out_features == hidden
         assert linears["gate_proj"].out_features == intermediate == linears["up_proj"].out_features
         assert linears["down_proj"].in_features == intermediate and linears["down_proj"].out_features == hidden

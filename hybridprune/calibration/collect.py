@@ -61,16 +61,16 @@ def collect_statistics(
     *,
     batch_size: int = 4,
     device: torch.device = torch.device("cpu"),
-    after_layer: Callable[[int, nn.Module], None] | None = None,
+    after_layer: Callable[[int, nn.Module, CalibrationStats], None] | None = None,
     on_batch: Callable[[int, int], None] | None = None,
 ) -> CalibrationStats:
     """One pass over `windows` [N, seqlen]; with `after_layer` it is the sequential (pruned-inputs) mode."""
-    tensors: dict[str, Tensor] = {}
+    tensors: dict[str, Tensor] = {"tokens": torch.tensor(float(windows.numel()), dtype=torch.float64)}
     observer = statistics_observer(adapter, windows.shape[0], options, tensors)
 
     def after(index: int, layer: nn.Module) -> None:
         if after_layer is not None:
-            after_layer(index, layer)
+            after_layer(index, layer, CalibrationStats(tensors))  # the layers collected so far
 
     run_layerwise(
         model,
@@ -82,5 +82,4 @@ def collect_statistics(
         after_layer=after if after_layer is not None else None,
         on_batch=on_batch,
     )
-    tensors["tokens"] = torch.tensor(float(windows.numel()), dtype=torch.float64)
     return CalibrationStats(tensors)

@@ -91,7 +91,7 @@ def calibrated_statistics(
     *,
     force: bool = False,
     mode: str = "dense",
-    after_layer: Callable[[int, nn.Module], None] | None = None,
+    after_layer: Callable[[int, nn.Module, CalibrationStats], None] | None = None,
 ) -> CalibrationResult:
     """Reuse the cached entry for these inputs, or run the layer-wise pass once and store it.
 
@@ -107,6 +107,10 @@ def calibrated_statistics(
             stats = cache.load(key)
             reporter.note(f"[green]✓[/] reused cached statistics {key.digest} (no forward pass)")
             return CalibrationResult(stats, key, True, time.perf_counter() - started, cache.entry_dir(key.digest))
+        reporter.note(
+            f"[yellow]{'recomputing' if force else 'no cached statistics for these inputs:'} "
+            f"calibrating first[/] (key {key.digest})"
+        )
         started = time.perf_counter()
         layers = loaded.num_layers
         batches = -(-request.nsamples // request.batch_size)

@@ -24,6 +24,7 @@ from hybridprune.methods.neuronrank import NeuronStats, assign_topics, kmeans_co
 
 INPUT_GROUPS = ("attn_in", "o_in", "mlp_in", "down_in")
 TOPIC_SAMPLE_TOKENS = 2048
+PER_WINDOW_ENTRIES = (".nr.window_active", ".nr.window_tokens")
 COUNT_ENTRIES = ("nr.active_tokens", "nr.window_active", "nr.window_tokens", "nr.topic_active", "nr.topic_tokens")
 
 
@@ -65,11 +66,17 @@ class CalibrationStats:
         )
 
     def add_(self, other: CalibrationStats) -> CalibrationStats:
-        """Sum another shard's statistics into this one (tau is kept from self: it is a threshold, not a sum)."""
+        """Merge another shard's statistics (other windows) into this one.
+
+        Sums add; the per-window entries (one row per window) are concatenated, `other`'s
+        windows after this one's; tau is kept from self (it is a threshold, not a sum).
+        """
         if self.tensors.keys() != other.tensors.keys():
             raise ValueError("statistics of different layouts cannot be added")
-        for name, tensor in self.tensors.items():
-            if not name.endswith(".nr.tau"):
+        for name, tensor in list(self.tensors.items()):
+            if name.endswith(PER_WINDOW_ENTRIES):
+                self.tensors[name] = torch.cat([tensor, other.tensors[name]])
+            elif not name.endswith(".nr.tau"):
                 tensor.add_(other.tensors[name])
         return self
 

@@ -9,6 +9,9 @@ import typer
 
 from hybridprune.cli import cache_cmd
 from hybridprune.cli.calibrate import calibrate
+from hybridprune.cli.presets_cmd import presets
+from hybridprune.cli.prune_cmd import prune
+from hybridprune.cli.score_cmd import score
 
 app = typer.Typer(
     name="hybridprune",
@@ -18,6 +21,9 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.command()(calibrate)
+app.command()(score)
+app.command()(prune)
+app.command()(presets)
 app.add_typer(cache_cmd.app, name="cache")
 
 

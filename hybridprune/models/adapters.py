@@ -48,6 +48,18 @@ class FamilyAdapter:
         found.update({name: getattr(mlp, name) for name in (*self.mlp_inputs, self.mlp_output)})
         return found
 
+    def input_group(self, name: str) -> str:
+        """The statistics group holding the squared input norms of Linear `name` (calibration/stats.py)."""
+        if name in self.attention_inputs:
+            return "attn_in"
+        if name == self.attention_output:
+            return "o_in"
+        if name in self.mlp_inputs:
+            return "mlp_in"
+        if name == self.mlp_output:
+            return "down_in"
+        raise KeyError(name)
+
     @property
     def attention_names(self) -> tuple[str, ...]:
         return (*self.attention_inputs, self.attention_output)

@@ -1,0 +1,128 @@
+"""Per-layer masks for a pruning configuration: Wanda / magnitude / NeuronRank per module.
+
+Pure tensor code: weights, the layer's reduced statistics and the knobs go in, keep-masks
+come out. The command layer decides which layers to prune and applies the masks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from hybridprune.masks import allocate_sparsity, mask_n_m, mask_rows, neuron_keep_mask, parse_pattern
+from hybridprune.methods.magnitude import magnitude_metric
+from hybridprune.methods.neuronrank import (
+    NeuronStats,
+    idf_doc,
+    idf_old,
+    idf_topic,
+    neuron_scores,
+    term_frequency,
+)
+from hybridprune.methods.wanda import wanda_metric
+
+
+@dataclass(frozen=True)
+class NeuronScoring:
+    """How NeuronRank turns a layer's activation statistics into one score per neuron."""
+
+    mode: str = "doc"  # doc | topic | old
+    tf_kind: str = "rms"
+    tf_exp: float = 1.0
+    idf_exp: float = 1.0
+    min_tokens: int = 1
+    topic_rate: float = 0.05
+
+
+def neuron_idf(stats: NeuronStats, scoring: NeuronScoring) -> Tensor:
+    if scoring.mode == "doc":
+        return idf_doc(stats, scoring.min_tokens)
+    if scoring.mode == "topic":
+        return idf_topic(stats, scoring.topic_rate)
+    if scoring.mode == "old":
+        return idf_old(stats)
+    raise ValueError(f"unknown NeuronRank mode {scoring.mode!r}")
+
+
+def score_neurons(stats: NeuronStats, scoring: NeuronScoring) -> Tensor:
+    """s_i = TF_i^tf_exp * IDF_i^idf_exp (float64 [I])."""
+    return neuron_scores(term_frequency(stats, scoring.tf_kind), neuron_idf(stats, scoring), scoring.tf_exp, scoring.idf_exp)
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """Targets and knobs for one decoder layer."""
+
+    attention_method: str  # wanda | magnitude | none
+    mlp_method: str  # wanda | magnitude | neuronrank
+    attention_sparsity: float
+    mlp_sparsity: float
+    pattern: str = "unstructured"
+    weight_exp: float = 1.0
+    neuron_spread: float = 0.0
+
+
+def module_metric(method: str, weight: Tensor, input_sumsq: Tensor, weight_exp: float = 1.0) -> Tensor:
+    """Wanda |W|^a * ||X_j|| or magnitude |W|^a (the exponent keeps the ranking for magnitude alone)."""
+    metric = magnitude_metric(weight) if method == "magnitude" else wanda_metric(weight, input_sumsq)
+    if weight_exp != 1.0:
+        metric = metric * weight.abs().float().pow(weight_exp - 1.0)
+    return metric
+
+
+def _row_masks(metric: Tensor, sparsity: float, pattern: str, row_sparsity: Tensor | None = None) -> Tensor:
+    parsed = parse_pattern(pattern)
+    if parsed.kind == "nm":
+        return mask_n_m(metric, parsed.n, parsed.m)
+    if row_sparsity is None:
+        row_sparsity = torch.full((metric.shape[0],), sparsity, dtype=torch.float64)
+    return mask_rows(metric, row_sparsity)
+
+
+def layer_masks(
+    weights: dict[str, Tensor],
+    sumsq: dict[str, Tensor],
+    attention_names: tuple[str, ...],
+    mlp_names: tuple[str, str, str],
+    plan: LayerPlan,
+    neuron_score: Tensor | None,
+) -> dict[str, Tensor]:
+    """Keep-masks for the layer's Linears (True = keep); modules left out are not pruned.
+
+    `mlp_names` is (gate, up, down); `sumsq[name]` is the squared input norm of that Linear.
+    For `structured`, gate/up/down get whole-neuron masks ([I] bool, under the key "neurons").
+    """
+    masks: dict[str, Tensor] = {}
+    structured = parse_pattern(plan.pattern).kind == "structured"
+    attention_pattern = "unstructured" if structured else plan.pattern
+    if plan.attention_method != "none" and plan.attention_sparsity > 0:
+        for name in attention_names:
+            metric = module_metric(plan.attention_method, weights[name], sumsq[name], plan.weight_exp)
+            masks[name] = _row_masks(metric, plan.attention_sparsity, attention_pattern)
+    if plan.mlp_sparsity <= 0:
+        return masks
+    gate, up, down = mlp_names
+    if structured:
+        score = neuron_score if neuron_score is not None else sumsq[down].sqrt() * weights[down].double().norm(dim=0)
+        masks["neurons"] = neuron_keep_mask(score, plan.mlp_sparsity)
+        return masks
+    if plan.mlp_method != "neuronrank" or neuron_score is None:
+        for name in mlp_names:
+            metric = module_metric(plan.mlp_method, weights[name], sumsq[name], plan.weight_exp)
+            masks[name] = _row_masks(metric, plan.mlp_sparsity, plan.pattern)
+        return masks
+    neurons = neuron_score.numel()
+    # Each neuron (row of gate/up) gets its share of sparsity from its score: low-score neurons lose more.
+    row_sparsity = allocate_sparsity(
+        neuron_score, torch.ones(neurons, dtype=torch.float64), plan.mlp_sparsity, plan.neuron_spread
+    )
+    for name in (gate, up):
+        metric = module_metric("wanda", weights[name], sumsq[name], plan.weight_exp)
+        masks[name] = _row_masks(metric, plan.mlp_sparsity, plan.pattern, row_sparsity)
+    # down_proj's rows span all neurons: the neuron score weighs each input column directly.
+    relative_score = (neuron_score / neuron_score.mean()).float()
+    metric = module_metric("wanda", weights[down], sumsq[down], plan.weight_exp) * relative_score
+    masks[down] = _row_masks(metric, plan.mlp_sparsity, plan.pattern)
+    return masks

@@ -1,0 +1,151 @@
+"""Presets: named sets of flags from presets.toml (shipped in the package) and user files.
+
+A preset may set any PruneConfig field and the calibration inputs below; anything else is
+refused with the key named, so a typo never silently does nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from hybridprune.config import PRUNE_FIELDS, PruneConfig
+from hybridprune.errors import UserError
+
+CALIBRATION_KEYS: dict[str, type] = {"topics": int, "q_active": float, "nsamples": int, "seqlen": int, "data": str}
+META_KEYS = ("description", "trade_off")
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+DEFAULT_PRESET = "balanced"
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    values: dict[str, Any]
+    source: str
+    description: str = ""
+    trade_off: str = ""
+    calibration: dict[str, Any] = field(default_factory=dict)
+
+
+def user_presets_path() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config"
+    return Path(base) / "hybridprune" / "presets.toml"
+
+
+def check_name(name: str) -> str:
+    """Preset names are plain words: they end up in file names and TOML tables."""
+    if not NAME_PATTERN.match(name):
+        raise UserError(f"'{name}' is not a valid preset name: use letters, digits, '-' and '_' (max 64)")
+    return name
+
+
+def load_presets(extra_file: Path | None = None) -> dict[str, Preset]:
+    """Built-in presets, then the user's file, then --presets FILE (later ones override by name)."""
+    presets: dict[str, Preset] = {}
+    builtin = resources.files("hybridprune").joinpath("presets.toml").read_text(encoding="utf-8")
+    presets.update(_parse(builtin, "built-in"))
+    for path in (user_presets_path(), extra_file):
+        if path is None:
+            continue
+        path = Path(path).expanduser()
+        if path == extra_file and not path.is_file():
+            raise UserError(f"presets file '{path}' does not exist")
+        if path.is_file():
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as err:
+                raise UserError(f"cannot read presets file '{path}': {err}") from None
+            presets.update(_parse(text, str(path)))
+    return presets
+
+
+def _parse(text: str, source: str) -> dict[str, Preset]:
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise UserError(f"presets file {source} is not valid TOML: {err}") from None
+    parsed = {}
+    for name, table in document.items():
+        check_name(name)
+        if not isinstance(table, dict):
+            raise UserError(f"preset '{name}' in {source} must be a table ([{name}])")
+        values, calibration = {}, {}
+        for key, value in table.items():
+            if key in META_KEYS:
+                continue
+            if key in CALIBRATION_KEYS:
+                calibration[key] = _typed(name, source, key, value, CALIBRATION_KEYS[key])
+            elif key in PRUNE_FIELDS:
+                values[key] = _typed(name, source, key, value, type(PRUNE_FIELDS[key].default))
+            else:
+                known = ", ".join([*PRUNE_FIELDS, *CALIBRATION_KEYS])
+                raise UserError(f"preset '{name}' in {source}: unknown key '{key}' (known keys: {known})")
+        try:
+            PruneConfig(**values).validate()
+        except UserError as err:
+            raise UserError(f"preset '{name}' in {source}: {err}") from None
+        parsed[name] = Preset(
+            name, values, source, str(table.get("description", "")), str(table.get("trade_off", "")), calibration
+        )
+    return parsed
+
+
+def _typed(name: str, source: str, key: str, value: Any, expected: type) -> Any:
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        raise UserError(
+            f"preset '{name}' in {source}: key '{key}' must be {expected.__name__}, got {value!r}"
+        )
+    return value
+
+
+def get_preset(name: str, extra_file: Path | None = None) -> Preset:
+    presets = load_presets(extra_file)
+    if name not in presets:
+        raise UserError(f"unknown preset '{name}': use one of {', '.join(presets)} (see `hybridprune presets`)")
+    return presets[name]
+
+
+def resolve(explicit: dict[str, Any], preset: Preset | None) -> PruneConfig:
+    """explicit flag (not None) > preset value > PruneConfig default."""
+    values = dict(preset.values) if preset else {}
+    values.update({key: value for key, value in explicit.items() if value is not None})
+    return PruneConfig(**values)
+
+
+def save_user_preset(name: str, values: dict[str, Any], description: str = "") -> Path:
+    """Append or replace [name] in the user's presets file (written atomically)."""
+    check_name(name)
+    path = user_presets_path()
+    existing = {}
+    if path.is_file():
+        existing = tomllib.loads(path.read_text(encoding="utf-8"))
+    existing[name] = {"description": description, **values} if description else dict(values)
+    _parse(_dump(existing), str(path))  # refuse to write what we could not read back
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(f".{os.getpid()}.tmp")
+    temporary.write_text(_dump(existing), encoding="utf-8")
+    os.replace(temporary, path)
+    return path
+
+
+def _dump(document: dict[str, dict[str, Any]]) -> str:
+    lines = ["# hybridprune user presets (written by `hybridprune wizard`; edit freely)"]
+    for name, table in document.items():
+        lines.append(f"\n[{name}]")
+        for key, value in table.items():
+            if isinstance(value, bool):
+                rendered = "true" if value else "false"
+            elif isinstance(value, str):
+                rendered = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+            else:
+                rendered = repr(value)
+            lines.append(f"{key} = {rendered}")
+    return "\n".join(lines) + "\n"

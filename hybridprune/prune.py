@@ -1,0 +1,213 @@
+"""Apply a pruning configuration to a loaded model from calibration statistics, and save the result."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from hybridprune import __version__
+from hybridprune.calibration.stats import CalibrationStats
+from hybridprune.config import PruneConfig
+from hybridprune.errors import UserError
+from hybridprune.fsutil import atomic_folder
+from hybridprune.masks import allocate_sparsity, parse_pattern
+from hybridprune.methods.hybrid import LayerPlan, NeuronScoring, layer_masks, score_neurons
+from hybridprune.models.adapters import FamilyAdapter
+from hybridprune.models.loading import LoadedModel
+from hybridprune.reporting import Reporter
+
+METADATA_FILE = "hybridprune.json"
+
+
+def neuron_scoring(config: PruneConfig) -> NeuronScoring:
+    mode = "old" if config.hybrid_mlp_method == "neuronrank_old" else config.nr_tfidf_mode
+    return NeuronScoring(
+        mode=mode,
+        tf_kind=config.tf_kind,
+        tf_exp=config.tf_exp,
+        idf_exp=config.idf_exp,
+        min_tokens=config.nr_min_tokens,
+        topic_rate=config.nr_topic_rate,
+    )
+
+
+def module_methods(config: PruneConfig) -> tuple[str, str]:
+    """(attention method, MLP method) for a --prune-method."""
+    if config.prune_method in ("wanda", "magnitude"):
+        return config.prune_method, config.prune_method
+    attention = "none" if config.prune_method == "neuronrank" else "wanda"
+    if parse_pattern(config.pattern).kind == "structured":
+        attention = config.attention_method if attention != "none" else "none"
+    return attention, "neuronrank"
+
+
+def layer_importance(model: nn.Module, adapter: FamilyAdapter, stats: CalibrationStats, layers: range) -> torch.Tensor:
+    """Outlier ratio of each layer's Wanda metric (OWL): layers with more outliers are kept denser."""
+    ratios = []
+    for index in layers:
+        outliers, total = 0, 0
+        for name, linear in adapter.linears(adapter.layers(model)[index]).items():
+            metric = linear.weight.detach().abs().float() * stats.sumsq(index, adapter.input_group(name)).sqrt().float()
+            outliers += int((metric > 5 * metric.mean()).sum())
+            total += metric.numel()
+        ratios.append(outliers / total)
+    return torch.tensor(ratios, dtype=torch.float64)
+
+
+def plan_layers(
+    model: nn.Module, adapter: FamilyAdapter, stats: CalibrationStats, config: PruneConfig
+) -> dict[int, LayerPlan]:
+    """The sparsity targets of every pruned layer; allocations keep the total at the target."""
+    layers = adapter.layers(model)
+    pruned = config.pruned_layers(len(layers))
+    attention_method, mlp_method = module_methods(config)
+    if config.layer_spread and len(pruned) > 1:
+        sizes = torch.tensor(
+            [sum(linear.weight.numel() for linear in adapter.linears(layers[i]).values()) for i in pruned],
+            dtype=torch.float64,
+        )
+        targets = allocate_sparsity(layer_importance(model, adapter, stats, pruned), sizes, config.sparsity, config.layer_spread)
+    else:
+        targets = torch.full((len(pruned),), config.sparsity, dtype=torch.float64)
+    plans = {}
+    for index, target in zip(pruned, targets.tolist()):
+        linears = adapter.linears(layers[index])
+        attention_params = sum(linears[name].weight.numel() for name in adapter.attention_names)
+        mlp_params = sum(linears[name].weight.numel() for name in adapter.mlp_names)
+        attention_target, mlp_target = target, target
+        if config.attention_offset and attention_method != "none":
+            attention_target = target + config.attention_offset
+            mlp_target = target - config.attention_offset * attention_params / mlp_params
+            if not (0 <= attention_target < 1 and 0 <= mlp_target < 1):
+                raise UserError(f"--attention-offset {config.attention_offset} pushes a module kind outside [0, 1)")
+        plans[index] = LayerPlan(
+            attention_method=attention_method,
+            mlp_method=mlp_method,
+            attention_sparsity=attention_target if attention_method != "none" else 0.0,
+            mlp_sparsity=mlp_target,
+            pattern=config.pattern,
+            weight_exp=config.weight_exp,
+            neuron_spread=config.neuron_spread,
+        )
+    return plans
+
+
+def prune_layer(
+    layer: nn.Module, index: int, adapter: FamilyAdapter, stats: CalibrationStats, plan: LayerPlan, scoring: NeuronScoring
+) -> None:
+    """Compute and apply one layer's masks (in place; structured pruning shrinks the MLP)."""
+    linears = adapter.linears(layer)
+    weights = {name: linear.weight.detach() for name, linear in linears.items()}
+    sumsq = {name: stats.sumsq(index, adapter.input_group(name)) for name in linears}
+    for name, tensor in weights.items():
+        if not torch.isfinite(tensor).all():
+            raise UserError(f"layer {index} {name} has NaN or Inf weights: the model is broken, nothing was pruned")
+    for name, norms in sumsq.items():
+        if not torch.isfinite(norms).all():
+            raise UserError(f"layer {index} {name}: NaN or Inf activations in the calibration statistics")
+    score = score_neurons(stats.neuron_stats(index), scoring) if plan.mlp_method == "neuronrank" else None
+    masks = layer_masks(weights, sumsq, adapter.attention_names, adapter.mlp_names, plan, score)
+    with torch.no_grad():
+        if "neurons" in masks:
+            shrink_mlp(adapter.mlp(layer), adapter, masks.pop("neurons"))
+        for name, mask in masks.items():
+            linears[name].weight.mul_(mask.to(linears[name].weight.device))
+
+
+def shrink_mlp(mlp: nn.Module, adapter: FamilyAdapter, keep: torch.Tensor) -> None:
+    """Remove whole neurons: rows of gate/up and columns of down, as smaller nn.Linear modules."""
+    index = keep.nonzero().squeeze(1)
+    for name in adapter.mlp_inputs:
+        setattr(mlp, name, _select(getattr(mlp, name), index, dim=0))
+    setattr(mlp, adapter.mlp_output, _select(getattr(mlp, adapter.mlp_output), index, dim=1))
+
+
+def _select(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
+    weight = linear.weight.detach().index_select(dim, index.to(linear.weight.device))
+    smaller = nn.Linear(weight.shape[1], weight.shape[0], bias=linear.bias is not None, dtype=weight.dtype, device=weight.device)
+    smaller.weight.data.copy_(weight)
+    if linear.bias is not None:
+        bias = linear.bias.detach()
+        smaller.bias.data.copy_(bias.index_select(0, index.to(bias.device)) if dim == 0 else bias)
+    return smaller
+
+
+@dataclass
+class PruneOutcome:
+    plans: dict[int, LayerPlan]
+    seconds: float
+
+
+def prune_model(loaded: LoadedModel, stats: CalibrationStats, config: PruneConfig, reporter: Reporter) -> PruneOutcome:
+    """Prune every planned layer from the statistics, with a progress bar over layers."""
+    started = time.perf_counter()
+    adapter, model = loaded.adapter, loaded.model
+    if stats.num_layers != loaded.num_layers:
+        raise UserError(f"statistics have {stats.num_layers} layers, the model {loaded.num_layers}: recalibrate with --force")
+    plans = plan_layers(model, adapter, stats, config)
+    scoring = neuron_scoring(config)
+    layers = adapter.layers(model)
+    with reporter.progress(f"pruning layers ({config.attention_label()} attn / {config.mlp_label()} MLP)", len(plans)) as advance:
+        for index, plan in plans.items():
+            prune_layer(layers[index], index, adapter, stats, plan, scoring)
+            advance(1)
+    finish_structured(loaded, config)
+    return PruneOutcome(plans, time.perf_counter() - started)
+
+
+def finish_structured(loaded: LoadedModel, config: PruneConfig) -> None:
+    """After structured pruning every pruned layer has the same, smaller intermediate size."""
+    if parse_pattern(config.pattern).kind != "structured":
+        return
+    sizes = {getattr(loaded.adapter.mlp(layer), loaded.adapter.mlp_output).in_features for layer in loaded.adapter.layers(loaded.model)}
+    if len(sizes) != 1:
+        raise UserError(
+            "structured pruning of only some layers gives layers of different sizes, which a standard "
+            "config cannot describe: drop --pruning-last / --preserve-first with --pattern structured"
+        )
+    setattr(loaded.model.config, loaded.adapter.intermediate_size_key, sizes.pop())
+
+
+def sequential_pruner(loaded: LoadedModel, config: PruneConfig):
+    """The after_layer callback of sequential calibration: prune each layer right after its statistics."""
+    scoring = neuron_scoring(config)
+    pruned = set(config.pruned_layers(loaded.num_layers))
+    attention_method, mlp_method = module_methods(config)
+    plan = LayerPlan(attention_method, mlp_method, config.sparsity if attention_method != "none" else 0.0,
+                     config.sparsity, config.pattern, config.weight_exp, config.neuron_spread)
+
+    def prune_now(index: int, layer: nn.Module, stats: CalibrationStats) -> None:
+        if index in pruned:
+            prune_layer(layer, index, loaded.adapter, stats, plan, scoring)
+
+    return prune_now
+
+
+def check_output_folder(out: Path, model_folder: Path, overwrite: bool) -> Path:
+    """Refuse an --out that would lose data: the input model folder, or a non-empty folder without --overwrite."""
+    out = Path(out).expanduser()
+    resolved, source = out.resolve(), model_folder.resolve()
+    if resolved == source or source in resolved.parents or resolved in source.parents:
+        raise UserError(f"--out '{out}' overlaps the input model folder '{model_folder}': choose another folder")
+    if out.is_symlink():
+        raise UserError(f"--out '{out}' is a symbolic link: pass a real folder path")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out '{out}' exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"--out '{out}' exists and is not empty: pass --overwrite to replace it, or choose another folder")
+    return out
+
+
+def save_pruned(loaded: LoadedModel, out: Path, overwrite: bool, metadata: dict[str, Any]) -> Path:
+    """A standard Hugging Face folder (safetensors, config, tokenizer) plus hybridprune.json, written atomically."""
+    with atomic_folder(out, replace=overwrite) as staging:
+        loaded.model.save_pretrained(staging, safe_serialization=True)
+        loaded.tokenizer.save_pretrained(staging)
+        (staging / METADATA_FILE).write_text(json.dumps({"tool": "hybridprune", "version": __version__, **metadata}, indent=2))
+    return out

@@ -1,0 +1,122 @@
+"""Pruning from statistics on tiny random models: targets, knobs, structured shrink, sequential."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from hybridprune.calibration.collect import CollectionOptions, collect_statistics
+from hybridprune.config import PruneConfig
+from hybridprune.models import load_model
+from hybridprune.prune import plan_layers, prune_model, save_pruned
+from hybridprune.reporting import SilentReporter
+from hybridprune.sparsity import sparsity_report
+
+
+@pytest.fixture(scope="module")
+def calibrated(tiny_llama_folder: Path, tiny_cache_dir: Path):
+    loaded = load_model(str(tiny_llama_folder), cache_dir=tiny_cache_dir)
+    windows = torch.randint(0, loaded.model.config.vocab_size, (6, 32), generator=torch.Generator().manual_seed(0))
+    stats = collect_statistics(loaded.model, loaded.adapter, windows, CollectionOptions(topics=4, q_active=0.8), batch_size=4)
+    return tiny_llama_folder, tiny_cache_dir, stats
+
+
+def masks_of(folder: Path, cache_dir: Path, stats, **config) -> dict[str, torch.Tensor]:
+    loaded = load_model(str(folder), cache_dir=cache_dir)
+    prune_model(loaded, stats, PruneConfig(**config).validate(), SilentReporter())
+    return {name: (p != 0) for name, p in loaded.model.named_parameters() if p.dim() == 2 and "layers" in name}
+
+
+def kind_sparsity(folder: Path, cache_dir: Path, stats, **config) -> dict[str, float]:
+    loaded = load_model(str(folder), cache_dir=cache_dir)
+    prune_model(loaded, stats, PruneConfig(**config).validate(), SilentReporter())
+    report = sparsity_report(loaded.model, loaded.adapter).to_dict()
+    return {kind: report[kind]["sparsity"] for kind in ("attention", "mlp", "total")}
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(prune_method="wanda"),
+        dict(prune_method="magnitude"),
+        dict(prune_method="hybrid", nr_tfidf_mode="doc"),
+        dict(prune_method="hybrid", nr_tfidf_mode="topic"),
+        dict(prune_method="hybrid", hybrid_mlp_method="neuronrank_old"),
+        dict(prune_method="hybrid", neuron_spread=0.2),
+        dict(prune_method="hybrid", layer_spread=0.1),
+        dict(prune_method="hybrid", attention_offset=-0.1),
+    ],
+)
+def test_every_method_hits_the_target_exactly(calibrated, config):
+    achieved = kind_sparsity(*calibrated, sparsity=0.5, **config)
+    assert achieved["total"] == pytest.approx(0.5, abs=1e-3)
+    if not config.get("attention_offset") and not config.get("layer_spread"):
+        assert achieved["attention"] == pytest.approx(0.5, abs=1e-3)
+        assert achieved["mlp"] == pytest.approx(0.5, abs=1e-3)  # topic mode prunes the MLPs too
+
+
+@pytest.mark.parametrize("knob", ["idf_exp", "tf_exp", "weight_exp", "neuron_spread", "nr_min_tokens", "layer_spread", "attention_offset"])
+def test_every_knob_changes_the_masks(calibrated, knob):
+    base = dict(prune_method="hybrid", neuron_spread=0.1)
+    changed = {"idf_exp": 3.0, "tf_exp": 0.0, "weight_exp": 2.0, "neuron_spread": 0.3, "nr_min_tokens": 3,
+               "layer_spread": 0.1, "attention_offset": 0.1}[knob]
+    first = masks_of(*calibrated, sparsity=0.5, **base)
+    second = masks_of(*calibrated, sparsity=0.5, **{**base, knob: changed})
+    assert any(not torch.equal(first[name], second[name]) for name in first)
+
+
+def test_topic_rate_changes_topic_mode_masks(calibrated):
+    first = masks_of(*calibrated, sparsity=0.5, nr_tfidf_mode="topic", nr_topic_rate=0.05, idf_exp=2.0)
+    second = masks_of(*calibrated, sparsity=0.5, nr_tfidf_mode="topic", nr_topic_rate=0.5, idf_exp=2.0)
+    assert any(not torch.equal(first[name], second[name]) for name in first)
+
+
+def test_same_inputs_give_bit_identical_masks(calibrated):
+    first = masks_of(*calibrated, sparsity=0.6, nr_tfidf_mode="topic")
+    second = masks_of(*calibrated, sparsity=0.6, nr_tfidf_mode="topic")
+    assert all(torch.equal(first[name], second[name]) for name in first)
+
+
+def test_pruning_last_prunes_attention_too(calibrated):
+    """The seed skipped attention with --pruning_last, even in hybrid mode."""
+    folder, cache_dir, stats = calibrated
+    loaded = load_model(str(folder), cache_dir=cache_dir)
+    prune_model(loaded, stats, PruneConfig(pruning_last=1).validate(2), SilentReporter())
+    report = sparsity_report(loaded.model, loaded.adapter).to_dict()
+    layers = report["layers"]
+    assert layers[0]["total"]["sparsity"] == 0.0
+    assert layers[1]["attention"]["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert report["total"]["sparsity"] == pytest.approx(0.25, abs=1e-3)
+
+
+def test_nm_pattern_is_valid_in_every_block(calibrated):
+    masks = masks_of(*calibrated, sparsity=0.5, pattern="2:4")
+    for mask in masks.values():
+        blocks = mask.reshape(mask.shape[0], -1, 4)
+        assert (blocks.sum(-1) == 2).all()
+
+
+def test_structured_model_is_smaller_and_loads_in_plain_transformers(calibrated, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    folder, cache_dir, stats = calibrated
+    loaded = load_model(str(folder), cache_dir=cache_dir)
+    config = PruneConfig(pattern="structured", sparsity=0.25).validate()
+    prune_model(loaded, stats, config, SilentReporter())
+    save_pruned(loaded, tmp_path / "out", overwrite=False, metadata={"config": config.to_dict()})
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert reloaded.config.intermediate_size == 96  # 128 neurons, 25% removed
+    ids = torch.randint(0, reloaded.config.vocab_size, (1, 16))
+    torch.testing.assert_close(reloaded(ids).logits, loaded.model(ids).logits)
+
+
+def test_allocations_keep_total_exact(calibrated):
+    folder, cache_dir, stats = calibrated
+    loaded = load_model(str(folder), cache_dir=cache_dir)
+    config = PruneConfig(layer_spread=0.2, attention_offset=0.05).validate()
+    plans = plan_layers(loaded.model, loaded.adapter, stats, config)
+    assert len({plan.mlp_sparsity for plan in plans.values()}) == 2
+    assert dataclasses.asdict(plans[0]) != dataclasses.asdict(plans[1])
