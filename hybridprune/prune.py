@@ -153,7 +153,7 @@ def prune_model(loaded: LoadedModel, stats: CalibrationStats, config: PruneConfi
     plans = plan_layers(model, adapter, stats, config)
     scoring = neuron_scoring(config)
     layers = adapter.layers(model)
-    with reporter.progress(f"pruning layers ({config.attention_label()} attn / {config.mlp_label()} MLP)", len(plans)) as advance:
+    with reporter.progress("applying pruning", len(plans)) as advance:
         for index, plan in plans.items():
             prune_layer(layers[index], index, adapter, stats, plan, scoring)
             advance(1)

@@ -115,16 +115,17 @@ class SparsityReport:
         ]
 
     def layer_columns(self) -> list[str]:
-        return ["layer", *self.names, "attention", "MLP", "total"]
+        """Short headers (q, k, ..., down) so eleven columns fit a terminal; the cells are percentages."""
+        return ["layer", *(name.removesuffix("_proj") for name in self.names), "attn", "MLP", "total"]
 
     def layer_rows(self) -> list[list[str]]:
-        """One row per decoder layer: each module's sparsity, then attention, MLP and the layer total."""
+        """One row per decoder layer: each module's sparsity in %, then attention, MLP and the layer total."""
         return [
             [
                 str(index),
-                *(percent(self.layer_module(index, name).sparsity) for name in self.names),
-                *(percent(self.layer(index, kind).sparsity) for kind in KINDS),
-                percent(self.layer(index).sparsity),
+                *(f"{100 * self.layer_module(index, name).sparsity:.1f}" for name in self.names),
+                *(f"{100 * self.layer(index, kind).sparsity:.1f}" for kind in KINDS),
+                f"{100 * self.layer(index).sparsity:.1f}",
             ]
             for index in range(self.num_layers)
         ]

@@ -9,6 +9,7 @@ import typer
 
 from hybridprune.cli import cache_cmd
 from hybridprune.cli.calibrate import calibrate
+from hybridprune.cli.eval_cmd import eval_command
 from hybridprune.cli.presets_cmd import presets
 from hybridprune.cli.prune_cmd import prune
 from hybridprune.cli.score_cmd import score
@@ -21,6 +22,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.command()(calibrate)
+app.command("eval")(eval_command)
 app.command()(score)
 app.command()(prune)
 app.command()(presets)

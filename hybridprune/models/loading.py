@@ -138,8 +138,11 @@ def quiet_transformers() -> None:
     """Our own progress panels replace transformers' per-load bars and warnings."""
     from transformers.utils import logging as transformers_logging
 
+    from huggingface_hub.utils import disable_progress_bars
+
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
+    disable_progress_bars()
 
 
 def fingerprint_folder(folder: Path, cache_dir: Path | None = None) -> str:
