@@ -27,7 +27,7 @@ from typing import Any
 from hybridprune import __version__
 from hybridprune.calibration.stats import CalibrationStats
 from hybridprune.errors import UserError
-from hybridprune.fsutil import atomic_folder, ensure_writable_dir, file_lock, sha256_file
+from hybridprune.fsutil import atomic_folder, clean_stale_staging, ensure_writable_dir, file_lock, sha256_file
 
 SCHEMA_VERSION = 1
 KEY_PATTERN = re.compile(r"^[0-9a-f]{20}$")
@@ -63,13 +63,17 @@ class StatsKey:
 
 def check_key(key: str) -> str:
     """Cache keys come from users too (`cache show KEY`): only plain hex names, never a path."""
-    if not KEY_PATTERN.match(key):
+    if not isinstance(key, str) or not KEY_PATTERN.fullmatch(key):
         raise UserError(f"'{key}' is not a cache key (20 hex characters): see `hybridprune cache list`")
     return key
 
 
 class CorruptEntry(UserError):
     """A cache entry that fails verification; never used silently."""
+
+
+def _fix(key: str) -> str:
+    return f"rerun with --force or run `hybridprune cache clear {key}`"
 
 
 class StatsCache:
@@ -99,12 +103,12 @@ class StatsCache:
 
         folder = self.entry_dir(key.digest)
         manifest = self.read_manifest(key.digest)
-        fix = f"rerun with --force or run `hybridprune cache clear {key.digest}`"
+        fix = _fix(key.digest)
         if manifest.get("schema") != SCHEMA_VERSION:
             raise CorruptEntry(
                 f"cache entry {key.digest} has schema {manifest.get('schema')}, this tool reads {SCHEMA_VERSION}: {fix}"
             )
-        if manifest.get("key") != key.fields():
+        if manifest.get("key") != key.fields() or manifest.get("digest") != key.digest:
             raise CorruptEntry(f"cache entry {key.digest} was made for other inputs (manifest differs): {fix}")
         stats_path = folder / STATS_FILE
         if not stats_path.is_file() or stats_path.stat().st_size != manifest.get("bytes"):
@@ -118,6 +122,8 @@ class StatsCache:
         stats = CalibrationStats(tensors)
         if stats.num_layers != manifest.get("layers"):
             raise CorruptEntry(f"cache entry {key.digest} has {stats.num_layers} layers, manifest says otherwise: {fix}")
+        if "tokens" not in stats.tensors or stats.tokens != manifest.get("tokens"):
+            raise CorruptEntry(f"cache entry {key.digest} does not hold the token count its manifest says: {fix}")
         return stats
 
     def read_manifest(self, key: str) -> dict[str, Any]:
@@ -127,11 +133,9 @@ class StatsCache:
         except FileNotFoundError:
             raise UserError(f"no cache entry {key}: see `hybridprune cache list`") from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise CorruptEntry(
-                f"cache entry {key} has an unreadable manifest ({err}): run `hybridprune cache clear {key}`"
-            ) from None
+            raise CorruptEntry(f"cache entry {key} has an unreadable manifest ({err}): {_fix(key)}") from None
         if not isinstance(manifest, dict):
-            raise CorruptEntry(f"cache entry {key} has a malformed manifest: run `hybridprune cache clear {key}`")
+            raise CorruptEntry(f"cache entry {key} has a malformed manifest: {_fix(key)}")
         return manifest
 
     def save(self, key: StatsKey, stats: CalibrationStats, info: dict[str, Any]) -> Path:
@@ -139,6 +143,7 @@ class StatsCache:
         from safetensors.torch import save_file
 
         final = self.entry_dir(key.digest)
+        clean_stale_staging(self.stats_dir)  # what killed runs left, whatever their key
         with atomic_folder(final, replace=True) as staging:
             stats_path = staging / STATS_FILE
             save_file({name: tensor.contiguous() for name, tensor in stats.tensors.items()}, str(stats_path))
@@ -163,7 +168,7 @@ class StatsCache:
             return []
         found = []
         for folder in self.stats_dir.iterdir():
-            if KEY_PATTERN.match(folder.name) and (folder / MANIFEST_FILE).is_file():
+            if KEY_PATTERN.fullmatch(folder.name) and (folder / MANIFEST_FILE).is_file():
                 try:
                     found.append(self.read_manifest(folder.name))
                 except UserError:
@@ -172,16 +177,28 @@ class StatsCache:
 
     def remove(self, key: str) -> None:
         folder = self.entry_dir(key)
-        if not folder.exists():
+        if not (folder.exists() or folder.is_symlink()):
             raise UserError(f"no cache entry {key}: see `hybridprune cache list`")
-        shutil.rmtree(folder)
+        _remove(folder)
 
     def clear(self) -> int:
-        """Remove every entry and every leftover temporary folder; returns the number of entries removed."""
+        """Remove every entry and the temporary folders of killed runs (not those of live ones).
+
+        Returns the number of entries removed."""
         if not self.stats_dir.is_dir():
             return 0
         removed = 0
         for folder in self.stats_dir.iterdir():
-            removed += bool(KEY_PATTERN.match(folder.name))
-            shutil.rmtree(folder, ignore_errors=True)
+            if KEY_PATTERN.fullmatch(folder.name):
+                _remove(folder)
+                removed += 1
+        clean_stale_staging(self.stats_dir)
         return removed
+
+
+def _remove(folder: Path) -> None:
+    """Delete an entry; a symbolic link is unlinked, never followed."""
+    if folder.is_symlink() or not folder.is_dir():
+        folder.unlink()
+    else:
+        shutil.rmtree(folder)

@@ -15,7 +15,7 @@ from hybridprune import __version__
 from hybridprune.calibration.stats import CalibrationStats
 from hybridprune.config import PruneConfig
 from hybridprune.errors import UserError
-from hybridprune.fsutil import atomic_folder
+from hybridprune.fsutil import atomic_folder, clean_stale_staging
 from hybridprune.masks import allocate_sparsity, parse_pattern
 from hybridprune.methods.hybrid import LayerPlan, NeuronScoring, layer_masks, score_neurons
 from hybridprune.models.adapters import FamilyAdapter
@@ -195,10 +195,15 @@ def check_output_folder(out: Path, model_folder: Path, overwrite: bool) -> Path:
     resolved, source = out.resolve(), model_folder.resolve()
     if resolved == source or source in resolved.parents or resolved in source.parents:
         raise UserError(f"--out '{out}' overlaps the input model folder '{model_folder}': choose another folder")
+    for keep, what in ((Path.cwd(), "the current folder"), (Path("~").expanduser(), "your home folder")):
+        if resolved == keep.resolve() or resolved in keep.resolve().parents:
+            raise UserError(f"--out '{out}' is or contains {what}, which a save would replace: choose a new folder")
     if out.is_symlink():
         raise UserError(f"--out '{out}' is a symbolic link: pass a real folder path")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out '{out}' exists and is not a folder")
+    if out.is_dir():
+        clean_stale_staging(out)  # what a killed sweep left inside does not make the folder non-empty
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UserError(f"--out '{out}' exists and is not empty: pass --overwrite to replace it, or choose another folder")
     return out

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
@@ -73,7 +74,7 @@ def table(title: str, columns: list[str], rows: list[list[Any]], justify_numbers
 
 
 def print_error(message: str) -> None:
-    error_console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    error_console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
 
 
 def human_count(number: float) -> str:

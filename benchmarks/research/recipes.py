@@ -44,6 +44,8 @@ def weight_metric(kind: str, w: Tensor, norm: Tensor, xexp: float = 1.0) -> Tens
 def neuron_score(stats, layer: int, dense_down: Tensor, cfg: dict) -> Tensor:
     ns = stats.neuron_stats(layer)
     kind = cfg.get("score", "tf")
+    if kind == "sens":
+        return sens_score(layer, "up_proj", dense_down, cfg)
     tf = term_frequency(ns, cfg.get("tf", "rms"))
     s = tf.pow(cfg.get("tf_exp", 1.0))
     if kind in ("tfidf", "out_idf"):
@@ -58,6 +60,22 @@ def neuron_score(stats, layer: int, dense_down: Tensor, cfg: dict) -> Tensor:
     if kind in ("out", "out_idf"):
         s = s * dense_down.double().norm(dim=0).pow(cfg.get("col_exp", 1.0))
     return s
+
+
+_EXTRA = {}
+
+
+def sens_score(layer: int, name: str, down: Tensor, cfg: dict) -> Tensor:
+    """Output sensitivity of neuron i's gate or up pre-activation: rms(da_i/dpre_i) * ||down[:, i]||."""
+    if not _EXTRA:
+        from safetensors.torch import load_file
+        from extra_stats import OUT
+        _EXTRA.update(load_file(str(OUT)))
+    key = "gate_sens_sq" if name == "gate_proj" else "up_sens_sq"
+    if cfg.get("sens_same"):  # one score for both: the up sensitivity
+        key = "up_sens_sq"
+    sens = _EXTRA[f"layer.{layer}.{key}"].sqrt()
+    return sens * down.double().norm(dim=0).pow(cfg.get("col_exp", 1.0))
 
 
 def layer_targets(h, cfg: dict) -> Tensor:
@@ -97,14 +115,32 @@ def build_masks(h, cfg: dict) -> dict[tuple[int, str], Tensor]:
         d_a = share * n_mlp / (n_attn + n_mlp)
         d_m = d_a - share
         s_attn, s_mlp = t + d_a, t + d_m
+        # per-matrix offsets within a module kind, re-centred so each kind keeps its total
+        shift = dict(cfg.get("kind_shift", {}))
+        for names in (ATTN, MLP):
+            sizes = {n: h.dense[(l, n)].numel() for n in names}
+            mean = sum(shift.get(n, 0.0) * sizes[n] for n in names) / sum(sizes.values())
+            for n in names:
+                shift[n] = shift.get(n, 0.0) - mean
         for n in ATTN:
             m = weight_metric(cfg.get("attn_metric", "wanda"), h.dense[(l, n)], channel_norm(h.stats, l, n), xexp)
-            masks[(l, n)] = _mask(m, s_attn, pattern)
+            if n == "v_proj" and cfg.get("v_out") and pattern == "unstructured":
+                # v row r feeds o_proj column r: scale by ||o[:, r]||^v_out, compare across the matrix
+                col = h.dense[(l, "o_proj")].norm(dim=0)
+                # GQA: query head h = kv * reps + r reads kv head kv, so v row (kv, d) feeds o columns (kv, r, d)
+                reps = col.shape[0] // m.shape[0]
+                if reps > 1:
+                    heads_kv, dh = m.shape[0] // 64, 64
+                    col = col.view(heads_kv, reps, dh).pow(2).sum(1).sqrt().reshape(-1)
+                m = m * col.pow(cfg["v_out"]).unsqueeze(1)
+                masks[(l, n)] = mask_unstructured(m, s_attn + shift[n], "matrix")
+                continue
+            masks[(l, n)] = _mask(m, s_attn + shift[n], pattern)
         mlp = cfg.get("mlp", "wanda")
         if mlp != "neuron":
             for n in MLP:
                 m = weight_metric(mlp, h.dense[(l, n)], channel_norm(h.stats, l, n), xexp)
-                masks[(l, n)] = _mask(m, s_mlp, pattern)
+                masks[(l, n)] = _mask(m, s_mlp + shift[n], pattern)
             continue
         nc = cfg["neuron"]
         down = h.dense[(l, "down_proj")]
@@ -116,27 +152,31 @@ def build_masks(h, cfg: dict) -> dict[tuple[int, str], Tensor]:
             sizes = torch.full(s.shape, 1, dtype=torch.long)
             per_neuron = allocate_sparsity(s, sizes, s_mlp, nc.get("spread", 0.1))
         for n in ("gate_proj", "up_proj"):
+            if nc.get("score") == "sens":  # per-matrix neuron sensitivity from the extra sums
+                s = sens_score(l, n, down, nc)
+                if gu_mode == "alloc":
+                    per_neuron = allocate_sparsity(s, torch.ones(s.shape, dtype=torch.long), s_mlp, nc.get("spread", 0.1))
             m = weight_metric(base, h.dense[(l, n)], channel_norm(h.stats, l, n), xexp)
             if pattern != "unstructured":
-                masks[(l, n)] = _mask(m, s_mlp, pattern)
+                masks[(l, n)] = _mask(m, s_mlp + shift[n], pattern)
             elif gu_mode == "alloc":
                 masks[(l, n)] = mask_rows(m, per_neuron.float())
             elif gu_mode == "matrix":
                 m = m * s.float().pow(nc.get("sexp", 1.0)).unsqueeze(1)
-                masks[(l, n)] = mask_unstructured(m, s_mlp, "matrix")
+                masks[(l, n)] = mask_unstructured(m, s_mlp + shift[n], "matrix")
             else:
-                masks[(l, n)] = mask_unstructured(m, s_mlp, "row")
+                masks[(l, n)] = mask_unstructured(m, s_mlp + shift[n], "row")
         m = weight_metric(base, down, channel_norm(h.stats, l, "down_proj"), xexp)
         dmode = nc.get("down", "row")
         if dmode == "row_s":
             m = m * s.float().pow(nc.get("down_exp", 1.0)).unsqueeze(0)
-            masks[(l, "down_proj")] = _mask(m, s_mlp, pattern)
+            masks[(l, "down_proj")] = _mask(m, s_mlp + shift["down_proj"], pattern)
         elif dmode == "col" and pattern == "unstructured":
             if per_neuron is None:
                 per_neuron = allocate_sparsity(s, torch.ones(s.shape, dtype=torch.long), s_mlp, nc.get("spread", 0.1))
             masks[(l, "down_proj")] = mask_rows(m.T.contiguous(), per_neuron.float()).T
         else:
-            masks[(l, "down_proj")] = _mask(m, s_mlp, pattern)
+            masks[(l, "down_proj")] = _mask(m, s_mlp + shift["down_proj"], pattern)
     return masks
 
 

@@ -90,25 +90,34 @@ def run_layerwise(
     for index, layer in enumerate(adapter.layers(model)):
         remove_hooks = observe(index, layer) if observe else (lambda: None)
         try:
-            outputs = _run_layer(layer, index, batches, on_batch)
+            # Without after_layer each batch's inputs can be overwritten at once: one copy of the activations.
+            outputs = _run_layer(layer, index, batches, on_batch, in_place=after_layer is None)
         finally:
             remove_hooks()
         if after_layer is not None:
             after_layer(index, layer)
-            outputs = _run_layer(layer, index, batches, None)
-        for batch, output in zip(batches, outputs):
-            batch.hidden = output
+            for batch, output in zip(batches, _run_layer(layer, index, batches, None, in_place=False)):
+                batch.hidden = output
+        del outputs
     return [batch.hidden for batch in batches]
 
 
 def _run_layer(
-    layer: nn.Module, index: int, batches: list[WindowBatch], on_batch: Callable[[int, int], None] | None
+    layer: nn.Module,
+    index: int,
+    batches: list[WindowBatch],
+    on_batch: Callable[[int, int], None] | None,
+    in_place: bool,
 ) -> list[Tensor]:
     outputs = []
     with torch.no_grad():
         for number, batch in enumerate(batches):
             output = layer(batch.hidden, **batch.layer_kwargs[index])
-            outputs.append(output[0] if isinstance(output, tuple) else output)
+            output = output[0] if isinstance(output, tuple) else output
+            if in_place:
+                batch.hidden = output
+            else:
+                outputs.append(output)
             if on_batch:
                 on_batch(index, number)
     return outputs

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -113,6 +115,8 @@ def calibrated_statistics(
         )
         started = time.perf_counter()
         layers = loaded.num_layers
+        # Tests only: seconds to sleep after each calibration batch, so that kill tests can land mid-calibration.
+        test_delay = float(os.environ.get("HYBRIDPRUNE_TEST_SLOW_LAYER_S") or 0)
         batches = -(-request.nsamples // request.batch_size)
         reporter.phase(
             "Calibration",
@@ -132,9 +136,32 @@ def calibrated_statistics(
                 batch_size=request.batch_size,
                 device=next(loaded.model.parameters()).device,
                 after_layer=after_layer,
-                on_batch=lambda _layer, _batch: advance(1),
+                on_batch=lambda _layer, _batch: (advance(1), time.sleep(test_delay)),
             )
+        check_finite(stats, loaded)
         seconds = time.perf_counter() - started
         entry = cache.save(key, stats, {"model_source": loaded.source, "seconds": round(seconds, 2)})
         reporter.note(f"[green]✓[/] collected statistics for {layers} layers in {seconds:.1f}s")
         return CalibrationResult(stats, key, False, seconds, entry)
+
+
+def check_finite(stats: CalibrationStats, loaded: LoadedModel) -> None:
+    """Refuse statistics with NaN or Inf, naming the first layer that has them (nothing is cached)."""
+    bad = sorted(
+        (int(match.group(1)), name)
+        for name, tensor in stats.tensors.items()
+        if (match := re.match(r"layer\.(\d+)\.", name)) and tensor.is_floating_point() and not torch.isfinite(tensor).all()
+    )
+    if not bad:
+        return
+    layer, name = bad[0]
+    modules = loaded.adapter.linears(loaded.adapter.layers(loaded.model)[layer])
+    broken = [module for module, linear in modules.items()
+              if not linear.weight.is_meta and not torch.isfinite(linear.weight).all()]
+    cause = (
+        f"its {', '.join(broken)} weights have NaN or Inf: the model file is broken"
+        if broken
+        else "its activations overflow or its weights (norms, embeddings) are broken: "
+        "try --dtype float32, or check the model"
+    )
+    raise UserError(f"calibration produced NaN or Inf at layer {layer} ({name.split('.', 2)[2]}): {cause}; nothing was cached")

@@ -58,7 +58,7 @@ DENSE_BELOW = 0.01
 
 class _TokenRateColumn(ProgressColumn):
     def render(self, task: Task) -> Text:
-        speed = task.finished_speed or task.speed
+        speed = task.finished_speed or task.speed or (task.completed / task.elapsed if task.elapsed else None)
         return Text(f"{speed:,.0f} tok/s" if speed else "- tok/s")
 
 

@@ -13,6 +13,7 @@ from hybridprune.cli.eval_cmd import eval_command
 from hybridprune.cli.presets_cmd import presets
 from hybridprune.cli.prune_cmd import prune
 from hybridprune.cli.score_cmd import score
+from hybridprune.cli.wizard_cmd import wizard_command
 
 app = typer.Typer(
     name="hybridprune",
@@ -26,6 +27,7 @@ app.command("eval")(eval_command)
 app.command()(score)
 app.command()(prune)
 app.command()(presets)
+app.command("wizard")(wizard_command)
 app.add_typer(cache_cmd.app, name="cache")
 
 

@@ -88,7 +88,7 @@ def prune(
     prune_method: Annotated[OptStr, typer.Option("--prune-method", help="hybrid | wanda | magnitude | neuronrank.")] = None,
     hybrid_mlp_method: Annotated[OptStr, typer.Option("--hybrid-mlp-method", help="neuronrank_tfidf | neuronrank_old.")] = None,
     nr_tfidf_mode: Annotated[OptStr, typer.Option("--nr-tfidf-mode", help="doc | topic.")] = None,
-    sparsity: Annotated[str, typer.Option("--sparsity", "--sparsity-ratio", help="Target, or a sweep: 0.3,0.5,0.7.")] = "0.5",
+    sparsity: Annotated[OptStr, typer.Option("--sparsity", "--sparsity-ratio", help="Target, or a sweep: 0.3,0.5,0.7 (default: the preset's, else 0.5).")] = None,
     pattern: Annotated[OptStr, typer.Option("--pattern", help="unstructured | N:M (2:4, 4:8) | structured.")] = None,
     attention_method: Annotated[OptStr, typer.Option("--attention-method", help="With structured: wanda | none.")] = None,
     pruning_last: Annotated[int | None, typer.Option("--pruning-last", help="Prune only the last N decoder layers.")] = None,
@@ -136,7 +136,8 @@ def prune(
     )
     if pruning_last is not None and pruning_last < 1:
         raise UserError(f"--pruning-last must be a number of layers >= 1, got {pruning_last}")
-    configs = [resolve({**explicit, "sparsity": value}, chosen).validate() for value in parse_sparsities(sparsity)]
+    targets = parse_sparsities(sparsity) if sparsity is not None else [None]  # None: the preset's sparsity, else 0.5
+    configs = [resolve({**explicit, "sparsity": value}, chosen).validate() for value in targets]
     request = calibration_request(
         chosen, dict(nsamples=nsamples, seqlen=seqlen, topics=topics, q_active=q_active),
         CalibrationRequest(data=data, text_field=text_field, seed=seed, batch_size=batch_size),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,10 +116,13 @@ def load_model(
         )
     torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=None
-        )
+        model = _load_weights(folder, torch_dtype, torch_device, trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except pickle.UnpicklingError:
+        raise UserError(
+            f"cannot load the model in '{folder}': its pickle weights hold more than plain tensors and "
+            "hybridprune never unpickles code: convert them to safetensors where you trust them"
+        ) from None
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"cannot load the model in '{folder}': {first_line}") from None
@@ -132,6 +136,26 @@ def load_model(
         folder=folder,
         fingerprint=fingerprint_folder(folder, cache_dir),
     )
+
+
+def _load_weights(folder: Path, dtype: torch.dtype, device: torch.device, trust_remote_code: bool) -> torch.nn.Module:
+    """Safetensors checkpoints are read tensor by tensor into an empty model (peak ~1x the weights);
+    anything else goes through from_pretrained (which never unpickles: it uses weights_only loads)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from hybridprune.models.weights import load_into, plan_direct_load
+
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    with init_empty_weights(include_buffers=False):
+        skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    skeleton.tie_weights()  # tied parameters become one, so the checkpoint's single copy covers them
+    if plan_direct_load(skeleton, folder):
+        load_into(skeleton, folder, dtype, device)
+        skeleton.tie_weights()
+        if not any(parameter.is_meta for parameter in skeleton.parameters()):
+            return skeleton
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
 
 
 def quiet_transformers() -> None:
