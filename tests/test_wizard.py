@@ -230,12 +230,12 @@ def test_ctrl_c_during_the_run_leaves_no_half_written_output_or_cache(
 ):
     import transformers
 
-    import hybridprune.calibration.session as session
+    import hybridprune.calibration.stats as stats_module
 
-    def interrupted_calibration(*args, **kwargs):
+    def interrupted_clustering(*args, **kwargs):  # Ctrl-C inside a forward hook, in the middle of layer 0
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(session, "collect_statistics", interrupted_calibration)
+    monkeypatch.setattr(stats_module, "kmeans_cosine", interrupted_clustering)
     with pytest.raises(typer.Exit) as raised:
         wizard_cmd.run_wizard(script(*tiny_run_keys(tiny_llama_folder)), data=str(corpus), seqlen=32)
     assert raised.value.exit_code == 130

@@ -53,6 +53,29 @@ def statistics_observer(
     return observe
 
 
+def gram_observer(adapter: FamilyAdapter, grams: dict[str, Tensor]) -> Callable[[int, nn.Module], Callable[[], None]]:
+    """An observer that fills `grams` with sum_t x_t x_t^T per input group of the layer being run."""
+
+    def observe(index: int, layer: nn.Module) -> Callable[[], None]:
+        grams.clear()
+        linears = adapter.linears(layer)
+        firsts = {adapter.attention_inputs[0]: "attn_in", adapter.attention_output: "o_in",
+                  adapter.mlp_inputs[0]: "mlp_in", adapter.mlp_output: "down_in"}
+
+        def tap(group: str, x: Tensor) -> None:
+            flat = x.detach().reshape(-1, x.shape[-1]).float()
+            product = (flat.T @ flat).double()
+            grams[group] = grams[group] + product if group in grams else product
+
+        handles = [
+            linears[name].register_forward_pre_hook(lambda _module, args, group=group: tap(group, args[0]))
+            for name, group in firsts.items()
+        ]
+        return lambda: [handle.remove() for handle in handles] and None
+
+    return observe
+
+
 def collect_statistics(
     model: nn.Module,
     adapter: FamilyAdapter,

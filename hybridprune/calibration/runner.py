@@ -9,6 +9,7 @@ only one layer has to be resident on the accelerator at a time.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -92,8 +93,13 @@ def run_layerwise(
         try:
             # Without after_layer each batch's inputs can be overwritten at once: one copy of the activations.
             outputs = _run_layer(layer, index, batches, on_batch, in_place=after_layer is None)
-        finally:
-            remove_hooks()
+        except BaseException:
+            # Ctrl-C or an error mid-layer: the hooks go, but finishing half-collected statistics may fail
+            # too, and that must not replace the original exception (a KeyboardInterrupt must stay one).
+            with contextlib.suppress(Exception):
+                remove_hooks()
+            raise
+        remove_hooks()
         if after_layer is not None:
             after_layer(index, layer)
             for batch, output in zip(batches, _run_layer(layer, index, batches, None, in_place=False)):

@@ -10,11 +10,10 @@ import typer
 
 from hybridprune import ui
 from hybridprune.cache import StatsCache
-from hybridprune.calibration.session import CalibrationRequest, calibrated_statistics
+from hybridprune.calibration.session import CalibrationRequest, calibrated_statistics, calibration_windows
 from hybridprune.cli.common import (
     BatchOpt,
     CacheDirOpt,
-    DataOpt,
     DeviceOpt,
     DtypeOpt,
     ForceOpt,
@@ -103,11 +102,12 @@ def prune(
     layer_spread: Annotated[OptFloat, typer.Option("--layer-spread", help="Non-uniform sparsity across layers (OWL outliers).")] = None,
     attention_offset: Annotated[OptFloat, typer.Option("--attention-offset", help="Attention sparsity minus target; MLP compensates.")] = None,
     sequential: Annotated[bool | None, typer.Option("--sequential/--dense-stats", help="Original Wanda: inputs from pruned earlier layers.")] = None,
+    update: Annotated[bool | None, typer.Option("--update/--no-update", help="Update kept weights to compensate (one extra pass).")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Save the pruned model here (a sweep: one subfolder per sparsity).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out (atomically).")] = False,
     evaluate: Annotated[bool, typer.Option("--eval", help="Perplexity of each result (and dense) on the test split; a sweep also plots.")] = False,
     eval_windows: Annotated[int, typer.Option("--eval-windows", help="Test windows for --eval.")] = 64,
-    data: DataOpt = "wiki-vital",
+    data: Annotated[OptStr, typer.Option("--data", help="wiki-vital (default) | a .txt/.jsonl/.parquet file | a hub dataset (online).")] = None,
     text_field: TextFieldOpt = None,
     nsamples: Annotated[int | None, typer.Option("--nsamples", help="Calibration windows (default 32).")] = None,
     seqlen: Annotated[int | None, typer.Option("--seqlen", help="Tokens per window (default 512).")] = None,
@@ -132,15 +132,15 @@ def prune(
         attention_method=attention_method, pruning_last=pruning_last, preserve_first=preserve_first,
         weight_exp=weight_exp, tf_exp=tf_exp, idf_exp=idf_exp, tf_kind=tf_kind, nr_min_tokens=nr_min_tokens,
         nr_topic_rate=nr_topic_rate, neuron_spread=neuron_spread, layer_spread=layer_spread,
-        attention_offset=attention_offset, sequential=sequential,
+        attention_offset=attention_offset, sequential=sequential, update=update,
     )
     if pruning_last is not None and pruning_last < 1:
         raise UserError(f"--pruning-last must be a number of layers >= 1, got {pruning_last}")
     targets = parse_sparsities(sparsity) if sparsity is not None else [None]  # None: the preset's sparsity, else 0.5
     configs = [resolve({**explicit, "sparsity": value}, chosen).validate() for value in targets]
     request = calibration_request(
-        chosen, dict(nsamples=nsamples, seqlen=seqlen, topics=topics, q_active=q_active),
-        CalibrationRequest(data=data, text_field=text_field, seed=seed, batch_size=batch_size),
+        chosen, dict(nsamples=nsamples, seqlen=seqlen, topics=topics, q_active=q_active, data=data),
+        CalibrationRequest(text_field=text_field, seed=seed, batch_size=batch_size),
     )
     request.validate()
     if eval_windows <= 0:
@@ -172,7 +172,8 @@ def prune(
             if dense_stats is None:
                 dense_stats = calibrated_statistics(loaded, request, cache, reporter, force=force)
             calibration = dense_stats
-            prune_model(loaded, calibration.stats, config, reporter)
+            windows = calibration_windows(loaded, request, root)[0] if config.update else None
+            prune_model(loaded, calibration.stats, config, reporter, update_windows=windows, batch_size=request.batch_size)
         report = sparsity_report(loaded.model, loaded.adapter, dense_intermediate_size=dense_width)
         record: dict[str, Any] = {
             "method": config.prune_method if config.prune_method != "hybrid" else f"hybrid ({config.mlp_label()})",
@@ -190,7 +191,7 @@ def prune(
         if not json_output and not quiet:
             ui.console.print(summary_table(config, report))
         if evaluate:
-            record["ppl"] = test_perplexity(loaded, data, text_field, request.seqlen, eval_windows, root, reporter)
+            record["ppl"] = test_perplexity(loaded, request.data, text_field, request.seqlen, eval_windows, root, reporter)
         if out is not None:
             target = output_path(out, config, sweep)
             save_pruned(loaded, target, overwrite=overwrite or sweep, metadata=record)
@@ -201,7 +202,7 @@ def prune(
     document: dict[str, Any] = {"runs": results}
     if evaluate:
         dense = load()
-        document["dense_ppl"] = test_perplexity(dense, data, text_field, request.seqlen, eval_windows, root, reporter)
+        document["dense_ppl"] = test_perplexity(dense, request.data, text_field, request.seqlen, eval_windows, root, reporter)
         show_sweep(results, document["dense_ppl"], out, json_output or quiet, reporter)
     if json_output:
         ui.emit_json(document)

@@ -13,7 +13,6 @@ from hybridprune.calibration.session import CalibrationRequest, calibrated_stati
 from hybridprune.cli.common import (
     BatchOpt,
     CacheDirOpt,
-    DataOpt,
     DeviceOpt,
     DtypeOpt,
     ForceOpt,
@@ -52,7 +51,7 @@ def score(
     nr_min_tokens: Annotated[int | None, typer.Option("--nr-min-tokens")] = None,
     nr_topic_rate: Annotated[OptFloat, typer.Option("--nr-topic-rate")] = None,
     sparsity: Annotated[float, typer.Option("--sparsity", "--sparsity-ratio", help="For the structured-removal column.")] = 0.5,
-    data: DataOpt = "wiki-vital",
+    data: Annotated[OptStr, typer.Option("--data", help="wiki-vital (default) | a .txt/.jsonl/.parquet file | a hub dataset (online).")] = None,
     text_field: TextFieldOpt = None,
     nsamples: Annotated[int | None, typer.Option("--nsamples")] = None,
     seqlen: Annotated[int | None, typer.Option("--seqlen")] = None,
@@ -80,8 +79,8 @@ def score(
         chosen,
     ).validate()
     request = calibration_request(
-        chosen, dict(nsamples=nsamples, seqlen=seqlen, topics=topics, q_active=q_active),
-        CalibrationRequest(data=data, text_field=text_field, seed=seed, batch_size=batch_size),
+        chosen, dict(nsamples=nsamples, seqlen=seqlen, topics=topics, q_active=q_active, data=data),
+        CalibrationRequest(text_field=text_field, seed=seed, batch_size=batch_size),
     )
     request.validate()
     root = ensure_writable_dir(cache_root(cache_dir), "cache folder")

@@ -1,0 +1,55 @@
+"""One calibration serves every sparsity, knob and preset: cached runs vs the first, uncached run.
+
+Target (issue 3): after one calibration with 128 x 512 windows, `prune` at 0.3 / 0.5 / 0.7,
+`score`, a changed --idf-exp, --pattern or preset each run without a calibration forward pass
+and take at most 15% of the first (uncached) run's time. Also reports how long the masks for
+all decoder matrices take from cached statistics (inside the process, without start-up).
+
+    .venv/bin/python benchmarks/bench_reuse.py [--nsamples 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from common import run_cli
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--nsamples", type=int, default=128)
+    args = parser.parse_args()
+    calibration = ["--nsamples", str(args.nsamples), "--seqlen", "512"]
+    with tempfile.TemporaryDirectory() as folder:
+        cache = Path(folder)
+        from hybridprune.models.loading import embedded_folder
+
+        (cache / "models").symlink_to(embedded_folder().parent)  # the converted model, not its conversion time
+        first, document, _ = run_cli(["prune", "--sparsity", "0.5", *calibration], cache)
+        assert not document["runs"][0]["statistics_reused"]
+        print(f"first run (calibration {args.nsamples} x 512 + prune 0.5): {first:.1f}s")
+        cases = {
+            "prune --sparsity 0.3": ["prune", "--sparsity", "0.3"],
+            "prune --sparsity 0.5": ["prune", "--sparsity", "0.5"],
+            "prune --sparsity 0.7": ["prune", "--sparsity", "0.7"],
+            "prune --idf-exp 2": ["prune", "--idf-exp", "2"],
+            "prune --pattern 2:4": ["prune", "--pattern", "2:4"],
+            "prune --preset quality": ["prune", "--preset", "quality"],
+            "prune --preset fast": ["prune", "--preset", "fast"],
+            "score": ["score"],
+        }
+        worst = 0.0
+        for label, command in cases.items():
+            seconds, document, _ = run_cli([*command, *calibration], cache)
+            reused = document["runs"][0]["statistics_reused"] if "runs" in document else True
+            prune_seconds = document["runs"][0]["seconds"] if "runs" in document else float("nan")
+            worst = max(worst, seconds / first)
+            print(f"{label:28s} {seconds:6.1f}s  ratio {seconds / first:.3f}  reused={reused}  "
+                  f"in-process load+masks+summary {prune_seconds:.1f}s")
+        print(f"worst ratio {worst:.3f} (target <= 0.15)")
+
+
+if __name__ == "__main__":
+    main()

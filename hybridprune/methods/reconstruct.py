@@ -1,0 +1,50 @@
+"""Optimal-brain-surgeon weight update for a fixed mask (SparseGPT's column sweep, mask given).
+
+After a mask is chosen (by Wanda / NeuronRank), the kept weights of each row are adjusted so
+the layer's output on the calibration inputs moves as little as possible: pruning column j's
+weights is compensated on the columns after it through the inverse Hessian H^-1, H = X^T X
+(a sum over tokens, like every other statistic here). Pure tensor code.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def inverse_hessian_factor(gram: Tensor, damping: float = 0.01) -> tuple[Tensor, Tensor]:
+    """Upper Cholesky factor of (H + lambda I)^-1 and the mask of dead input channels (never seen non-zero)."""
+    hessian = gram.to(torch.float64).clone()
+    dead = torch.diag(hessian) == 0
+    hessian[dead, dead] = 1.0
+    hessian.diagonal().add_(damping * torch.diag(hessian).mean())
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(hessian))
+    return torch.linalg.cholesky(inverse, upper=True).to(torch.float32), dead
+
+
+def reconstruct(weight: Tensor, keep: Tensor, gram: Tensor, damping: float = 0.01, block: int = 128) -> Tensor:
+    """The weight [out, in] with pruned entries zero and kept entries updated to compensate.
+
+    `keep` is the bool mask [out, in] (True = keep); `gram` is sum_t x_t x_t^T [in, in].
+    The zero pattern of the result is exactly ~keep.
+    """
+    factor, dead = inverse_hessian_factor(gram, damping)
+    updated = weight.detach().to(torch.float32).clone()
+    updated[:, dead] = 0.0
+    columns = updated.shape[1]
+    for start in range(0, columns, block):
+        end = min(start + block, columns)
+        chunk = updated[:, start:end].clone()
+        errors = torch.zeros_like(chunk)
+        local = factor[start:end, start:end]
+        for offset in range(end - start):
+            column = chunk[:, offset]
+            pruned = column * (~keep[:, start + offset])
+            error = pruned / local[offset, offset]
+            chunk[:, offset:] -= error.unsqueeze(1) * local[offset, offset:].unsqueeze(0)
+            chunk[:, offset] = column * keep[:, start + offset]
+            errors[:, offset] = error
+        updated[:, start:end] = chunk
+        updated[:, end:] -= errors @ factor[start:end, end:]
+    updated[~keep] = 0.0
+    return updated.to(weight.dtype)

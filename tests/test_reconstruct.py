@@ -1,0 +1,60 @@
+"""The OBS weight update: same zero pattern as the mask, smaller output error, exact sparsity end to end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from hybridprune.calibration.collect import CollectionOptions, collect_statistics
+from hybridprune.config import PruneConfig
+from hybridprune.masks import mask_unstructured
+from hybridprune.methods.reconstruct import reconstruct
+from hybridprune.models import load_model
+from hybridprune.prune import prune_model
+from hybridprune.reporting import SilentReporter
+from hybridprune.sparsity import sparsity_report
+
+
+def correlated_inputs(tokens: int = 2048, features: int = 64, rank: int = 8) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(tokens, rank, generator=generator) @ torch.randn(rank, features, generator=generator) + 0.1 * torch.randn(
+        tokens, features, generator=generator
+    )
+
+
+def test_update_keeps_the_mask_and_reduces_the_output_error():
+    inputs = correlated_inputs()
+    weight = torch.randn(32, 64, generator=torch.Generator().manual_seed(1))
+    gram = inputs.T @ inputs
+    keep = mask_unstructured(weight.abs() * gram.diag().sqrt(), 0.5)
+    updated = reconstruct(weight, keep, gram)
+    assert torch.equal(updated != 0, keep)
+    masked_error = ((inputs @ (weight * keep).T - inputs @ weight.T) ** 2).mean()
+    updated_error = ((inputs @ updated.T - inputs @ weight.T) ** 2).mean()
+    assert updated_error < 0.5 * masked_error
+
+
+def test_dead_input_channels_are_zeroed_without_nan():
+    inputs = correlated_inputs()
+    inputs[:, 3] = 0.0
+    weight = torch.randn(8, 64)
+    gram = inputs.T @ inputs
+    updated = reconstruct(weight, torch.ones_like(weight, dtype=torch.bool), gram)
+    assert torch.isfinite(updated).all()
+    assert (updated[:, 3] == 0).all()
+
+
+@pytest.mark.parametrize("pattern, sparsity", [("unstructured", 0.5), ("2:4", 0.5), ("structured", 0.25)])
+def test_update_path_hits_the_target(tiny_llama_folder: Path, tiny_cache_dir: Path, pattern: str, sparsity: float):
+    loaded = load_model(str(tiny_llama_folder), cache_dir=tiny_cache_dir)
+    windows = torch.randint(0, loaded.model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    stats = collect_statistics(loaded.model, loaded.adapter, windows, CollectionOptions(topics=4), batch_size=2)
+    dense_width = loaded.model.config.intermediate_size
+    config = PruneConfig(pattern=pattern, sparsity=sparsity, update=True).validate()
+    prune_model(loaded, stats, config, SilentReporter(), update_windows=windows, batch_size=2)
+    report = sparsity_report(loaded.model, loaded.adapter, dense_intermediate_size=dense_width)
+    assert report.kind("mlp").sparsity == pytest.approx(sparsity, abs=1e-3)
+    assert report.total.sparsity == pytest.approx(sparsity, abs=1e-3)
+    assert all(torch.isfinite(p).all() for p in loaded.model.parameters())
