@@ -80,23 +80,14 @@ def plan_layers(
         targets = torch.full((len(pruned),), config.sparsity, dtype=torch.float64)
     plans = {}
     for index, target in zip(pruned, targets.tolist()):
-        linears = adapter.linears(layers[index])
-        attention_params = sum(linears[name].weight.numel() for name in adapter.attention_names)
-        mlp_params = sum(linears[name].weight.numel() for name in adapter.mlp_names)
-        attention_target, mlp_target = target, target
-        if config.attention_offset and attention_method != "none":
-            attention_target = target + config.attention_offset
-            mlp_target = target - config.attention_offset * attention_params / mlp_params
-            if not (0 <= attention_target < 1 and 0 <= mlp_target < 1):
-                raise UserError(f"--attention-offset {config.attention_offset} pushes a module kind outside [0, 1)")
         plans[index] = LayerPlan(
             attention_method=attention_method,
             mlp_method=mlp_method,
-            attention_sparsity=attention_target if attention_method != "none" else 0.0,
-            mlp_sparsity=mlp_target,
+            attention_sparsity=target if attention_method != "none" else 0.0,
+            mlp_sparsity=target,
             pattern=config.pattern,
             weight_exp=config.weight_exp,
-            neuron_spread=config.neuron_spread,
+            qk_shift=config.qk_shift,
         )
     return plans
 
@@ -124,7 +115,11 @@ def prune_layer(
     for name, norms in sumsq.items():
         if not torch.isfinite(norms).all():
             raise UserError(f"layer {index} {name}: NaN or Inf activations in the calibration statistics")
-    score = score_neurons(stats.neuron_stats(index), scoring) if plan.mlp_method == "neuronrank" else None
+    score = (
+        score_neurons(stats.neuron_stats(index), scoring, weights[adapter.mlp_output])
+        if plan.mlp_method == "neuronrank"
+        else None
+    )
     masks = layer_masks(weights, sumsq, adapter.attention_names, adapter.mlp_names, plan, score)
     with torch.no_grad():
         if "neurons" in masks:
@@ -228,7 +223,7 @@ def sequential_pruner(loaded: LoadedModel, config: PruneConfig):
     pruned = set(config.pruned_layers(loaded.num_layers))
     attention_method, mlp_method = module_methods(config)
     plan = LayerPlan(attention_method, mlp_method, config.sparsity if attention_method != "none" else 0.0,
-                     config.sparsity, config.pattern, config.weight_exp, config.neuron_spread)
+                     config.sparsity, config.pattern, config.weight_exp, config.qk_shift)
 
     def prune_now(index: int, layer: nn.Module, stats: CalibrationStats) -> None:
         if index in pruned:

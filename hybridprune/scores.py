@@ -15,6 +15,7 @@ from torch import Tensor
 from hybridprune.calibration.stats import CalibrationStats
 from hybridprune.masks import prune_counts
 from hybridprune.methods.hybrid import NeuronScoring, neuron_idf, score_neurons
+from hybridprune.models.loading import LoadedModel
 
 
 @dataclass
@@ -25,11 +26,14 @@ class LayerScores:
     channel_norms: dict[str, Tensor]  # group -> ||X_j||
 
 
-def compute_scores(stats: CalibrationStats, scoring: NeuronScoring) -> list[LayerScores]:
+def compute_scores(stats: CalibrationStats, scoring: NeuronScoring, loaded: LoadedModel) -> list[LayerScores]:
+    layers = loaded.adapter.layers(loaded.model)
     return [
         LayerScores(
             layer=index,
-            scores=score_neurons(stats.neuron_stats(index), scoring),
+            scores=score_neurons(
+                stats.neuron_stats(index), scoring, loaded.adapter.linears(layers[index])[loaded.adapter.mlp_output].weight
+            ),
             idf=neuron_idf(stats.neuron_stats(index), scoring),
             channel_norms={group: stats.sumsq(index, group).sqrt() for group in ("attn_in", "o_in", "mlp_in", "down_in")},
         )

@@ -45,24 +45,24 @@ def kind_sparsity(folder: Path, cache_dir: Path, stats, **config) -> dict[str, f
         dict(prune_method="hybrid", nr_tfidf_mode="doc"),
         dict(prune_method="hybrid", nr_tfidf_mode="topic"),
         dict(prune_method="hybrid", hybrid_mlp_method="neuronrank_old"),
-        dict(prune_method="hybrid", neuron_spread=0.2),
+        dict(prune_method="hybrid", tf_kind="rms"),
         dict(prune_method="hybrid", layer_spread=0.1),
-        dict(prune_method="hybrid", attention_offset=-0.1),
+        dict(prune_method="hybrid", qk_shift=0.1),
     ],
 )
 def test_every_method_hits_the_target_exactly(calibrated, config):
     achieved = kind_sparsity(*calibrated, sparsity=0.5, **config)
     assert achieved["total"] == pytest.approx(0.5, abs=1e-3)
-    if not config.get("attention_offset") and not config.get("layer_spread"):
+    if not config.get("layer_spread"):
         assert achieved["attention"] == pytest.approx(0.5, abs=1e-3)
         assert achieved["mlp"] == pytest.approx(0.5, abs=1e-3)  # topic mode prunes the MLPs too
 
 
-@pytest.mark.parametrize("knob", ["idf_exp", "tf_exp", "weight_exp", "neuron_spread", "nr_min_tokens", "layer_spread", "attention_offset"])
+@pytest.mark.parametrize("knob", ["idf_exp", "tf_exp", "weight_exp", "tf_kind", "nr_min_tokens", "layer_spread", "qk_shift"])
 def test_every_knob_changes_the_masks(calibrated, knob):
-    base = dict(prune_method="hybrid", neuron_spread=0.1)
-    changed = {"idf_exp": 3.0, "tf_exp": 0.0, "weight_exp": 2.0, "neuron_spread": 0.3, "nr_min_tokens": 3,
-               "layer_spread": 0.1, "attention_offset": 0.1}[knob]
+    base = dict(prune_method="hybrid", idf_exp=1.0)
+    changed = {"idf_exp": 3.0, "tf_exp": 0.0, "weight_exp": 2.0, "tf_kind": "mean_abs", "nr_min_tokens": 3,
+               "layer_spread": 0.1, "qk_shift": 0.1}[knob]
     first = masks_of(*calibrated, sparsity=0.5, **base)
     second = masks_of(*calibrated, sparsity=0.5, **{**base, knob: changed})
     assert any(not torch.equal(first[name], second[name]) for name in first)
@@ -116,7 +116,7 @@ def test_structured_model_is_smaller_and_loads_in_plain_transformers(calibrated,
 def test_allocations_keep_total_exact(calibrated):
     folder, cache_dir, stats = calibrated
     loaded = load_model(str(folder), cache_dir=cache_dir)
-    config = PruneConfig(layer_spread=0.2, attention_offset=0.05).validate()
+    config = PruneConfig(layer_spread=0.2).validate()
     plans = plan_layers(loaded.model, loaded.adapter, stats, config)
     assert len({plan.mlp_sparsity for plan in plans.values()}) == 2
     assert dataclasses.asdict(plans[0]) != dataclasses.asdict(plans[1])

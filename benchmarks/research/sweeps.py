@@ -82,3 +82,6 @@ s6r = [c for c in s6 if c[0] in ("wanda_2:4", "hybrid_2:4_down_out", "struct25_o
 fin = [("wanda", {}), ("out_matrix", OUTM)]
 fin_mag = [("magnitude", {"attn_metric": "magnitude", "mlp": "magnitude"})]
 ref8 = [("wanda", {}), ("outidf_topic_g-0.5", s7[-1][1])]
+st2 = [c for c in s6 if c[0] in ("struct25_out_rms", "struct50_tfidf_doc")] + [("dense", {"dense": True})]
+qk = [("out_matrix+qk+0.2", {**BEST_MLP, "kind_shift": {"q_proj": 0.2, "k_proj": 0.2}})]
+fin2 = [("out_matrix+qk+0.1", {**BEST_MLP, "kind_shift": {"q_proj": 0.1, "k_proj": 0.1}})]

@@ -95,12 +95,11 @@ def prune(
     weight_exp: Annotated[OptFloat, typer.Option("--weight-exp", help="Exponent on |W| in the metric.")] = None,
     tf_exp: Annotated[OptFloat, typer.Option("--tf-exp", help="Exponent on NeuronRank TF.")] = None,
     idf_exp: Annotated[OptFloat, typer.Option("--idf-exp", help="Exponent on NeuronRank IDF.")] = None,
-    tf_kind: Annotated[OptStr, typer.Option("--tf-kind", help="rms | mean_abs.")] = None,
+    tf_kind: Annotated[OptStr, typer.Option("--tf-kind", help="out_rms (rms(a)*||down col||) | rms | mean_abs.")] = None,
     nr_min_tokens: Annotated[int | None, typer.Option("--nr-min-tokens", help="Doc mode: active tokens for a window to count.")] = None,
     nr_topic_rate: Annotated[OptFloat, typer.Option("--nr-topic-rate", help="Topic mode: activity rate for a topic to count.")] = None,
-    neuron_spread: Annotated[OptFloat, typer.Option("--neuron-spread", help="Non-uniform sparsity across MLP neurons by score.")] = None,
     layer_spread: Annotated[OptFloat, typer.Option("--layer-spread", help="Non-uniform sparsity across layers (OWL outliers).")] = None,
-    attention_offset: Annotated[OptFloat, typer.Option("--attention-offset", help="Attention sparsity minus target; MLP compensates.")] = None,
+    qk_shift: Annotated[OptFloat, typer.Option("--qk-shift", help="q/k pruned at target+shift, v/o at target-shift.")] = None,
     sequential: Annotated[bool | None, typer.Option("--sequential/--dense-stats", help="Original Wanda: inputs from pruned earlier layers.")] = None,
     update: Annotated[bool | None, typer.Option("--update/--no-update", help="Update kept weights to compensate (one extra pass).")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Save the pruned model here (a sweep: one subfolder per sparsity).")] = None,
@@ -131,8 +130,7 @@ def prune(
         prune_method=prune_method, hybrid_mlp_method=hybrid_mlp_method, nr_tfidf_mode=nr_tfidf_mode, pattern=pattern,
         attention_method=attention_method, pruning_last=pruning_last, preserve_first=preserve_first,
         weight_exp=weight_exp, tf_exp=tf_exp, idf_exp=idf_exp, tf_kind=tf_kind, nr_min_tokens=nr_min_tokens,
-        nr_topic_rate=nr_topic_rate, neuron_spread=neuron_spread, layer_spread=layer_spread,
-        attention_offset=attention_offset, sequential=sequential, update=update,
+        nr_topic_rate=nr_topic_rate, layer_spread=layer_spread, qk_shift=qk_shift, sequential=sequential, update=update,
     )
     if pruning_last is not None and pruning_last < 1:
         raise UserError(f"--pruning-last must be a number of layers >= 1, got {pruning_last}")

@@ -47,7 +47,7 @@ def score(
     nr_tfidf_mode: Annotated[OptStr, typer.Option("--nr-tfidf-mode", help="doc | topic.")] = None,
     tf_exp: Annotated[OptFloat, typer.Option("--tf-exp")] = None,
     idf_exp: Annotated[OptFloat, typer.Option("--idf-exp")] = None,
-    tf_kind: Annotated[OptStr, typer.Option("--tf-kind", help="rms | mean_abs.")] = None,
+    tf_kind: Annotated[OptStr, typer.Option("--tf-kind", help="out_rms | rms | mean_abs.")] = None,
     nr_min_tokens: Annotated[int | None, typer.Option("--nr-min-tokens")] = None,
     nr_topic_rate: Annotated[OptFloat, typer.Option("--nr-topic-rate")] = None,
     sparsity: Annotated[float, typer.Option("--sparsity", "--sparsity-ratio", help="For the structured-removal column.")] = 0.5,
@@ -87,7 +87,7 @@ def score(
     loaded = load_model(model, dtype=dtype, device=device, cache_dir=root, trust_remote_code=trust_remote_code)
     calibration = calibrated_statistics(loaded, request, StatsCache(root), reporter, force=force)
     scoring = neuron_scoring(config)
-    layers = compute_scores(calibration.stats, scoring)
+    layers = compute_scores(calibration.stats, scoring, loaded)
     path = scores_path(root, calibration.key.digest, scoring)
     save_scores(path, layers)
     shares = structured_share(layers, sparsity)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from hybridprune.masks import allocate_sparsity, mask_n_m, mask_rows, neuron_keep_mask, parse_pattern
+from hybridprune.masks import mask_n_m, mask_rows, mask_unstructured, neuron_keep_mask, parse_pattern
 from hybridprune.methods.magnitude import magnitude_metric
 from hybridprune.methods.neuronrank import (
     NeuronStats,
@@ -29,7 +29,7 @@ class NeuronScoring:
     """How NeuronRank turns a layer's activation statistics into one score per neuron."""
 
     mode: str = "doc"  # doc | topic | old
-    tf_kind: str = "rms"
+    tf_kind: str = "out_rms"  # out_rms | rms | mean_abs
     tf_exp: float = 1.0
     idf_exp: float = 1.0
     min_tokens: int = 1
@@ -46,9 +46,17 @@ def neuron_idf(stats: NeuronStats, scoring: NeuronScoring) -> Tensor:
     raise ValueError(f"unknown NeuronRank mode {scoring.mode!r}")
 
 
-def score_neurons(stats: NeuronStats, scoring: NeuronScoring) -> Tensor:
+def neuron_tf(stats: NeuronStats, tf_kind: str, down_weight: Tensor) -> Tensor:
+    """TF_i: how much neuron i moves the layer's output. `out_rms` = rms(a_i) * ||down[:, i]||
+    (the RMS of the neuron's contribution to the residual stream); `rms` / `mean_abs` ignore down_proj."""
+    if tf_kind == "out_rms":
+        return term_frequency(stats, "rms") * down_weight.detach().double().norm(dim=0).cpu()
+    return term_frequency(stats, tf_kind)
+
+
+def score_neurons(stats: NeuronStats, scoring: NeuronScoring, down_weight: Tensor) -> Tensor:
     """s_i = TF_i^tf_exp * IDF_i^idf_exp (float64 [I])."""
-    return neuron_scores(term_frequency(stats, scoring.tf_kind), neuron_idf(stats, scoring), scoring.tf_exp, scoring.idf_exp)
+    return neuron_scores(neuron_tf(stats, scoring.tf_kind, down_weight), neuron_idf(stats, scoring), scoring.tf_exp, scoring.idf_exp)
 
 
 @dataclass(frozen=True)
@@ -61,7 +69,7 @@ class LayerPlan:
     mlp_sparsity: float
     pattern: str = "unstructured"
     weight_exp: float = 1.0
-    neuron_spread: float = 0.0
+    qk_shift: float = 0.0  # q/k pruned at +shift, v/o at -shift (attention total unchanged)
 
 
 def module_metric(method: str, weight: Tensor, input_sumsq: Tensor, weight_exp: float = 1.0) -> Tensor:
@@ -98,9 +106,11 @@ def layer_masks(
     structured = parse_pattern(plan.pattern).kind == "structured"
     attention_pattern = "unstructured" if structured else plan.pattern
     if plan.attention_method != "none" and plan.attention_sparsity > 0:
-        for name in attention_names:
+        for position, name in enumerate(attention_names):
+            # q and k come first in attention_names; v and o after them (equal parameter counts in pairs).
+            shift = plan.qk_shift if position < 2 else -plan.qk_shift
             metric = module_metric(plan.attention_method, weights[name], sumsq[name], plan.weight_exp)
-            masks[name] = _row_masks(metric, plan.attention_sparsity, attention_pattern)
+            masks[name] = _row_masks(metric, plan.attention_sparsity + shift, attention_pattern)
     if plan.mlp_sparsity <= 0:
         return masks
     gate, up, down = mlp_names
@@ -113,16 +123,16 @@ def layer_masks(
             metric = module_metric(plan.mlp_method, weights[name], sumsq[name], plan.weight_exp)
             masks[name] = _row_masks(metric, plan.mlp_sparsity, plan.pattern)
         return masks
-    neurons = neuron_score.numel()
-    # Each neuron (row of gate/up) gets its share of sparsity from its score: low-score neurons lose more.
-    row_sparsity = allocate_sparsity(
-        neuron_score, torch.ones(neurons, dtype=torch.float64), plan.mlp_sparsity, plan.neuron_spread
-    )
+    # gate/up row i belongs to neuron i: the neuron score scales the Wanda metric and the whole matrix is
+    # one comparison group, so low-score neurons lose more of their weights (the matrix stays exact).
+    relative_score = (neuron_score / neuron_score.mean()).float().unsqueeze(1)
     for name in (gate, up):
-        metric = module_metric("wanda", weights[name], sumsq[name], plan.weight_exp)
-        masks[name] = _row_masks(metric, plan.mlp_sparsity, plan.pattern, row_sparsity)
-    # down_proj's rows span all neurons: the neuron score weighs each input column directly.
-    relative_score = (neuron_score / neuron_score.mean()).float()
-    metric = module_metric("wanda", weights[down], sumsq[down], plan.weight_exp) * relative_score
+        metric = module_metric("wanda", weights[name], sumsq[name], plan.weight_exp) * relative_score
+        if parse_pattern(plan.pattern).kind == "nm":
+            masks[name] = _row_masks(metric, plan.mlp_sparsity, plan.pattern)  # N:M blocks lie inside a row
+        else:
+            masks[name] = mask_unstructured(metric, plan.mlp_sparsity, group="matrix")
+    # down_proj rows already span all neurons through ||a_i||: plain Wanda measured best there.
+    metric = module_metric("wanda", weights[down], sumsq[down], plan.weight_exp)
     masks[down] = _row_masks(metric, plan.mlp_sparsity, plan.pattern)
     return masks
