@@ -61,7 +61,7 @@ def table(args: argparse.Namespace) -> None:
         document = run(["prune", *flags, *sparsity, "--out", str(out), "--overwrite"])
         print(f"pruned {name}: {document['runs'][0]['seconds']}s", flush=True)
         folders.append((name, out, document["runs"][0]["seconds"]))
-    compare = run(["eval", "--windows", str(args.windows), "--compare", *[str(f) for _, f, _ in folders],
+    compare = run(["eval", "--windows", str(args.windows), "--baseline", "embedded", "--compare", *[str(f) for _, f, _ in folders],
                    "--plot", str(REPO / "docs" / "results.png")])
     dense = compare["dense_ppl"]
     by_folder = {entry["folder"]: entry for entry in compare["entries"]}
@@ -91,7 +91,7 @@ def sweep(args: argparse.Namespace) -> None:
                           "hybrid": ["--preset", "balanced"]}.items():
         run(["prune", *flags, "--sparsity", "0.3,0.4,0.5,0.6,0.7", "--out", str(runs / method), "--overwrite"])
         folders += sorted((runs / method).iterdir())
-    compare = run(["eval", "--windows", str(args.sweep_windows), "--compare", *map(str, folders),
+    compare = run(["eval", "--windows", str(args.sweep_windows), "--baseline", "embedded", "--compare", *map(str, folders),
                    "--plot", str(REPO / "docs" / "sweep.png")])
     rows = [f"| {e['method']} | {e['sparsity']['total']['sparsity']:.0%} | {e['perplexity']['ppl']:.2f} |" for e in compare["entries"]]
     text = (f"Test split, {args.sweep_windows} x 512 windows. Dense: {compare['dense_ppl']:.2f}.\n\n"
