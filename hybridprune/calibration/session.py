@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +22,9 @@ from hybridprune.models.loading import LoadedModel
 from hybridprune.reporting import Reporter
 
 
+DEFAULT_SEQLEN = 512
+
+
 @dataclass(frozen=True)
 class CalibrationRequest:
     """What the user asked to calibrate on; everything here except batch_size is in the cache key."""
@@ -28,7 +32,7 @@ class CalibrationRequest:
     data: str = "wiki-vital"
     text_field: str | None = None
     nsamples: int = 32
-    seqlen: int = 512
+    seqlen: int | None = None  # None: 512, or the model's max_position_embeddings when that is smaller
     seed: int = 0
     topics: int = 128
     q_active: float = 0.9
@@ -37,7 +41,7 @@ class CalibrationRequest:
     def validate(self) -> None:
         if self.nsamples <= 0:
             raise UserError(f"--nsamples must be a positive number of windows, got {self.nsamples}")
-        if self.seqlen <= 0:
+        if self.seqlen is not None and self.seqlen <= 0:
             raise UserError(f"--seqlen must be a positive number of tokens, got {self.seqlen}")
         if self.topics <= 0:
             raise UserError(f"--topics must be >= 1, got {self.topics}")
@@ -45,6 +49,15 @@ class CalibrationRequest:
             raise UserError(f"--q-active must be a quantile strictly between 0 and 1, got {self.q_active}")
         if self.batch_size <= 0:
             raise UserError(f"--batch-size must be >= 1, got {self.batch_size}")
+
+    def for_model(self, model: nn.Module) -> CalibrationRequest:
+        """Fill in the default seqlen: 512, never more than the model's positions; refuse an explicit excess."""
+        limit = getattr(model.config, "max_position_embeddings", None)
+        if self.seqlen is None:
+            return dataclasses.replace(self, seqlen=min(DEFAULT_SEQLEN, limit or DEFAULT_SEQLEN))
+        if limit and self.seqlen > limit:
+            raise UserError(f"--seqlen {self.seqlen} exceeds the model's max_position_embeddings ({limit})")
+        return self
 
 
 @dataclass
@@ -63,9 +76,7 @@ def dtype_name(model: nn.Module) -> str:
 def calibration_windows(loaded: LoadedModel, request: CalibrationRequest, cache_root: Path) -> tuple[torch.Tensor, StatsKey]:
     """The seeded calibration windows and the cache key they lead to."""
     request.validate()
-    max_positions = getattr(loaded.model.config, "max_position_embeddings", None)
-    if max_positions and request.seqlen > max_positions:
-        raise UserError(f"--seqlen {request.seqlen} exceeds the model's max_position_embeddings ({max_positions})")
+    request = request.for_model(loaded.model)
     source = load_text(request.data, split="calibration", text_field=request.text_field)
     ids = tokenize(source, loaded.tokenizer, cache_dir=cache_root / "tokens")
     windows = sample_windows(ids, request.nsamples, request.seqlen, request.seed)
@@ -100,6 +111,7 @@ def calibrated_statistics(
     The entry's lock is held while computing, so a concurrent run with the same inputs waits
     and then reuses the result instead of calibrating twice.
     """
+    request = request.for_model(loaded.model)
     windows, key = calibration_windows(loaded, request, cache.root)
     if mode != "dense":
         key = StatsKey(**{**key.fields(), "mode": mode})

@@ -36,7 +36,7 @@ def calibrate(
     data: DataOpt = "wiki-vital",
     text_field: TextFieldOpt = None,
     nsamples: NsamplesOpt = 32,
-    seqlen: SeqlenOpt = 512,
+    seqlen: SeqlenOpt = None,
     seed: SeedOpt = 0,
     topics: TopicsOpt = 128,
     q_active: QActiveOpt = 0.9,

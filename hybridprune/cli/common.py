@@ -31,7 +31,7 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No panels or prog
 DataOpt = Annotated[str, typer.Option("--data", help="wiki-vital | a .txt/.jsonl/.parquet file | a hub dataset (online).")]
 TextFieldOpt = Annotated[str | None, typer.Option("--text-field", help="Field holding the text in .jsonl/.parquet files.")]
 NsamplesOpt = Annotated[int, typer.Option("--nsamples", help="Calibration windows.")]
-SeqlenOpt = Annotated[int, typer.Option("--seqlen", help="Tokens per calibration window.")]
+SeqlenOpt = Annotated[int | None, typer.Option("--seqlen", help="Tokens per calibration window (default 512, capped by the model).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the window sampling and topic clustering.")]
 TopicsOpt = Annotated[
     int, typer.Option("--topics", "--nr-tfidf-k", help="Topics (k-means clusters) for NeuronRank topic mode.")

@@ -146,6 +146,7 @@ def prune(
     root = ensure_writable_dir(cache_root(cache_dir), "cache folder")
     load = lambda: load_model(model, dtype=dtype, device=device, cache_dir=root, trust_remote_code=trust_remote_code)  # noqa: E731
     loaded = load()
+    request = request.for_model(loaded.model)
     sweep = len(configs) > 1
     if out is not None:
         out = check_output_folder(out, loaded.folder, overwrite)
