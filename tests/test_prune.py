@@ -120,3 +120,21 @@ def test_allocations_keep_total_exact(calibrated):
     plans = plan_layers(loaded.model, loaded.adapter, stats, config)
     assert len({plan.mlp_sparsity for plan in plans.values()}) == 2
     assert dataclasses.asdict(plans[0]) != dataclasses.asdict(plans[1])
+
+
+def test_sequential_calibration_prunes_on_pruned_inputs(calibrated, tiny_cache_dir: Path):
+    """The original Wanda procedure: layer 1's statistics come from the pruned layer 0."""
+    from hybridprune.prune import sequential_pruner
+
+    folder, cache_dir, dense_stats = calibrated
+    loaded = load_model(str(folder), cache_dir=cache_dir)
+    windows = torch.randint(0, loaded.model.config.vocab_size, (6, 32), generator=torch.Generator().manual_seed(0))
+    config = PruneConfig(prune_method="wanda", sequential=True).validate()
+    sequential_stats = collect_statistics(
+        loaded.model, loaded.adapter, windows, CollectionOptions(topics=4, q_active=0.8), batch_size=4,
+        after_layer=sequential_pruner(loaded, config),
+    )
+    report = sparsity_report(loaded.model, loaded.adapter)
+    assert report.total.sparsity == pytest.approx(0.5, abs=1e-3)
+    assert torch.equal(sequential_stats.sumsq(0, "attn_in"), dense_stats.sumsq(0, "attn_in"))
+    assert not torch.allclose(sequential_stats.sumsq(1, "attn_in"), dense_stats.sumsq(1, "attn_in"))

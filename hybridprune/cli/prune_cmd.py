@@ -189,6 +189,9 @@ def prune(
         }
         if not json_output and not quiet:
             ui.console.print(summary_table(config, report))
+            if config.layer_spread or config.qk_shift or config.pruning_last or config.preserve_first:
+                ui.console.print(ui.table("Achieved sparsity per layer (non-uniform allocation)",
+                                          report.layer_columns(), report.layer_rows()))
         if evaluate:
             record["ppl"] = test_perplexity(loaded, request.data, text_field, request.seqlen, eval_windows, root, reporter)
         if out is not None:
