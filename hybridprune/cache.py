@@ -52,9 +52,21 @@ class StatsKey:
     q_active: float
     mode: str = "dense"  # "dense", or "sequential:<digest of the pruning configuration>"
     schema: int = SCHEMA_VERSION
+    # A partial entry (`calibrate --shard i/N`): the windows of one shard, fitted on an anchor batch
+    # of `anchor_windows` windows. None in a full entry, and then absent from fields() and the digest.
+    shard_index: int | None = None
+    shard_count: int | None = None
+    anchor_windows: int | None = None
 
     def fields(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {name: value for name, value in dataclasses.asdict(self).items() if value is not None}
+
+    def full(self) -> StatsKey:
+        """The key of the entry that all shards together make."""
+        return dataclasses.replace(self, shard_index=None, shard_count=None, anchor_windows=None)
+
+    def for_shard(self, index: int, count: int, anchor_windows: int) -> StatsKey:
+        return dataclasses.replace(self, shard_index=index, shard_count=count, anchor_windows=anchor_windows)
 
     @property
     def digest(self) -> str:
@@ -202,3 +214,57 @@ def _remove(folder: Path) -> None:
         folder.unlink()
     else:
         shutil.rmtree(folder)
+
+
+def shard_entries(cache: StatsCache, full_digest: str) -> list[str]:
+    """The partial entries (from `calibrate --shard`) whose shards make up the entry `full_digest`."""
+    check_key(full_digest)
+    return sorted(
+        str(manifest["digest"])
+        for manifest in cache.entries()
+        if isinstance(manifest.get("shard"), dict) and manifest["shard"].get("full_digest") == full_digest
+    )
+
+
+def merge_shard_entries(cache: StatsCache, digests: list[str]) -> tuple[StatsKey, Path]:
+    """Merge the partial entries of all N shards into the entry one process would have written.
+
+    Refuses, naming the difference, shards of other inputs (any key field but the shard index),
+    entries that are no shards, and missing or duplicate shards.
+    """
+    from hybridprune.calibration.shards import merge_statistics
+
+    if not digests:
+        raise UserError("no shard entries to merge: give their keys, or --all-shards with the full key")
+    keys: list[StatsKey] = []
+    for digest in map(check_key, digests):
+        key = StatsKey(**cache.read_manifest(digest).get("key", {}))
+        if key.shard_index is None:
+            raise UserError(f"cache entry {digest} is not a shard (it was calibrated without --shard)")
+        keys.append(key)
+    reference = dataclasses.replace(keys[0], shard_index=None).fields()
+    for key in keys[1:]:
+        for name, value in dataclasses.replace(key, shard_index=None).fields().items():
+            if reference.get(name) != value:
+                raise UserError(
+                    f"cannot merge: shard {key.digest} differs from shard {keys[0].digest} in {name} "
+                    f"({reference.get(name)} vs {value}): shards must come from the same model, data and options"
+                )
+    count = keys[0].shard_count or 0
+    by_index: dict[int, StatsKey] = {}
+    for key in keys:
+        if key.shard_index in by_index:
+            raise UserError(f"cannot merge: shard {key.shard_index}/{count} is given twice ({by_index[key.shard_index].digest}, {key.digest})")
+        by_index[int(key.shard_index)] = key  # type: ignore[arg-type]
+    missing = [f"{index}/{count}" for index in range(count) if index not in by_index]
+    if missing:
+        raise UserError(f"cannot merge: shard {', '.join(missing)} missing: calibrate it with --shard and merge again")
+    ordered = [by_index[index] for index in range(count)]
+    stats = merge_statistics([cache.load(key) for key in ordered])
+    full = ordered[0].full()
+    with cache.lock(full):
+        entry = cache.save(full, stats, {
+            "model_source": cache.read_manifest(ordered[0].digest).get("model_source"),
+            "merged_from": [key.digest for key in ordered],
+        })
+    return full, entry

@@ -23,13 +23,25 @@ class CollectionOptions:
 
 
 def statistics_observer(
-    adapter: FamilyAdapter, num_windows: int, options: CollectionOptions, finished: dict[str, Tensor]
+    adapter: FamilyAdapter,
+    num_windows: int,
+    options: CollectionOptions,
+    finished: dict[str, Tensor],
+    anchored: bool = False,
 ) -> Callable[[int, nn.Module], Callable[[], None]]:
-    """An observer for run_layerwise that fills `finished` with each layer's statistics."""
+    """An observer for run_layerwise that fills `finished` with each layer's statistics.
+
+    `anchored`: each layer's first batch is the anchor, run only to fit tau and the topic centroids.
+    """
 
     def observe(index: int, layer: nn.Module) -> Callable[[], None]:
         accumulator = LayerAccumulator(
-            layer=index, num_windows=num_windows, topics=options.topics, q_active=options.q_active, seed=options.seed
+            layer=index,
+            num_windows=num_windows,
+            topics=options.topics,
+            q_active=options.q_active,
+            seed=options.seed,
+            fit_only=anchored,
         )
         linears = adapter.linears(layer)
         taps = {
@@ -86,10 +98,18 @@ def collect_statistics(
     device: torch.device = torch.device("cpu"),
     after_layer: Callable[[int, nn.Module, CalibrationStats], None] | None = None,
     on_batch: Callable[[int, int], None] | None = None,
+    anchor: Tensor | None = None,
 ) -> CalibrationStats:
-    """One pass over `windows` [N, seqlen]; with `after_layer` it is the sequential (pruned-inputs) mode."""
+    """One pass over `windows` [N, seqlen]; with `after_layer` it is the sequential (pruned-inputs) mode.
+
+    `anchor` (a shard's run: the first batch of all windows, see shards.shard_windows) is the batch
+    that tau and the topic centroids are fitted on instead of the first batch of `windows`; it is
+    run through every layer but not counted.
+    """
+    if anchor is not None and after_layer is not None:
+        raise ValueError("sequential calibration prunes with the statistics collected so far: it cannot be sharded")
     tensors: dict[str, Tensor] = {"tokens": torch.tensor(float(windows.numel()), dtype=torch.float64)}
-    observer = statistics_observer(adapter, windows.shape[0], options, tensors)
+    observer = statistics_observer(adapter, windows.shape[0], options, tensors, anchored=anchor is not None)
 
     def after(index: int, layer: nn.Module) -> None:
         if after_layer is not None:
@@ -104,5 +124,6 @@ def collect_statistics(
         observe=observer,
         after_layer=after if after_layer is not None else None,
         on_batch=on_batch,
+        lead=anchor,
     )
     return CalibrationStats(tensors)

@@ -33,9 +33,17 @@ class _StopCapture(Exception):
 
 
 def capture_layer_inputs(
-    model: nn.Module, adapter: FamilyAdapter, windows: Tensor, batch_size: int, device: torch.device
+    model: nn.Module,
+    adapter: FamilyAdapter,
+    windows: Tensor,
+    batch_size: int,
+    device: torch.device,
+    lead: Tensor | None = None,
 ) -> list[WindowBatch]:
-    """Layer-0 inputs and every layer's kwargs, for each batch of windows, at the cost of the embedding."""
+    """Layer-0 inputs and every layer's kwargs, for each batch of windows, at the cost of the embedding.
+
+    `lead`, if given, becomes one extra first batch (a shard's anchor windows, see stats.LayerAccumulator).
+    """
     layers = adapter.layers(model)
     base = adapter.base_model(model)
     batches: list[WindowBatch] = []
@@ -57,9 +65,10 @@ def capture_layer_inputs(
         for layer in layers:
             layer.forward = recorder
         with torch.no_grad():
-            for start in range(0, windows.shape[0], batch_size):
+            parts = [windows[start : start + batch_size] for start in range(0, windows.shape[0], batch_size)]
+            for part in parts if lead is None else [lead, *parts]:
                 recorded, first_input = [], []
-                base(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
+                base(input_ids=part.to(device), use_cache=False)
                 batches.append(WindowBatch(hidden=first_input[0], layer_kwargs=recorded))
     finally:
         for layer in layers:
@@ -81,13 +90,15 @@ def run_layerwise(
     observe: LayerObserver | None = None,
     after_layer: Callable[[int, nn.Module], None] | None = None,
     on_batch: Callable[[int, int], None] | None = None,
+    lead: Tensor | None = None,
 ) -> list[Tensor]:
     """Run all windows through the decoder layers one layer at a time; return the last layer's outputs.
 
     `after_layer` (used by sequential calibration) may change the layer, for example prune it;
     the layer's outputs are then recomputed so the next layer sees the changed layer's outputs.
+    `lead` windows run as an extra first batch through every layer (its outputs are included).
     """
-    batches = capture_layer_inputs(model, adapter, windows, batch_size, device)
+    batches = capture_layer_inputs(model, adapter, windows, batch_size, device, lead)
     for index, layer in enumerate(adapter.layers(model)):
         remove_hooks = observe(index, layer) if observe else (lambda: None)
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import dataclasses
@@ -15,6 +16,8 @@ from torch import nn
 
 from hybridprune.cache import StatsCache, StatsKey
 from hybridprune.calibration.collect import CollectionOptions, collect_statistics
+from hybridprune.calibration.distributed import World
+from hybridprune.calibration.shards import ShardSpec, shard_windows
 from hybridprune.calibration.stats import CalibrationStats
 from hybridprune.data import load_text, sample_windows, tokenize, tokenizer_fingerprint
 from hybridprune.errors import UserError
@@ -105,18 +108,32 @@ def calibrated_statistics(
     force: bool = False,
     mode: str = "dense",
     after_layer: Callable[[int, nn.Module, CalibrationStats], None] | None = None,
+    shard: ShardSpec | None = None,
+    world: World | None = None,
 ) -> CalibrationResult:
     """Reuse the cached entry for these inputs, or run the layer-wise pass once and store it.
 
     The entry's lock is held while computing, so a concurrent run with the same inputs waits
-    and then reuses the result instead of calibrating twice.
+    and then reuses the result instead of calibrating twice. With `shard` only that shard's
+    windows are calibrated, into a partial entry (see cache.merge_shard_entries). With `world`
+    (torchrun) each rank calibrates its shard, the statistics are reduced, and rank 0 alone
+    writes the entry, once every rank has contributed.
     """
+    if (shard is not None or world is not None) and after_layer is not None:
+        raise UserError("sequential calibration cannot be sharded: it prunes with the statistics collected so far")
     request = request.for_model(loaded.model)
     windows, key = calibration_windows(loaded, request, cache.root)
     if mode != "dense":
         key = StatsKey(**{**key.fields(), "mode": mode})
-    with cache.lock(key):
-        if cache.has(key) and not force:
+    if shard is not None:
+        key = key.for_shard(shard.index, shard.count, min(request.batch_size, request.nsamples))
+    part = world.shard if world is not None else shard
+    leader = world is None or world.leader
+    with cache.lock(key) if leader else contextlib.nullcontext():
+        reuse = leader and cache.has(key) and not force
+        if world is not None:
+            reuse = world.agree(reuse)
+        if reuse:
             started = time.perf_counter()
             stats = cache.load(key)
             reporter.note(f"[green]✓[/] reused cached statistics {key.digest} (no forward pass)")
@@ -126,10 +143,11 @@ def calibrated_statistics(
             f"calibrating first[/] (key {key.digest})"
         )
         started = time.perf_counter()
+        own, anchor = shard_windows(windows, part, request.batch_size) if part is not None else (windows, None)
         layers = loaded.num_layers
         # Tests only: seconds to sleep after each calibration batch, so that kill tests can land mid-calibration.
         test_delay = float(os.environ.get("HYBRIDPRUNE_TEST_SLOW_LAYER_S") or 0)
-        batches = -(-request.nsamples // request.batch_size)
+        batches = -(-own.shape[0] // request.batch_size) + (anchor is not None)
         reporter.phase(
             "Calibration",
             [
@@ -137,24 +155,41 @@ def calibrated_statistics(
                 f"text      {key.text_name} [{key.text_split}]  {request.nsamples} x {request.seqlen} tokens, seed {request.seed}",
                 f"collect   Wanda norms (attention + MLP) and NeuronRank doc / topic (k={request.topics}) / old "
                 f"(q_active={request.q_active})" + ("" if mode == "dense" else "  [sequential]"),
+                *([] if part is None else [_shard_line(part, windows.shape[0], world)]),
             ],
         )
         with reporter.progress("calibrating layers", layers * batches) as advance:
             stats = collect_statistics(
                 loaded.model,
                 loaded.adapter,
-                windows,
+                own,
                 CollectionOptions(topics=request.topics, q_active=request.q_active, seed=request.seed),
                 batch_size=request.batch_size,
                 device=next(loaded.model.parameters()).device,
                 after_layer=after_layer,
                 on_batch=lambda _layer, _batch: (advance(1), time.sleep(test_delay)),
+                anchor=anchor,
             )
+        if world is not None:
+            stats = world.reduce_statistics(stats)  # every rank waits here for all the others
         check_finite(stats, loaded)
         seconds = time.perf_counter() - started
-        entry = cache.save(key, stats, {"model_source": loaded.source, "seconds": round(seconds, 2)})
+        if not leader:
+            return CalibrationResult(stats, key, False, seconds, cache.entry_dir(key.digest))
+        info: dict[str, object] = {"model_source": loaded.source, "seconds": round(seconds, 2)}
+        if shard is not None:
+            info["shard"] = {"index": shard.index, "count": shard.count, "full_digest": key.full().digest}
+        if world is not None:
+            info["ranks"] = world.size
+        entry = cache.save(key, stats, info)
         reporter.note(f"[green]✓[/] collected statistics for {layers} layers in {seconds:.1f}s")
         return CalibrationResult(stats, key, False, seconds, entry)
+
+
+def _shard_line(part: ShardSpec, total: int, world: World | None) -> str:
+    start, stop = part.bounds(total)
+    where = f"rank {part.index} of {part.count}" if world is not None else f"shard {part}"
+    return f"shard     {where}: windows {start}..{stop - 1} of {total}, tau and topics fitted on the first batch"
 
 
 def check_finite(stats: CalibrationStats, loaded: LoadedModel) -> None:

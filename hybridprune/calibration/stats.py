@@ -87,7 +87,9 @@ class LayerAccumulator:
 
     The activity threshold tau and the topic centroids are fitted on the first batch of
     windows (a random sample of the text) and then applied to every batch, so the whole
-    collection needs a single forward pass of the layer.
+    collection needs a single forward pass of the layer. A shard of the windows fits them on
+    the same anchor batch as the whole run would (the first batch of all windows), passed as
+    a leading `fit_only` batch that is not counted, so that the shards' counts add up.
     """
 
     layer: int
@@ -101,8 +103,11 @@ class LayerAccumulator:
     batch_topics: Tensor | None = None
     window_offset: int = 0
     tokens: int = 0
+    fit_only: bool = False  # the current batch only fits tau and the centroids (cleared after it)
 
     def add_sumsq(self, group: str, x: Tensor) -> None:
+        if self.fit_only:
+            return
         flat = x.reshape(-1, x.shape[-1]).float()
         self._add(f"{group}.sumsq", flat.pow(2).sum(0))
 
@@ -115,16 +120,21 @@ class LayerAccumulator:
             count = min(TOPIC_SAMPLE_TOKENS, flat.shape[0])
             sample = flat[torch.randperm(flat.shape[0], generator=generator)[:count].to(flat.device)]
             self.centroids = kmeans_cosine(sample.cpu(), self.topics, seed=self.seed + self.layer, iters=8)
+        if self.fit_only:
+            return
         self.batch_topics = assign_topics(flat, self.centroids.to(flat.device))
 
     def observe_neurons(self, a: Tensor) -> None:
         """Input of down_proj (the neuron activations a = act(gate) * up) of a batch of windows."""
         batch, seqlen, neurons = a.shape
         flat = a.reshape(-1, neurons).float()
-        self._add("down_in.sumsq", flat.square().sum(0))
         magnitude = flat.abs()
         if self.tau is None:
             self.tau = quantile_threshold(magnitude, self.q_active, max_sample=2**18, seed=self.seed + self.layer)
+        if self.fit_only:
+            self.fit_only = False  # down_proj is the batch's last Linear: the next batch counts
+            return
+        self._add("down_in.sumsq", flat.square().sum(0))
         active = (magnitude > self.tau).float()  # float once: bool sums would go through int64
         per_window = active.view(batch, seqlen, neurons).sum(1)
         self._add("nr.abs_sum", magnitude.sum(0))

@@ -1,4 +1,4 @@
-"""`hybridprune cache list|show|clear`: see and remove statistics entries."""
+"""`hybridprune cache list|show|clear|merge`: see, remove and merge statistics entries."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ from typing import Annotated
 import typer
 
 from hybridprune import ui
-from hybridprune.cache import StatsCache, check_key
+from hybridprune.cache import StatsCache, check_key, merge_shard_entries, shard_entries
 from hybridprune.cli.common import CacheDirOpt, JsonOpt, handle_errors, setup_output
+from hybridprune.errors import UserError
 from hybridprune.fsutil import cache_root
 
-app = typer.Typer(help="List, inspect and remove cached statistics.", no_args_is_help=True)
+app = typer.Typer(help="List, inspect, remove and merge cached statistics.", no_args_is_help=True)
 
 
 @app.command("list")
@@ -36,7 +37,7 @@ def list_entries(cache_dir: CacheDirOpt = None, json_output: JsonOpt = False) ->
                 "CORRUPT" if entry.get("corrupt") else entry.get("model_source", "?"),
                 f"{key.get('text_name', '?')}[{key.get('text_split', '?')}]",
                 f"{key.get('nsamples', '?')}x{key.get('seqlen', '?')}",
-                key.get("mode", "?"),
+                key.get("mode", "?") + (f" shard {key['shard_index']}/{key['shard_count']}" if "shard_index" in key else ""),
                 f"{entry.get('bytes', 0) / 1e6:.1f} MB",
                 entry.get("created", "?"),
             ]
@@ -75,3 +76,28 @@ def clear_entries(
         ui.emit_json({"removed": removed})
     else:
         ui.console.print(f"removed {removed} cache entr{'y' if removed == 1 else 'ies'}")
+
+
+@app.command("merge")
+@handle_errors
+def merge_entries(
+    keys: Annotated[list[str] | None, typer.Argument(help="The partial entries of every shard (from calibrate --shard).")] = None,
+    all_shards: Annotated[
+        str | None, typer.Option("--all-shards", help="Merge every cached shard of this full key instead.")
+    ] = None,
+    cache_dir: CacheDirOpt = None,
+    json_output: JsonOpt = False,
+) -> None:
+    """Join the N shards of a sharded calibration into the entry one process would have written."""
+    setup_output(json_output, False)
+    cache = StatsCache(cache_root(cache_dir))
+    if bool(keys) == (all_shards is not None):
+        raise UserError("give either the shard entries' keys or --all-shards FULLKEY")
+    digests = shard_entries(cache, all_shards) if all_shards is not None else list(keys or [])
+    if all_shards is not None and not digests:
+        raise UserError(f"no cached shards of {all_shards}: calibrate them with --shard i/N first")
+    key, entry = merge_shard_entries(cache, digests)
+    if json_output:
+        ui.emit_json({"key": key.digest, "entry": str(entry), "merged_from": digests})
+    else:
+        ui.console.print(f"merged {len(digests)} shards into statistics [bold]{key.digest}[/] at {entry}")

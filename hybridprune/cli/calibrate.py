@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
+import typer
+
 from hybridprune import ui
 from hybridprune.cache import StatsCache
+from hybridprune.calibration.distributed import World
 from hybridprune.calibration.session import CalibrationRequest, calibrated_statistics
+from hybridprune.calibration.shards import ShardSpec
 from hybridprune.cli.common import (
     BatchOpt,
     CacheDirOpt,
@@ -26,8 +32,17 @@ from hybridprune.cli.common import (
     handle_errors,
     setup_output,
 )
+from hybridprune.errors import UserError
 from hybridprune.fsutil import cache_root, ensure_writable_dir
 from hybridprune.models import load_model
+
+ShardOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--shard",
+        help="Calibrate only shard i of N (i/N) into a partial entry; `hybridprune cache merge` joins the N shards.",
+    ),
+]
 
 
 @handle_errors
@@ -46,18 +61,32 @@ def calibrate(
     cache_dir: CacheDirOpt = None,
     force: ForceOpt = False,
     trust_remote_code: TrustOpt = False,
+    shard: ShardOpt = None,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Collect Wanda and NeuronRank statistics once; every sparsity, preset and knob reuses them."""
-    reporter = setup_output(json_output, quiet)
-    configure_torch()
-    request = CalibrationRequest(data, text_field, nsamples, seqlen, seed, topics, q_active, batch_size)
-    request.validate()
-    root = ensure_writable_dir(cache_root(cache_dir), "cache folder")
-    loaded = load_model(model, dtype=dtype, device=device, cache_dir=root, trust_remote_code=trust_remote_code)
-    result = calibrated_statistics(loaded, request, StatsCache(root), reporter, force=force)
+    """Collect Wanda and NeuronRank statistics once; every sparsity, preset and knob reuses them.
+
+    Under `torchrun --nproc-per-node N -m hybridprune calibrate ...` the N processes split the
+    windows, and rank 0 writes the one entry once all of them are done.
+    """
+    part = ShardSpec.parse(shard) if shard is not None else None
+    with World.joined(device) as world:
+        if world is not None and part is not None:
+            raise UserError("--shard and torchrun both split the windows: use one of them")
+        leader = world is None or world.leader
+        reporter = setup_output(json_output and leader, quiet or not leader)  # one rank speaks for all
+        configure_torch()
+        request = CalibrationRequest(data, text_field, nsamples, seqlen, seed, topics, q_active, batch_size)
+        request.validate()
+        root = ensure_writable_dir(cache_root(cache_dir), "cache folder")
+        on = str(world.device) if world is not None and world.device.type == "cuda" else device  # one GPU per rank
+        loaded = load_model(model, dtype=dtype, device=on, cache_dir=root, trust_remote_code=trust_remote_code)
+        result = calibrated_statistics(loaded, request, StatsCache(root), reporter, force=force, shard=part, world=world)
+    if not leader:
+        return
     size = sum(path.stat().st_size for path in result.entry.iterdir())
+    full = result.key.full().digest
     summary = {
         "key": result.key.digest,
         "reused": result.reused,
@@ -67,6 +96,7 @@ def calibrate(
         "layers": result.stats.num_layers,
         "seconds": round(result.seconds, 2),
         "inputs": result.key.fields(),
+        **({"shard": str(part), "full_key": full} if part is not None else {}),
     }
     if json_output:
         ui.emit_json(summary)
@@ -75,3 +105,8 @@ def calibrate(
             f"statistics [bold]{result.key.digest}[/]: {result.stats.num_layers} layers, "
             f"{result.stats.tokens:,} tokens, {size / 1e6:.1f} MB at {result.entry}"
         )
+        if part is not None:
+            ui.console.print(
+                f"shard {part} of [bold]{full}[/]; once all {part.count} shards are done: "
+                f"hybridprune cache merge --all-shards {full}"
+            )
