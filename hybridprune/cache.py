@@ -5,6 +5,9 @@ Layout under the cache root (see fsutil.cache_root):
   stats/<key>/manifest.json       schema, key fields, tool version, creation time, tokens,
                                   layers, byte size and sha256 of stats.safetensors
   locks/<key>.lock                flock held while an entry is being computed
+A partial entry (`calibrate --shard i/N`) holds one shard's windows; its key is the full key
+plus the shard fields, its manifest names the full key, and `merge_shard_entries` joins the N
+shards into the entry one process would have written.
 An entry is written to a temporary folder and renamed into place, so a reader sees a
 complete entry or none. Loading re-checks the manifest against the requested key and the
 file's checksum, and refuses anything that does not match. Nothing is ever unpickled.

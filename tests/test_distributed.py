@@ -78,7 +78,7 @@ def torchrun(setup, ranks: int, nsamples: int, path: tuple[Path, ...] = (), chec
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
                "-m", "hybridprune", "calibrate", "--model", str(model), "--data", str(text), "--nsamples", str(nsamples),
                "--seqlen", "32", "--topics", "4", "--batch-size", "2", "--cache-dir", str(cache)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    result = subprocess.run(command, check=False, env=env, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0 or not check, result.stdout + result.stderr
     return result
 

@@ -34,7 +34,7 @@ class World:
             yield None
             return
         on_cuda = torch.device(device).type == "cuda"
-        local = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if on_cuda else torch.device("cpu")
+        local = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if on_cuda else torch.device("cpu")
         if on_cuda:
             torch.cuda.set_device(local)  # nccl needs each rank on its own GPU
         dist.init_process_group(backend="nccl" if on_cuda else "gloo")
