@@ -241,7 +241,10 @@ def merge_shard_entries(cache: StatsCache, digests: list[str]) -> tuple[StatsKey
         raise UserError("no shard entries to merge: give their keys, or --all-shards with the full key")
     keys: list[StatsKey] = []
     for digest in map(check_key, digests):
-        key = StatsKey(**cache.read_manifest(digest).get("key", {}))
+        try:
+            key = StatsKey(**cache.read_manifest(digest)["key"])
+        except (KeyError, TypeError):
+            raise CorruptEntry(f"cache entry {digest} has a malformed manifest: {_fix(digest)}") from None
         if key.shard_index is None:
             raise UserError(f"cache entry {digest} is not a shard (it was calibrated without --shard)")
         keys.append(key)
