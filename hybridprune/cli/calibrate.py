@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from hybridprune import ui
 from hybridprune.cache import StatsCache
-from hybridprune.calibration.session import CalibrationRequest, calibrated_statistics
+from hybridprune.calibration.session import calibrated_statistics
 from hybridprune.cli.common import (
     BatchOpt,
     CacheDirOpt,
@@ -22,6 +22,7 @@ from hybridprune.cli.common import (
     TextFieldOpt,
     TopicsOpt,
     TrustOpt,
+    calibration_request,
     configure_torch,
     handle_errors,
     setup_output,
@@ -33,13 +34,13 @@ from hybridprune.models import load_model
 @handle_errors
 def calibrate(
     model: ModelOpt = None,
-    data: DataOpt = "wiki-vital",
+    data: DataOpt = None,
     text_field: TextFieldOpt = None,
-    nsamples: NsamplesOpt = 32,
+    nsamples: NsamplesOpt = None,
     seqlen: SeqlenOpt = None,
     seed: SeedOpt = 0,
-    topics: TopicsOpt = 128,
-    q_active: QActiveOpt = 0.9,
+    topics: TopicsOpt = None,
+    q_active: QActiveOpt = None,
     batch_size: BatchOpt = 4,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
@@ -52,7 +53,9 @@ def calibrate(
     """Collect Wanda and NeuronRank statistics once; every sparsity, preset and knob reuses them."""
     reporter = setup_output(json_output, quiet)
     configure_torch()
-    request = CalibrationRequest(data, text_field, nsamples, seqlen, seed, topics, q_active, batch_size)
+    request = calibration_request(
+        None, dict(data=data, nsamples=nsamples, seqlen=seqlen, topics=topics, q_active=q_active), text_field, seed, batch_size
+    )
     request.validate()
     root = ensure_writable_dir(cache_root(cache_dir), "cache folder")
     loaded = load_model(model, dtype=dtype, device=device, cache_dir=root, trust_remote_code=trust_remote_code)
