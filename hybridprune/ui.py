@@ -14,18 +14,44 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 from rich.panel import Panel
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
+from rich.text import Text
 
 console = Console(highlight=False)
 error_console = Console(stderr=True, highlight=False)
 
 
-class RichReporter:
-    """Reporter (see reporting.py) that draws panels and progress bars on the console."""
+class _RateColumn(ProgressColumn):
+    """Items per second, in the bar's unit (tokens/s for evaluation)."""
 
-    def __init__(self, quiet: bool = False):
+    def __init__(self, unit: str):
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed or (task.completed / task.elapsed if task.elapsed else None)
+        return Text(f"{speed:,.0f} {self.unit}/s" if speed else f"- {self.unit}/s")
+
+
+class RichReporter:
+    """Reporter (see reporting.py) that draws panels and progress bars on the console.
+
+    With `unit` (e.g. "tokens") bars count in that unit and show its rate.
+    """
+
+    def __init__(self, quiet: bool = False, unit: str | None = None):
         self.quiet = quiet
+        self.unit = unit
 
     def phase(self, title: str, lines: list[str]) -> None:
         if not self.quiet:
@@ -40,10 +66,15 @@ class RichReporter:
         if self.quiet:
             yield lambda n=1: None
             return
+        counted = (
+            (TextColumn("{task.completed:,.0f}/{task.total:,.0f} " + self.unit), _RateColumn(self.unit))
+            if self.unit
+            else (MofNCompleteColumn(),)
+        )
         columns = (
             TextColumn("{task.description}"),
             BarColumn(),
-            MofNCompleteColumn(),
+            *counted,
             TimeElapsedColumn(),
             TextColumn("eta"),
             TimeRemainingColumn(),

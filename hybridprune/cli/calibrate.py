@@ -9,7 +9,7 @@ import typer
 from hybridprune import ui
 from hybridprune.cache import StatsCache
 from hybridprune.calibration.distributed import World
-from hybridprune.calibration.session import CalibrationRequest, calibrated_statistics
+from hybridprune.calibration.session import calibrated_statistics
 from hybridprune.calibration.shards import ShardSpec
 from hybridprune.cli.common import (
     BatchOpt,
@@ -28,6 +28,7 @@ from hybridprune.cli.common import (
     TextFieldOpt,
     TopicsOpt,
     TrustOpt,
+    calibration_request,
     configure_torch,
     handle_errors,
     setup_output,
@@ -48,13 +49,13 @@ ShardOpt = Annotated[
 @handle_errors
 def calibrate(
     model: ModelOpt = None,
-    data: DataOpt = "wiki-vital",
+    data: DataOpt = None,
     text_field: TextFieldOpt = None,
-    nsamples: NsamplesOpt = 32,
+    nsamples: NsamplesOpt = None,
     seqlen: SeqlenOpt = None,
     seed: SeedOpt = 0,
-    topics: TopicsOpt = 128,
-    q_active: QActiveOpt = 0.9,
+    topics: TopicsOpt = None,
+    q_active: QActiveOpt = None,
     batch_size: BatchOpt = 4,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
@@ -77,7 +78,9 @@ def calibrate(
         leader = world is None or world.leader
         reporter = setup_output(json_output and leader, quiet or not leader)  # one rank speaks for all
         configure_torch()
-        request = CalibrationRequest(data, text_field, nsamples, seqlen, seed, topics, q_active, batch_size)
+        request = calibration_request(
+            None, dict(data=data, nsamples=nsamples, seqlen=seqlen, topics=topics, q_active=q_active), text_field, seed, batch_size
+        )
         request.validate()
         root = ensure_writable_dir(cache_root(cache_dir), "cache folder")
         on = str(world.device) if world is not None and world.device.type == "cuda" else device  # one GPU per rank

@@ -12,7 +12,9 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from hybridprune import ui
+from hybridprune.calibration.session import CalibrationRequest
 from hybridprune.errors import UserError
+from hybridprune.presets import Preset
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -28,19 +30,39 @@ CacheDirOpt = Annotated[
 TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow a model folder's own Python code to run.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout (human output goes to stderr).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No panels or progress bars.")]
-DataOpt = Annotated[str, typer.Option("--data", help="wiki-vital | a .txt/.jsonl/.parquet file | a hub dataset (online).")]
+# Calibration inputs default to None so a preset can set them: explicit flag > preset > default.
+DataOpt = Annotated[
+    str | None, typer.Option("--data", help="wiki-vital (default) | a .txt/.jsonl/.parquet file | a hub dataset (online).")
+]
 TextFieldOpt = Annotated[str | None, typer.Option("--text-field", help="Field holding the text in .jsonl/.parquet files.")]
-NsamplesOpt = Annotated[int, typer.Option("--nsamples", help="Calibration windows.")]
+NsamplesOpt = Annotated[int | None, typer.Option("--nsamples", help="Calibration windows (default 32).")]
 SeqlenOpt = Annotated[int | None, typer.Option("--seqlen", help="Tokens per calibration window (default 512, capped by the model).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the window sampling and topic clustering.")]
 TopicsOpt = Annotated[
-    int, typer.Option("--topics", "--nr-tfidf-k", help="Topics (k-means clusters) for NeuronRank topic mode.")
+    int | None, typer.Option("--topics", "--nr-tfidf-k", help="Topics (k-means clusters) for NeuronRank topic mode (default 128).")
 ]
 QActiveOpt = Annotated[
-    float, typer.Option("--q-active", "--nr-q-active", help="Quantile of |activation| above which a neuron is active.")
+    float | None, typer.Option("--q-active", "--nr-q-active", help="Quantile of |activation| above which a neuron is active (default 0.9).")
 ]
+PresetOpt = Annotated[str | None, typer.Option("--preset", help="balanced (default) | quality | fast | conservative | a user preset.")]
+PresetsFileOpt = Annotated[Path | None, typer.Option("--presets", help="An extra presets TOML file.")]
+MlpMethodOpt = Annotated[str | None, typer.Option("--hybrid-mlp-method", help="neuronrank_tfidf | neuronrank_old.")]
+TfidfModeOpt = Annotated[str | None, typer.Option("--nr-tfidf-mode", help="doc | topic.")]
+TfExpOpt = Annotated[float | None, typer.Option("--tf-exp", help="Exponent on NeuronRank TF (default 1).")]
+IdfExpOpt = Annotated[float | None, typer.Option("--idf-exp", help="Exponent on NeuronRank IDF (default 0.25).")]
+TfKindOpt = Annotated[str | None, typer.Option("--tf-kind", help="out_rms (rms(a)*||down col||, default) | rms | mean_abs.")]
+MinTokensOpt = Annotated[int | None, typer.Option("--nr-min-tokens", help="Doc mode: active tokens for a window to count (default 1).")]
+TopicRateOpt = Annotated[float | None, typer.Option("--nr-topic-rate", help="Topic mode: activity rate for a topic to count (default 0.05).")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Windows per forward batch (memory vs speed; not in the key).")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Recompute even when a cached entry exists.")]
+
+
+def calibration_request(
+    preset: Preset | None, explicit: dict[str, Any], text_field: str | None, seed: int, batch_size: int
+) -> CalibrationRequest:
+    """Calibration inputs: explicit flag (not None) > preset > CalibrationRequest's default."""
+    values = {**(preset.calibration if preset else {}), **{k: v for k, v in explicit.items() if v is not None}}
+    return CalibrationRequest(text_field=text_field, seed=seed, batch_size=batch_size, **values)
 
 
 def handle_errors(command: F) -> F:

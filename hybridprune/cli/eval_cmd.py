@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.markup import escape
-from rich.text import Text
 
 from hybridprune import ui
 from hybridprune.cli.common import (
@@ -54,34 +50,6 @@ DEFAULT_PLOT = Path("hybridprune-compare.png")
 LATENCY_RUNS = 5
 DENSE_BELOW = 0.01
 """A folder without hybridprune.json whose measured sparsity is below this is called dense."""
-
-
-class _TokenRateColumn(ProgressColumn):
-    def render(self, task: Task) -> Text:
-        speed = task.finished_speed or task.speed or (task.completed / task.elapsed if task.elapsed else None)
-        return Text(f"{speed:,.0f} tok/s" if speed else "- tok/s")
-
-
-class TokenRateReporter(ui.RichReporter):
-    """RichReporter whose bars count tokens and show tokens per second."""
-
-    @contextlib.contextmanager
-    def progress(self, description: str, total: int) -> Iterator[Callable[[int], None]]:
-        if self.quiet:
-            yield lambda n=1: None
-            return
-        columns = (
-            TextColumn("{task.description}"),
-            BarColumn(),
-            TextColumn("{task.completed:,.0f}/{task.total:,.0f} tokens"),
-            _TokenRateColumn(),
-            TimeElapsedColumn(),
-            TextColumn("eta"),
-            TimeRemainingColumn(),
-        )
-        with Progress(*columns, console=ui.console, transient=False) as progress:
-            task = progress.add_task(description, total=total)
-            yield lambda n=1: progress.advance(task, n)
 
 
 @dataclass
@@ -271,7 +239,7 @@ def eval_command(
 ) -> None:
     """Perplexity on the benchmark protocol and achieved sparsity; optionally a baseline, a comparison, zero-shot tasks."""
     ui.set_json_mode(json_output)
-    reporter = TokenRateReporter(quiet=quiet)
+    reporter = ui.RichReporter(quiet=quiet, unit="tokens")
     configure_torch()
     compare_specs = [*(compare or []), *(folders or [])]
     if folders and not compare:

@@ -10,7 +10,7 @@ import typer
 
 from hybridprune import ui
 from hybridprune.cache import StatsCache
-from hybridprune.calibration.session import CalibrationRequest, calibrated_statistics, calibration_windows
+from hybridprune.calibration.session import calibrated_statistics, calibration_windows
 from hybridprune.cli.common import (
     BatchOpt,
     CacheDirOpt,
@@ -23,6 +23,21 @@ from hybridprune.cli.common import (
     SeedOpt,
     TextFieldOpt,
     TrustOpt,
+    DataOpt,
+    IdfExpOpt,
+    MinTokensOpt,
+    MlpMethodOpt,
+    NsamplesOpt,
+    PresetOpt,
+    PresetsFileOpt,
+    QActiveOpt,
+    SeqlenOpt,
+    TfExpOpt,
+    TfidfModeOpt,
+    TfKindOpt,
+    TopicRateOpt,
+    TopicsOpt,
+    calibration_request,
     configure_torch,
     handle_errors,
     setup_output,
@@ -56,12 +71,6 @@ def parse_sparsities(text: str) -> list[float]:
     return values
 
 
-def calibration_request(preset: Preset | None, explicit: dict[str, Any], defaults: CalibrationRequest) -> CalibrationRequest:
-    """Calibration inputs: explicit flag > preset > default (presets.py lists the keys a preset may set)."""
-    values = {**(preset.calibration if preset else {}), **{k: v for k, v in explicit.items() if v is not None}}
-    return CalibrationRequest(**{**defaults.__dict__, **values})
-
-
 def output_path(out: Path, config: PruneConfig, sweep: bool) -> Path:
     if not sweep:
         return out
@@ -82,22 +91,22 @@ def mode_banner(config: PruneConfig, preset: Preset | None) -> list[str]:
 @handle_errors
 def prune(
     model: ModelOpt = None,
-    preset: Annotated[OptStr, typer.Option("--preset", help="balanced | quality | fast | conservative | a user preset.")] = None,
-    presets_file: Annotated[Path | None, typer.Option("--presets", help="An extra presets TOML file.")] = None,
+    preset: PresetOpt = None,
+    presets_file: PresetsFileOpt = None,
     prune_method: Annotated[OptStr, typer.Option("--prune-method", help="hybrid | wanda | magnitude | neuronrank.")] = None,
-    hybrid_mlp_method: Annotated[OptStr, typer.Option("--hybrid-mlp-method", help="neuronrank_tfidf | neuronrank_old.")] = None,
-    nr_tfidf_mode: Annotated[OptStr, typer.Option("--nr-tfidf-mode", help="doc | topic.")] = None,
+    hybrid_mlp_method: MlpMethodOpt = None,
+    nr_tfidf_mode: TfidfModeOpt = None,
     sparsity: Annotated[OptStr, typer.Option("--sparsity", "--sparsity-ratio", help="Target, or a sweep: 0.3,0.5,0.7 (default: the preset's, else 0.5).")] = None,
     pattern: Annotated[OptStr, typer.Option("--pattern", help="unstructured | N:M (2:4, 4:8) | structured.")] = None,
     attention_method: Annotated[OptStr, typer.Option("--attention-method", help="With structured: wanda | none.")] = None,
     pruning_last: Annotated[int | None, typer.Option("--pruning-last", help="Prune only the last N decoder layers.")] = None,
     preserve_first: Annotated[OptFloat, typer.Option("--preserve-first", help="Keep this fraction of early layers dense.")] = None,
     weight_exp: Annotated[OptFloat, typer.Option("--weight-exp", help="Exponent on |W| in the metric.")] = None,
-    tf_exp: Annotated[OptFloat, typer.Option("--tf-exp", help="Exponent on NeuronRank TF.")] = None,
-    idf_exp: Annotated[OptFloat, typer.Option("--idf-exp", help="Exponent on NeuronRank IDF.")] = None,
-    tf_kind: Annotated[OptStr, typer.Option("--tf-kind", help="out_rms (rms(a)*||down col||) | rms | mean_abs.")] = None,
-    nr_min_tokens: Annotated[int | None, typer.Option("--nr-min-tokens", help="Doc mode: active tokens for a window to count.")] = None,
-    nr_topic_rate: Annotated[OptFloat, typer.Option("--nr-topic-rate", help="Topic mode: activity rate for a topic to count.")] = None,
+    tf_exp: TfExpOpt = None,
+    idf_exp: IdfExpOpt = None,
+    tf_kind: TfKindOpt = None,
+    nr_min_tokens: MinTokensOpt = None,
+    nr_topic_rate: TopicRateOpt = None,
     layer_spread: Annotated[OptFloat, typer.Option("--layer-spread", help="Non-uniform sparsity across layers (OWL outliers).")] = None,
     qk_shift: Annotated[OptFloat, typer.Option("--qk-shift", help="q/k pruned at target+shift, v/o at target-shift.")] = None,
     sequential: Annotated[bool | None, typer.Option("--sequential/--dense-stats", help="Original Wanda: inputs from pruned earlier layers.")] = None,
@@ -106,13 +115,13 @@ def prune(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out (atomically).")] = False,
     evaluate: Annotated[bool, typer.Option("--eval", help="Perplexity of each result (and dense) on the test split; a sweep also plots.")] = False,
     eval_windows: Annotated[int, typer.Option("--eval-windows", help="Test windows for --eval.")] = 64,
-    data: Annotated[OptStr, typer.Option("--data", help="wiki-vital (default) | a .txt/.jsonl/.parquet file | a hub dataset (online).")] = None,
+    data: DataOpt = None,
     text_field: TextFieldOpt = None,
-    nsamples: Annotated[int | None, typer.Option("--nsamples", help="Calibration windows (default 32).")] = None,
-    seqlen: Annotated[int | None, typer.Option("--seqlen", help="Tokens per window (default 512).")] = None,
+    nsamples: NsamplesOpt = None,
+    seqlen: SeqlenOpt = None,
     seed: SeedOpt = 0,
-    topics: Annotated[int | None, typer.Option("--topics", "--nr-tfidf-k", help="Topics for topic mode (default 128).")] = None,
-    q_active: Annotated[OptFloat, typer.Option("--q-active", "--nr-q-active", help="Activity quantile (default 0.9).")] = None,
+    topics: TopicsOpt = None,
+    q_active: QActiveOpt = None,
     batch_size: BatchOpt = 4,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
@@ -138,7 +147,7 @@ def prune(
     configs = [resolve({**explicit, "sparsity": value}, chosen).validate() for value in targets]
     request = calibration_request(
         chosen, dict(nsamples=nsamples, seqlen=seqlen, topics=topics, q_active=q_active, data=data),
-        CalibrationRequest(text_field=text_field, seed=seed, batch_size=batch_size),
+        text_field, seed, batch_size,
     )
     request.validate()
     if eval_windows <= 0:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from hybridprune import ui
 from hybridprune.cache import StatsCache
-from hybridprune.calibration.session import CalibrationRequest, calibrated_statistics
+from hybridprune.calibration.session import calibrated_statistics
 from hybridprune.cli.common import (
     BatchOpt,
     CacheDirOpt,
@@ -22,11 +21,25 @@ from hybridprune.cli.common import (
     SeedOpt,
     TextFieldOpt,
     TrustOpt,
+    DataOpt,
+    IdfExpOpt,
+    MinTokensOpt,
+    MlpMethodOpt,
+    NsamplesOpt,
+    PresetOpt,
+    PresetsFileOpt,
+    QActiveOpt,
+    SeqlenOpt,
+    TfExpOpt,
+    TfidfModeOpt,
+    TfKindOpt,
+    TopicRateOpt,
+    TopicsOpt,
+    calibration_request,
     configure_torch,
     handle_errors,
     setup_output,
 )
-from hybridprune.cli.prune_cmd import calibration_request
 from hybridprune.errors import UserError
 from hybridprune.fsutil import cache_root, ensure_writable_dir
 from hybridprune.models import load_model
@@ -41,23 +54,23 @@ OptFloat = float | None
 @handle_errors
 def score(
     model: ModelOpt = None,
-    preset: Annotated[OptStr, typer.Option("--preset", help="Preset whose scoring knobs to use.")] = None,
-    presets_file: Annotated[Path | None, typer.Option("--presets", help="An extra presets TOML file.")] = None,
-    hybrid_mlp_method: Annotated[OptStr, typer.Option("--hybrid-mlp-method", help="neuronrank_tfidf | neuronrank_old.")] = None,
-    nr_tfidf_mode: Annotated[OptStr, typer.Option("--nr-tfidf-mode", help="doc | topic.")] = None,
-    tf_exp: Annotated[OptFloat, typer.Option("--tf-exp")] = None,
-    idf_exp: Annotated[OptFloat, typer.Option("--idf-exp")] = None,
-    tf_kind: Annotated[OptStr, typer.Option("--tf-kind", help="out_rms | rms | mean_abs.")] = None,
-    nr_min_tokens: Annotated[int | None, typer.Option("--nr-min-tokens")] = None,
-    nr_topic_rate: Annotated[OptFloat, typer.Option("--nr-topic-rate")] = None,
+    preset: PresetOpt = None,
+    presets_file: PresetsFileOpt = None,
+    hybrid_mlp_method: MlpMethodOpt = None,
+    nr_tfidf_mode: TfidfModeOpt = None,
+    tf_exp: TfExpOpt = None,
+    idf_exp: IdfExpOpt = None,
+    tf_kind: TfKindOpt = None,
+    nr_min_tokens: MinTokensOpt = None,
+    nr_topic_rate: TopicRateOpt = None,
     sparsity: Annotated[float, typer.Option("--sparsity", "--sparsity-ratio", help="For the structured-removal column.")] = 0.5,
-    data: Annotated[OptStr, typer.Option("--data", help="wiki-vital (default) | a .txt/.jsonl/.parquet file | a hub dataset (online).")] = None,
+    data: DataOpt = None,
     text_field: TextFieldOpt = None,
-    nsamples: Annotated[int | None, typer.Option("--nsamples")] = None,
-    seqlen: Annotated[int | None, typer.Option("--seqlen")] = None,
+    nsamples: NsamplesOpt = None,
+    seqlen: SeqlenOpt = None,
     seed: SeedOpt = 0,
-    topics: Annotated[int | None, typer.Option("--topics", "--nr-tfidf-k")] = None,
-    q_active: Annotated[OptFloat, typer.Option("--q-active", "--nr-q-active")] = None,
+    topics: TopicsOpt = None,
+    q_active: QActiveOpt = None,
     batch_size: BatchOpt = 4,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
@@ -80,7 +93,7 @@ def score(
     ).validate()
     request = calibration_request(
         chosen, dict(nsamples=nsamples, seqlen=seqlen, topics=topics, q_active=q_active, data=data),
-        CalibrationRequest(text_field=text_field, seed=seed, batch_size=batch_size),
+        text_field, seed, batch_size,
     )
     request.validate()
     root = ensure_writable_dir(cache_root(cache_dir), "cache folder")

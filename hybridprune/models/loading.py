@@ -103,7 +103,7 @@ def load_model(
     trust_remote_code: bool = False,
 ) -> LoadedModel:
     """Load model and tokenizer; the architecture is checked before any weight is read."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     quiet_transformers()
     folder = model_folder(spec, cache_dir)
