@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from hybridprune.calibration.runner import run_layerwise
+from hybridprune.calibration.runner import LayerStore, run_layerwise
 from hybridprune.calibration.stats import CalibrationStats, LayerAccumulator
 from hybridprune.models.adapters import FamilyAdapter
 
@@ -99,12 +99,13 @@ def collect_statistics(
     after_layer: Callable[[int, nn.Module, CalibrationStats], None] | None = None,
     on_batch: Callable[[int, int], None] | None = None,
     anchor: Tensor | None = None,
+    store: LayerStore | None = None,
 ) -> CalibrationStats:
     """One pass over `windows` [N, seqlen]; with `after_layer` it is the sequential (pruned-inputs) mode.
 
     `anchor` (a shard's run: the first batch of all windows, see shards.shard_windows) is the batch
     that tau and the topic centroids are fitted on instead of the first batch of `windows`; it is
-    run through every layer but not counted.
+    run through every layer but not counted. `store`: layers are loaded one at a time (streaming).
     """
     if anchor is not None and after_layer is not None:
         raise ValueError("sequential calibration prunes with the statistics collected so far: it cannot be sharded")
@@ -125,5 +126,6 @@ def collect_statistics(
         after_layer=after if after_layer is not None else None,
         on_batch=on_batch,
         lead=anchor,
+        store=store,
     )
     return CalibrationStats(tensors)

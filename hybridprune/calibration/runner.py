@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -80,6 +80,14 @@ LayerObserver = Callable[[int, nn.Module], Callable[[], None]]
 """Called before layer l runs; installs its hooks and returns the function that removes them."""
 
 
+class LayerStore(Protocol):
+    """Where layers live between uses (models.streaming.LayerStream): loaded before a layer runs, released after."""
+
+    def materialize(self, index: int, layer: nn.Module) -> None: ...
+
+    def release(self, index: int, layer: nn.Module) -> None: ...
+
+
 def run_layerwise(
     model: nn.Module,
     adapter: FamilyAdapter,
@@ -91,32 +99,52 @@ def run_layerwise(
     after_layer: Callable[[int, nn.Module], None] | None = None,
     on_batch: Callable[[int, int], None] | None = None,
     lead: Tensor | None = None,
+    store: LayerStore | None = None,
 ) -> list[Tensor]:
     """Run all windows through the decoder layers one layer at a time; return the last layer's outputs.
 
     `after_layer` (used by sequential calibration) may change the layer, for example prune it;
     the layer's outputs are then recomputed so the next layer sees the changed layer's outputs.
     `lead` windows run as an extra first batch through every layer (its outputs are included).
+    With `store` each layer is materialized just before it runs and released after `after_layer`.
     """
     batches = capture_layer_inputs(model, adapter, windows, batch_size, device, lead)
     for index, layer in enumerate(adapter.layers(model)):
-        remove_hooks = observe(index, layer) if observe else (lambda: None)
+        if store is not None:
+            store.materialize(index, layer)
         try:
-            # Without after_layer each batch's inputs can be overwritten at once: one copy of the activations.
-            outputs = _run_layer(layer, index, batches, on_batch, in_place=after_layer is None)
-        except BaseException:
-            # Ctrl-C or an error mid-layer: the hooks go, but finishing half-collected statistics may fail
-            # too, and that must not replace the original exception (a KeyboardInterrupt must stay one).
-            with contextlib.suppress(Exception):
-                remove_hooks()
-            raise
-        remove_hooks()
-        if after_layer is not None:
-            after_layer(index, layer)
-            for batch, output in zip(batches, _run_layer(layer, index, batches, None, in_place=False)):
-                batch.hidden = output
-        del outputs
+            _run_one(layer, index, batches, observe, after_layer, on_batch)
+        finally:
+            if store is not None:
+                store.release(index, layer)
     return [batch.hidden for batch in batches]
+
+
+def _run_one(
+    layer: nn.Module,
+    index: int,
+    batches: list[WindowBatch],
+    observe: LayerObserver | None,
+    after_layer: Callable[[int, nn.Module], None] | None,
+    on_batch: Callable[[int, int], None] | None,
+) -> None:
+    """Observe and run one layer over every batch; with after_layer, change it and rerun it."""
+    remove_hooks = observe(index, layer) if observe else (lambda: None)
+    try:
+        # Without after_layer each batch's inputs can be overwritten at once: one copy of the activations.
+        outputs = _run_layer(layer, index, batches, on_batch, in_place=after_layer is None)
+    except BaseException:
+        # Ctrl-C or an error mid-layer: the hooks go, but finishing half-collected statistics may fail
+        # too, and that must not replace the original exception (a KeyboardInterrupt must stay one).
+        with contextlib.suppress(Exception):
+            remove_hooks()
+        raise
+    remove_hooks()
+    if after_layer is not None:
+        after_layer(index, layer)
+        for batch, output in zip(batches, _run_layer(layer, index, batches, None, in_place=False)):
+            batch.hidden = output
+    del outputs
 
 
 def _run_layer(

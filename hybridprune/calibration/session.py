@@ -169,6 +169,7 @@ def calibrated_statistics(
                 after_layer=after_layer,
                 on_batch=lambda _layer, _batch: (advance(1), time.sleep(test_delay)),
                 anchor=anchor,
+                store=loaded.stream,
             )
         if world is not None:
             stats = world.reduce_statistics(stats)  # every rank waits here for all the others

