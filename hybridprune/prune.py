@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass
@@ -19,11 +20,29 @@ from hybridprune.config import PruneConfig
 from hybridprune.errors import UserError
 from hybridprune.fsutil import atomic_folder, clean_stale_staging
 from hybridprune.masks import allocate_sparsity, parse_pattern
-from hybridprune.methods.hybrid import LayerPlan, NeuronScoring, layer_masks, score_neurons
+from hybridprune.methods.hybrid import (
+    LayerPlan,
+    NeuronScoring,
+    layer_masks,
+    score_neurons,
+)
 from hybridprune.methods.reconstruct import reconstruct
 from hybridprune.models.adapters import FamilyAdapter
 from hybridprune.models.loading import LoadedModel
+from hybridprune.models.streaming import (
+    LayerStream,
+    ShardWriter,
+    outside_layer_names,
+    parameter_name,
+)
+from hybridprune.models.weights import read_tensors
 from hybridprune.reporting import Reporter
+from hybridprune.sparsity import (
+    ModuleCount,
+    SparsityReport,
+    assemble_report,
+    layer_counts,
+)
 
 METADATA_FILE = "hybridprune.json"
 
@@ -50,23 +69,29 @@ def module_methods(config: PruneConfig) -> tuple[str, str]:
     return attention, "neuronrank"
 
 
-def layer_importance(model: nn.Module, adapter: FamilyAdapter, stats: CalibrationStats, layers: range) -> torch.Tensor:
+def layer_importance(
+    model: nn.Module, adapter: FamilyAdapter, stats: CalibrationStats, layers: range, stream: LayerStream | None = None
+) -> torch.Tensor:
     """Outlier ratio of each layer's Wanda metric (OWL): layers with more outliers are kept denser."""
     ratios = []
     for index in layers:
         outliers, total = 0, 0
-        for name, linear in adapter.linears(adapter.layers(model)[index]).items():
-            metric = linear.weight.detach().abs().float() * stats.sumsq(index, adapter.input_group(name)).sqrt().float()
-            outliers += int((metric > 5 * metric.mean()).sum())
-            total += metric.numel()
+        with stream.resident(index) if stream else contextlib.nullcontext():
+            for name, linear in adapter.linears(adapter.layers(model)[index]).items():
+                metric = linear.weight.detach().abs().float() * stats.sumsq(index, adapter.input_group(name)).sqrt().float()
+                outliers += int((metric > 5 * metric.mean()).sum())
+                total += metric.numel()
         ratios.append(outliers / total)
     return torch.tensor(ratios, dtype=torch.float64)
 
 
 def plan_layers(
-    model: nn.Module, adapter: FamilyAdapter, stats: CalibrationStats, config: PruneConfig
+    model: nn.Module, adapter: FamilyAdapter, stats: CalibrationStats, config: PruneConfig, stream: LayerStream | None = None
 ) -> dict[int, LayerPlan]:
-    """The sparsity targets of every pruned layer; allocations keep the total at the target."""
+    """The sparsity targets of every pruned layer; allocations keep the total at the target.
+
+    With `stream` (layers on the meta device) a non-uniform allocation loads each layer once more to weigh it.
+    """
     layers = adapter.layers(model)
     pruned = config.pruned_layers(len(layers))
     attention_method, mlp_method = module_methods(config)
@@ -75,7 +100,8 @@ def plan_layers(
             [sum(linear.weight.numel() for linear in adapter.linears(layers[i]).values()) for i in pruned],
             dtype=torch.float64,
         )
-        targets = allocate_sparsity(layer_importance(model, adapter, stats, pruned), sizes, config.sparsity, config.layer_spread)
+        importance = layer_importance(model, adapter, stats, pruned, stream)
+        targets = allocate_sparsity(importance, sizes, config.sparsity, config.layer_spread)
     else:
         targets = torch.full((len(pruned),), config.sparsity, dtype=torch.float64)
     plans = {}
@@ -204,6 +230,65 @@ def prune_model(
     return PruneOutcome(plans, time.perf_counter() - started)
 
 
+def prune_streaming(
+    loaded: LoadedModel,
+    stats: CalibrationStats,
+    config: PruneConfig,
+    reporter: Reporter,
+    folder: Path,
+    update_windows: torch.Tensor | None = None,
+    batch_size: int = 4,
+) -> tuple[PruneOutcome, SparsityReport]:
+    """prune_model for a streamed model: each layer is loaded, pruned, written to `folder` and released.
+
+    Writes the weights as one shard for everything outside the decoder layers plus one shard per layer
+    (with model.safetensors.index.json); the caller adds config, tokenizer and metadata (write_extras).
+    """
+    started = time.perf_counter()
+    adapter, model, stream = loaded.adapter, loaded.model, loaded.stream
+    if stream is None:
+        raise ValueError("prune_streaming needs a model loaded with streaming=True")
+    if stats.num_layers != loaded.num_layers:
+        raise UserError(f"statistics have {stats.num_layers} layers, the model {loaded.num_layers}: recalibrate with --force")
+    dense_width = getattr(model.config, adapter.intermediate_size_key)
+    plans = plan_layers(model, adapter, stats, config, stream)
+    scoring = neuron_scoring(config)
+    writer = ShardWriter(folder, shards=loaded.num_layers + 1)
+    names, state = outside_layer_names(model, adapter), model.state_dict()
+    outside = {name: state[name] for name in names if not state[name].is_meta}  # the resident trunk, not read twice
+    outside.update(read_tensors(loaded.folder, stream.dtype, set(names) - set(outside)))
+    embedding_name = parameter_name(model, model.get_input_embeddings().weight)
+    head_name = parameter_name(model, model.get_output_embeddings().weight)
+    embedding, head = outside[embedding_name], None if head_name == embedding_name else outside[head_name]
+    writer.write(outside)
+    del outside, state
+    counts: list[ModuleCount] = []
+    grams: dict[str, torch.Tensor] = {}
+
+    description = "pruning and writing layers" + (" + weight update" if update_windows is not None else "")
+    with reporter.progress(description, loaded.num_layers) as advance:
+
+        def prune_and_write(index: int, layer: nn.Module) -> None:
+            if index in plans:
+                prune_layer(layer, index, adapter, stats, plans[index], scoring, grams if update_windows is not None else None)
+            advance(1)
+            counts.extend(layer_counts(index, layer, adapter, dense_width))
+            writer.write({f"{adapter.layers_path}.{index}.{name}": tensor for name, tensor in layer.state_dict().items()})
+
+        if update_windows is None:
+            for index in range(loaded.num_layers):
+                with stream.resident(index) as layer:
+                    prune_and_write(index, layer)
+        else:
+            run_layerwise(
+                model, adapter, update_windows, batch_size=batch_size, device=stream.device,
+                observe=gram_observer(adapter, grams), after_layer=prune_and_write, store=stream,
+            )
+    writer.finish()
+    finish_structured(loaded, config)
+    return PruneOutcome(plans, time.perf_counter() - started), assemble_report(counts, adapter, embedding, head)
+
+
 def finish_structured(loaded: LoadedModel, config: PruneConfig) -> None:
     """After structured pruning every pruned layer has the same, smaller intermediate size."""
     if parse_pattern(config.pattern).kind != "structured":
@@ -256,6 +341,16 @@ def save_pruned(loaded: LoadedModel, out: Path, overwrite: bool, metadata: dict[
     """A standard Hugging Face folder (safetensors, config, tokenizer) plus hybridprune.json, written atomically."""
     with atomic_folder(out, replace=overwrite) as staging:
         loaded.model.save_pretrained(staging, safe_serialization=True)
-        loaded.tokenizer.save_pretrained(staging)
-        (staging / METADATA_FILE).write_text(json.dumps({"tool": "hybridprune", "version": __version__, **metadata}, indent=2))
+        write_extras(loaded, staging, metadata)
     return out
+
+
+def write_extras(loaded: LoadedModel, folder: Path, metadata: dict[str, Any]) -> None:
+    """Tokenizer and hybridprune.json; with a streamed model (weights already written) also the config."""
+    if loaded.stream is not None:
+        loaded.model.config.architectures = [type(loaded.model).__name__]
+        loaded.model.config.save_pretrained(folder)
+        if loaded.model.can_generate() and loaded.model.generation_config is not None:
+            loaded.model.generation_config.save_pretrained(folder)
+    loaded.tokenizer.save_pretrained(folder)
+    (folder / METADATA_FILE).write_text(json.dumps({"tool": "hybridprune", "version": __version__, **metadata}, indent=2))

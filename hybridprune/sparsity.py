@@ -153,24 +153,41 @@ def sparsity_report(model: nn.Module, adapter: FamilyAdapter, dense_intermediate
     `dense_intermediate_size`: the MLP width before structured pruning; the missing neurons'
     weights (gate/up rows, down columns) then count as zeros of the dense-size matrices.
     """
-    modules = []
-    for index, layer in enumerate(adapter.layers(model)):
-        linears = adapter.linears(layer)
-        width = linears[adapter.mlp_inputs[0]].out_features
-        missing = max(0, (dense_intermediate_size or width) - width)
-        for name, linear in linears.items():
-            kind = "attention" if name in adapter.attention_names else "mlp"
-            count = Count(_zeros(linear.weight), linear.weight.numel())
-            if kind == "mlp" and missing:
-                other = linear.in_features if name in adapter.mlp_inputs else linear.out_features
-                count = count + Count(missing * other, missing * other)
-            modules.append(ModuleCount(index, name, kind, count))
+    modules = [
+        count
+        for index, layer in enumerate(adapter.layers(model))
+        for count in layer_counts(index, layer, adapter, dense_intermediate_size)
+    ]
     embedding = model.get_input_embeddings().weight
     head = model.get_output_embeddings().weight
     tied = head is embedding or head.data_ptr() == embedding.data_ptr()
+    return assemble_report(modules, adapter, embedding, None if tied else head)
+
+
+@torch.no_grad()
+def layer_counts(index: int, layer: nn.Module, adapter: FamilyAdapter, dense_intermediate_size: int | None) -> list[ModuleCount]:
+    """One decoder layer's part of the report (streaming counts each layer while it is resident)."""
+    counts = []
+    linears = adapter.linears(layer)
+    width = linears[adapter.mlp_inputs[0]].out_features
+    missing = max(0, (dense_intermediate_size or width) - width)
+    for name, linear in linears.items():
+        kind = "attention" if name in adapter.attention_names else "mlp"
+        count = Count(_zeros(linear.weight), linear.weight.numel())
+        if kind == "mlp" and missing:
+            other = linear.in_features if name in adapter.mlp_inputs else linear.out_features
+            count = count + Count(missing * other, missing * other)
+        counts.append(ModuleCount(index, name, kind, count))
+    return counts
+
+
+def assemble_report(
+    modules: list[ModuleCount], adapter: FamilyAdapter, embedding: torch.Tensor, head: torch.Tensor | None
+) -> SparsityReport:
+    """The report from the layers' counts and the vocabulary matrices (`head` None when tied)."""
     return SparsityReport(
         modules=tuple(modules),
         names=adapter.attention_names + adapter.mlp_names,
         embeddings=Count(_zeros(embedding), embedding.numel()),
-        lm_head=None if tied else Count(_zeros(head), head.numel()),
+        lm_head=None if head is None else Count(_zeros(head), head.numel()),
     )

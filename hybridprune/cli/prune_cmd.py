@@ -10,7 +10,7 @@ import typer
 
 from hybridprune import ui
 from hybridprune.cache import StatsCache
-from hybridprune.calibration.session import calibrated_statistics, calibration_windows
+from hybridprune.calibration.session import CalibrationResult, calibrated_statistics, calibration_windows
 from hybridprune.cli.common import (
     BatchOpt,
     CacheDirOpt,
@@ -37,17 +37,19 @@ from hybridprune.cli.common import (
     TfKindOpt,
     TopicRateOpt,
     TopicsOpt,
+    OffloadOpt,
     calibration_request,
+    choose_streaming,
     configure_torch,
     handle_errors,
     setup_output,
 )
 from hybridprune.config import PruneConfig
 from hybridprune.errors import UserError
-from hybridprune.fsutil import cache_root, ensure_writable_dir
+from hybridprune.fsutil import atomic_folder, cache_root, ensure_writable_dir
 from hybridprune.models import load_model
 from hybridprune.presets import DEFAULT_PRESET, Preset, get_preset, resolve
-from hybridprune.prune import check_output_folder, prune_model, save_pruned, sequential_pruner
+from hybridprune.prune import check_output_folder, prune_model, prune_streaming, save_pruned, sequential_pruner, write_extras
 from hybridprune.data import eval_windows, load_text, tokenize
 from hybridprune.evaluate import perplexity
 from hybridprune.plotting import plot_sweep
@@ -128,6 +130,7 @@ def prune(
     cache_dir: CacheDirOpt = None,
     force: ForceOpt = False,
     trust_remote_code: TrustOpt = False,
+    offload: OffloadOpt = None,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -153,7 +156,14 @@ def prune(
     if eval_windows <= 0:
         raise UserError(f"--eval-windows must be >= 1, got {eval_windows}")
     root = ensure_writable_dir(cache_root(cache_dir), "cache folder")
-    load = lambda: load_model(model, dtype=dtype, device=device, cache_dir=root, trust_remote_code=trust_remote_code)  # noqa: E731
+    streaming = choose_streaming(offload, model, dtype, device, root, reporter)
+    if streaming and out is None:
+        raise UserError("with --offload the model is pruned and written layer by layer: pass --out FOLDER")
+    if streaming and evaluate:
+        raise UserError("--eval needs the whole model in memory, which --offload avoids: run `hybridprune eval --model OUT` on the saved folder")
+    load = lambda: load_model(  # noqa: E731
+        model, dtype=dtype, device=device, cache_dir=root, trust_remote_code=trust_remote_code, streaming=streaming
+    )
     loaded = load()
     request = request.for_model(loaded.model)
     sweep = len(configs) > 1
@@ -169,33 +179,29 @@ def prune(
         if number:
             loaded = load()  # a fresh dense model for each sweep point
         dense_width = getattr(loaded.model.config, loaded.adapter.intermediate_size_key)
+        windows, replay = None, True
         if config.sequential:
             calibration = calibrated_statistics(
                 loaded, request, cache, reporter, force=force,
                 mode=f"sequential:{config.digest}", after_layer=sequential_pruner(loaded, config),
             )
-            if calibration.reused:  # the cached sequential statistics replay the same masks
-                prune_model(loaded, calibration.stats, config, reporter)
+            replay = calibration.reused or streaming  # the cached sequential statistics replay the same masks
         else:
             if dense_stats is None:
                 dense_stats = calibrated_statistics(loaded, request, cache, reporter, force=force)
             calibration = dense_stats
             windows = calibration_windows(loaded, request, root)[0] if config.update else None
-            prune_model(loaded, calibration.stats, config, reporter, update_windows=windows, batch_size=request.batch_size)
-        report = sparsity_report(loaded.model, loaded.adapter, dense_intermediate_size=dense_width)
-        record: dict[str, Any] = {
-            "method": config.prune_method if config.prune_method != "hybrid" else f"hybrid ({config.mlp_label()})",
-            "sparsity": config.sparsity,
-            "pattern": config.pattern,
-            "config": config.to_dict(),
-            "preset": chosen.name,
-            "statistics_key": calibration.key.digest,
-            "statistics_reused": calibration.reused,
-            "calibration": calibration.key.fields(),
-            "achieved": report.to_dict(),
-            "source_model": loaded.source,
-            "dense_intermediate_size": dense_width,
-        }
+        if streaming:
+            target = output_path(out, config, sweep)
+            with atomic_folder(target, replace=overwrite or sweep) as staging:
+                report = prune_streaming(loaded, calibration.stats, config, reporter, staging, windows, request.batch_size)[1]
+                record = run_record(config, chosen.name, calibration, report, loaded.source, dense_width)
+                write_extras(loaded, staging, record)
+        else:
+            if replay:
+                prune_model(loaded, calibration.stats, config, reporter, update_windows=windows, batch_size=request.batch_size)
+            report = sparsity_report(loaded.model, loaded.adapter, dense_intermediate_size=dense_width)
+            record = run_record(config, chosen.name, calibration, report, loaded.source, dense_width)
         if not json_output and not quiet:
             ui.console.print(summary_table(config, report))
             if config.layer_spread or config.qk_shift or config.pruning_last or config.preserve_first:
@@ -205,7 +211,8 @@ def prune(
             record["ppl"] = test_perplexity(loaded, request.data, text_field, request.seqlen, eval_windows, root, reporter)
         if out is not None:
             target = output_path(out, config, sweep)
-            save_pruned(loaded, target, overwrite=overwrite or sweep, metadata=record)
+            if not streaming:
+                save_pruned(loaded, target, overwrite=overwrite or sweep, metadata=record)
             record["out"] = str(target)
             reporter.note(f"[green]✓[/] saved {target}")
         record["seconds"] = round(time.perf_counter() - started, 2)
@@ -217,6 +224,25 @@ def prune(
         show_sweep(results, document["dense_ppl"], out, json_output or quiet, reporter)
     if json_output:
         ui.emit_json(document)
+
+
+def run_record(
+    config: PruneConfig, preset: str, calibration: CalibrationResult, report: SparsityReport, source: str, dense_width: int
+) -> dict[str, Any]:
+    """What one pruning run did: saved as hybridprune.json and printed by --json."""
+    return {
+        "method": config.prune_method if config.prune_method != "hybrid" else f"hybrid ({config.mlp_label()})",
+        "sparsity": config.sparsity,
+        "pattern": config.pattern,
+        "config": config.to_dict(),
+        "preset": preset,
+        "statistics_key": calibration.key.digest,
+        "statistics_reused": calibration.reused,
+        "calibration": calibration.key.fields(),
+        "achieved": report.to_dict(),
+        "source_model": source,
+        "dense_intermediate_size": dense_width,
+    }
 
 
 def summary_table(config: PruneConfig, report: SparsityReport):

@@ -17,7 +17,12 @@ import torch
 from torch import nn
 
 from hybridprune.models.adapters import FamilyAdapter
-from hybridprune.models.weights import SAFETENSORS_DTYPES, load_into, read_header, safetensors_files
+from hybridprune.models.weights import (
+    SAFETENSORS_DTYPES,
+    load_into,
+    read_header,
+    safetensors_files,
+)
 
 MEMORY_HEADROOM = 0.8
 """Streaming is chosen automatically when the weights would take more than this share of free memory."""
@@ -101,12 +106,18 @@ def outside_layer_names(model: nn.Module, adapter: FamilyAdapter) -> list[str]:
     return names
 
 
+def parameter_name(model: nn.Module, parameter: nn.Parameter) -> str:
+    """The first name of a parameter (a tied one answers with the name it is saved under)."""
+    return next(name for name, candidate in model.named_parameters(remove_duplicate=False) if candidate is parameter)
+
+
 def open_streaming(model: nn.Module, adapter: FamilyAdapter, folder: Path, dtype: torch.dtype, device: torch.device) -> LayerStream:
     """Make the skeleton's trunk runnable (all tensors outside the layers but an untied LM head) and return its stream."""
     head = model.get_output_embeddings()
     tied = head is None or head.weight is model.get_input_embeddings().weight
     skip = set() if tied else {name for name, p in model.named_parameters() if p is head.weight}
     load_into(model, folder, dtype, device, names=set(outside_layer_names(model, adapter)) - skip)
+    model.tie_weights()  # loading replaced the embedding's Parameter; a tied head must follow it
     from accelerate.utils import set_module_tensor_to_device
 
     for name, buffer in list(model.named_buffers()):

@@ -62,14 +62,19 @@ def checkpoint_names(folder: Path) -> set[str]:
     return {name for path in safetensors_files(folder) for name in read_header(path)[0]}
 
 
+def read_tensors(folder: Path, dtype: torch.dtype, names: set[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for the folder's safetensors tensors (all, or only `names`), floating ones as `dtype`."""
+    for path in safetensors_files(folder):
+        for name, tensor in iter_tensors(path, names):
+            yield name, tensor.to(dtype) if tensor.is_floating_point() else tensor
+
+
 def load_into(model: nn.Module, folder: Path, dtype: torch.dtype, device: torch.device, names: set[str] | None = None) -> None:
     """Materialize `model`'s (meta) parameters from the folder's safetensors, converted to dtype/device."""
     from accelerate.utils import set_module_tensor_to_device
 
-    for path in safetensors_files(folder):
-        for name, tensor in iter_tensors(path, names):
-            value = tensor.to(dtype) if tensor.is_floating_point() else tensor
-            set_module_tensor_to_device(model, name, device, value=value)
+    for name, value in read_tensors(folder, dtype, names):
+        set_module_tensor_to_device(model, name, device, value=value)
 
 
 def plan_direct_load(model: nn.Module, folder: Path) -> bool:
