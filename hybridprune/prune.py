@@ -42,6 +42,7 @@ from hybridprune.sparsity import (
     SparsityReport,
     assemble_report,
     layer_counts,
+    zero_count,
 )
 
 METADATA_FILE = "hybridprune.json"
@@ -259,9 +260,12 @@ def prune_streaming(
     outside.update(read_tensors(loaded.folder, stream.dtype, set(names) - set(outside)))
     embedding_name = parameter_name(model, model.get_input_embeddings().weight)
     head_name = parameter_name(model, model.get_output_embeddings().weight)
-    embedding, head = outside[embedding_name], None if head_name == embedding_name else outside[head_name]
+    embeddings = zero_count(outside[embedding_name])
+    lm_head = None if head_name == embedding_name else zero_count(outside[head_name])
     writer.write(outside)
     del outside, state
+    if update_windows is None:
+        stream.release_trunk()  # only the layer pass needs the embeddings
     counts: list[ModuleCount] = []
     grams: dict[str, torch.Tensor] = {}
 
@@ -286,7 +290,7 @@ def prune_streaming(
             )
     writer.finish()
     finish_structured(loaded, config)
-    return PruneOutcome(plans, time.perf_counter() - started), assemble_report(counts, adapter, embedding, head)
+    return PruneOutcome(plans, time.perf_counter() - started), assemble_report(counts, adapter, embeddings, lm_head)
 
 
 def finish_structured(loaded: LoadedModel, config: PruneConfig) -> None:

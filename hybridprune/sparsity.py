@@ -161,7 +161,11 @@ def sparsity_report(model: nn.Module, adapter: FamilyAdapter, dense_intermediate
     embedding = model.get_input_embeddings().weight
     head = model.get_output_embeddings().weight
     tied = head is embedding or head.data_ptr() == embedding.data_ptr()
-    return assemble_report(modules, adapter, embedding, None if tied else head)
+    return assemble_report(modules, adapter, zero_count(embedding), None if tied else zero_count(head))
+
+
+def zero_count(weight: torch.Tensor) -> Count:
+    return Count(_zeros(weight), weight.numel())
 
 
 @torch.no_grad()
@@ -173,7 +177,7 @@ def layer_counts(index: int, layer: nn.Module, adapter: FamilyAdapter, dense_int
     missing = max(0, (dense_intermediate_size or width) - width)
     for name, linear in linears.items():
         kind = "attention" if name in adapter.attention_names else "mlp"
-        count = Count(_zeros(linear.weight), linear.weight.numel())
+        count = zero_count(linear.weight)
         if kind == "mlp" and missing:
             other = linear.in_features if name in adapter.mlp_inputs else linear.out_features
             count = count + Count(missing * other, missing * other)
@@ -181,13 +185,8 @@ def layer_counts(index: int, layer: nn.Module, adapter: FamilyAdapter, dense_int
     return counts
 
 
-def assemble_report(
-    modules: list[ModuleCount], adapter: FamilyAdapter, embedding: torch.Tensor, head: torch.Tensor | None
-) -> SparsityReport:
-    """The report from the layers' counts and the vocabulary matrices (`head` None when tied)."""
+def assemble_report(modules: list[ModuleCount], adapter: FamilyAdapter, embeddings: Count, lm_head: Count | None) -> SparsityReport:
+    """The report from the layers' counts and the vocabulary matrices' (`lm_head` None when tied)."""
     return SparsityReport(
-        modules=tuple(modules),
-        names=adapter.attention_names + adapter.mlp_names,
-        embeddings=Count(_zeros(embedding), embedding.numel()),
-        lm_head=None if head is None else Count(_zeros(head), head.numel()),
+        modules=tuple(modules), names=adapter.attention_names + adapter.mlp_names, embeddings=embeddings, lm_head=lm_head
     )

@@ -69,7 +69,8 @@ def choose_streaming(offload: bool | None, model: str | None, dtype: str, device
     from hybridprune.models.streaming import should_stream
 
     stream, reason = should_stream(model_folder(model, root), resolve_dtype(dtype), resolve_device(device))
-    reporter.note(reason)
+    if stream:
+        reporter.note(reason)
     return stream
 
 

@@ -53,14 +53,14 @@ def available_memory(device: torch.device) -> int | None:
 
 
 def should_stream(folder: Path, dtype: torch.dtype, device: torch.device) -> tuple[bool, str]:
-    """Whether the model needs streaming to fit, and a one-line reason for the user."""
+    """Whether the model needs streaming to fit, and the one line that tells the user why."""
     needed, free = weight_bytes(folder, dtype), available_memory(device)
-    if free is None or not safetensors_files(folder):
-        return False, "model loaded whole (free memory unknown or no safetensors weights)"
-    gib = 1 << 30
-    if needed > MEMORY_HEADROOM * free:
-        return True, f"streaming layer by layer: the weights ({needed / gib:.1f} GiB) do not fit in free {device.type} memory ({free / gib:.1f} GiB)"
-    return False, f"model loaded whole: the weights ({needed / gib:.1f} GiB) fit in free {device.type} memory ({free / gib:.1f} GiB)"
+    if free is None or needed <= MEMORY_HEADROOM * free:
+        return False, ""
+    return True, (
+        f"streaming one layer at a time (--offload): the weights ({needed / 2**30:.1f} GiB) do not fit in "
+        f"free {device.type} memory ({free / 2**30:.1f} GiB)"
+    )
 
 
 class LayerStream:
@@ -82,6 +82,14 @@ class LayerStream:
 
         for name, _ in list(layer.named_parameters()):
             set_module_tensor_to_device(layer, name, "meta")
+
+    def release_trunk(self) -> None:
+        """Send the parameters outside the decoder layers to the meta device too (once they are written)."""
+        from accelerate.utils import set_module_tensor_to_device
+
+        for name in outside_layer_names(self.model, self.adapter):
+            if name in dict(self.model.named_parameters()):
+                set_module_tensor_to_device(self.model, name, "meta")
 
     @contextlib.contextmanager
     def resident(self, index: int) -> Iterator[nn.Module]:
