@@ -14,14 +14,22 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
+PEAK_RSS_KB = (
+    "def peak_rss_kb():\n"
+    "    return next(int(line.split()[1]) for line in open('/proc/self/status') if line.startswith('VmHWM:'))"
+)
+"""This process's own peak RSS. Not ru_maxrss: on Linux a spawned child's ru_maxrss starts at its parent's
+peak (exec keeps the old address space's high-water mark), so a busy benchmark process would inflate it."""
+
+
 def run_cli(args: list[str], cache: Path, timeout: float = 1800) -> tuple[float, dict, int]:
     """Run `hybridprune ARGS --json` in a new process: (wall seconds, the JSON document, peak RSS in bytes)."""
     env = {**os.environ, "HYBRIDPRUNE_CACHE": str(cache)}
     code = (
-        "import resource, sys, runpy; sys.argv=['hybridprune', *sys.argv[1:]];"
+        f"{PEAK_RSS_KB}\nimport sys; sys.argv=['hybridprune', *sys.argv[1:]];"
         "from hybridprune.cli.main import main\n"
         "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\nelse:\n    code = 0\n"
-        "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\nsys.exit(code)"
+        "print('PEAK_RSS_KB', peak_rss_kb(), file=sys.stderr)\nsys.exit(code)"
     )
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", code, *args, "--json"], env=env, capture_output=True, text=True, timeout=timeout)
