@@ -17,7 +17,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-
 from common import PEAK_RSS_KB, REPO, run_cli
 
 HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, VOCAB = 2048, 5632, 32, 4, 32000
