@@ -87,8 +87,9 @@ class LayerStream:
         """Send the parameters outside the decoder layers to the meta device too (once they are written)."""
         from accelerate.utils import set_module_tensor_to_device
 
+        parameters = dict(self.model.named_parameters())
         for name in outside_layer_names(self.model, self.adapter):
-            if name in dict(self.model.named_parameters()):
+            if name in parameters:
                 set_module_tensor_to_device(self.model, name, "meta")
 
     @contextlib.contextmanager
@@ -121,13 +122,13 @@ def parameter_name(model: nn.Module, parameter: nn.Parameter) -> str:
 
 def open_streaming(model: nn.Module, adapter: FamilyAdapter, folder: Path, dtype: torch.dtype, device: torch.device) -> LayerStream:
     """Make the skeleton's trunk runnable (all tensors outside the layers but an untied LM head) and return its stream."""
+    from accelerate.utils import set_module_tensor_to_device
+
     head = model.get_output_embeddings()
     tied = head is None or head.weight is model.get_input_embeddings().weight
     skip = set() if tied else {name for name, p in model.named_parameters() if p is head.weight}
     load_into(model, folder, dtype, device, names=set(outside_layer_names(model, adapter)) - skip)
     model.tie_weights()  # loading replaced the embedding's Parameter; a tied head must follow it
-    from accelerate.utils import set_module_tensor_to_device
-
     for name, buffer in list(model.named_buffers()):
         set_module_tensor_to_device(model, name, device, value=buffer)
     return LayerStream(model, adapter, folder, dtype, device)
