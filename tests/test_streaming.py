@@ -109,3 +109,25 @@ def test_streaming_is_chosen_when_the_weights_do_not_fit(tiny_llama_folder, monk
     monkeypatch.setattr(streaming, "available_memory", lambda device: 1000)
     stream, reason = streaming.should_stream(tiny_llama_folder, torch.float32, torch.device("cpu"))
     assert stream and "do not fit" in reason
+
+
+@pytest.mark.parametrize("update", [False, True])
+def test_one_layer_is_resident_at_a_time(update, tiny_llama_folder, tiny_cache_dir, tmp_path, monkeypatch):
+    from hybridprune.config import PruneConfig
+    from hybridprune.prune import prune_streaming
+    from hybridprune.reporting import SilentReporter
+
+    loaded = load_model(str(tiny_llama_folder), cache_dir=tiny_cache_dir, streaming=True)
+    layers = loaded.adapter.layers(loaded.model)
+    materialize = loaded.stream.materialize
+
+    def checked(index, layer):
+        assert all(p.is_meta for p in layers.parameters()), f"another layer is resident when layer {index} loads"
+        materialize(index, layer)
+
+    monkeypatch.setattr(loaded.stream, "materialize", checked)
+    windows = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(0))
+    stats = collect_statistics(loaded.model, loaded.adapter, windows, CollectionOptions(topics=4), store=loaded.stream)
+    config = PruneConfig(update=update, layer_spread=0.1).validate()
+    prune_streaming(loaded, stats, config, SilentReporter(), tmp_path, windows if update else None)
+    assert all(p.is_meta for p in layers.parameters())
