@@ -62,7 +62,7 @@ def table(args: argparse.Namespace) -> None:
         print(f"pruned {name}: {document['runs'][0]['seconds']}s", flush=True)
         folders.append((name, out, document["runs"][0]["seconds"]))
     compare = run(["eval", "--windows", str(args.windows), "--baseline", "embedded", "--compare", *[str(f) for _, f, _ in folders],
-                   "--plot", str(REPO / "docs" / "results.png")])
+                   "--plot", str(runs / "compare.png")])
     dense = compare["dense_ppl"]
     by_folder = {entry["folder"]: entry for entry in compare["entries"]}
     wanda_loss = by_folder[str(runs / "wanda")]["perplexity"]["ppl"] - dense
