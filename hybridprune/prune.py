@@ -189,6 +189,11 @@ class PruneOutcome:
     seconds: float
 
 
+def check_layer_count(stats: CalibrationStats, loaded: LoadedModel) -> None:
+    if stats.num_layers != loaded.num_layers:
+        raise UserError(f"statistics have {stats.num_layers} layers, the model {loaded.num_layers}: recalibrate with --force")
+
+
 def prune_model(
     loaded: LoadedModel,
     stats: CalibrationStats,
@@ -204,8 +209,7 @@ def prune_model(
     """
     started = time.perf_counter()
     adapter, model = loaded.adapter, loaded.model
-    if stats.num_layers != loaded.num_layers:
-        raise UserError(f"statistics have {stats.num_layers} layers, the model {loaded.num_layers}: recalibrate with --force")
+    check_layer_count(stats, loaded)
     plans = plan_layers(model, adapter, stats, config)
     scoring = neuron_scoring(config)
     layers = adapter.layers(model)
@@ -249,8 +253,7 @@ def prune_streaming(
     adapter, model, stream = loaded.adapter, loaded.model, loaded.stream
     if stream is None:
         raise ValueError("prune_streaming needs a model loaded with streaming=True")
-    if stats.num_layers != loaded.num_layers:
-        raise UserError(f"statistics have {stats.num_layers} layers, the model {loaded.num_layers}: recalibrate with --force")
+    check_layer_count(stats, loaded)
     dense_width = getattr(model.config, adapter.intermediate_size_key)
     plans = plan_layers(model, adapter, stats, config, stream)
     scoring = neuron_scoring(config)
