@@ -131,3 +131,32 @@ def test_one_layer_is_resident_at_a_time(update, tiny_llama_folder, tiny_cache_d
     config = PruneConfig(update=update, layer_spread=0.1).validate()
     prune_streaming(loaded, stats, config, SilentReporter(), tmp_path, windows if update else None)
     assert all(p.is_meta for p in layers.parameters())
+
+
+def test_calibrate_streams_by_default_and_falls_back_for_other_checkpoints(tiny_llama_folder, text, tmp_path, monkeypatch):
+    """Calibration never needs the whole model: it streams whenever the checkpoint is streamable safetensors."""
+    import shutil
+
+    from hybridprune.calibration import session
+
+    modes = []
+    real = session.calibrated_statistics
+
+    def spy(loaded, *args, **kwargs):  # type: ignore[no-untyped-def]
+        modes.append(loaded.stream is not None)
+        return real(loaded, *args, **kwargs)
+
+    monkeypatch.setattr("hybridprune.cli.calibrate.calibrated_statistics", spy)
+    common = ["calibrate", "--cache-dir", str(tmp_path / "cache"), "--data", str(text), *SMALL, "--json"]
+    streamed = json.loads(invoke(*common, "--model", str(tiny_llama_folder)).stdout)
+    whole = json.loads(invoke(*common, "--model", str(tiny_llama_folder), "--no-offload", "--force").stdout)
+    pickled = tmp_path / "pickled"  # torch.save weights: not streamable, loaded whole without a word
+    pickled.mkdir()
+    for path in tiny_llama_folder.iterdir():
+        if path.suffix != ".safetensors":
+            shutil.copy(path, pickled / path.name)
+    torch.save(load_file(tiny_llama_folder / "model.safetensors"), pickled / "pytorch_model.bin")
+    fallback = json.loads(invoke(*common, "--model", str(pickled)).stdout)
+    assert modes == [True, False, False]
+    assert streamed["key"] == whole["key"] and not whole["reused"]
+    assert not fallback["reused"] and fallback["tokens"] == streamed["tokens"]

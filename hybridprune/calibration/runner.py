@@ -10,6 +10,9 @@ only one layer has to be resident on the accelerator at a time.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -117,7 +120,31 @@ def run_layerwise(
         finally:
             if store is not None:
                 store.release(index, layer)
+            return_freed_memory()
     return [batch.hidden for batch in batches]
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def return_freed_memory() -> None:
+    """Hand the heap's free pages back to the OS, once per layer.
+
+    Activation temporaries are freed into glibc's heap, which then keeps growing with fragmentation
+    layer after layer (+40% peak RSS on the embedded model). Forcing big blocks to mmap instead costs
+    a page fault per fresh tensor (+50% calibration time); trimming once per layer keeps malloc's fast
+    reuse within a layer and a flat RSS across layers, for ~10 ms a layer.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _run_one(

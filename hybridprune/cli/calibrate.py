@@ -13,6 +13,7 @@ from hybridprune.calibration.session import calibrated_statistics
 from hybridprune.calibration.shards import ShardSpec
 from hybridprune.cli.common import (
     BatchOpt,
+    CalibrateOffloadOpt,
     CacheDirOpt,
     DataOpt,
     DeviceOpt,
@@ -21,7 +22,6 @@ from hybridprune.cli.common import (
     JsonOpt,
     ModelOpt,
     NsamplesOpt,
-    OffloadOpt,
     QActiveOpt,
     QuietOpt,
     SeedOpt,
@@ -65,7 +65,7 @@ def calibrate(
     force: ForceOpt = False,
     trust_remote_code: TrustOpt = False,
     shard: ShardOpt = None,
-    offload: OffloadOpt = None,
+    offload: CalibrateOffloadOpt = None,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -87,7 +87,7 @@ def calibrate(
         request.validate()
         root = ensure_writable_dir(cache_root(cache_dir), "cache folder")
         on = str(world.device) if world is not None and world.device.type == "cuda" else device  # one GPU per rank
-        streaming = choose_streaming(offload, model, dtype, on, root, reporter)
+        streaming = choose_streaming(offload, model, dtype, on, root, reporter, layerwise=True)
         loaded = load_model(model, dtype=dtype, device=on, cache_dir=root, trust_remote_code=trust_remote_code, streaming=streaming)
         result = calibrated_statistics(loaded, request, StatsCache(root), reporter, force=force, shard=part, world=world)
     if not leader:

@@ -59,12 +59,25 @@ OffloadOpt = Annotated[
     bool | None,
     typer.Option("--offload/--no-offload", help="Load one decoder layer at a time (default: only when the model does not fit)."),
 ]
+CalibrateOffloadOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--offload/--no-offload",
+        help="Load one decoder layer at a time (default: whenever the checkpoint is safetensors; same speed, a third of the memory).",
+    ),
+]
 
 
-def choose_streaming(offload: bool | None, model: str | None, dtype: str, device: str, root: Path, reporter: Any) -> bool:
-    """--offload / --no-offload as given; unset, stream when the weights do not fit in free memory (said in one line)."""
+def choose_streaming(
+    offload: bool | None, model: str | None, dtype: str, device: str, root: Path, reporter: Any, layerwise: bool = False
+) -> bool | None:
+    """--offload / --no-offload as given. Unset, a `layerwise` job (one that never needs the whole model,
+    such as calibration) streams whenever the checkpoint allows it (None: load_model decides); any other
+    streams when the weights do not fit in free memory (said in one line)."""
     if offload is not None:
         return offload
+    if layerwise:
+        return None
     from hybridprune.models.loading import model_folder, resolve_device, resolve_dtype
     from hybridprune.models.streaming import should_stream
 
@@ -115,18 +128,7 @@ def setup_output(json_output: bool, quiet: bool) -> ui.RichReporter:
 
 def configure_torch() -> None:
     """Process-wide settings for the heavy commands."""
-    import ctypes
-    import sys
-
     import torch
-
-    if sys.platform.startswith("linux"):
-        # A fixed mmap threshold hands big activation buffers back to the OS when freed; glibc's
-        # adaptive threshold otherwise fragments the heap and RSS grows layer after layer (~+40%).
-        try:
-            ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MiB
-        except OSError:
-            pass
 
     threads = os.environ.get("HYBRIDPRUNE_THREADS")
     if threads:

@@ -103,11 +103,13 @@ def load_model(
     device: str = "cpu",
     cache_dir: Path | None = None,
     trust_remote_code: bool = False,
-    streaming: bool = False,
+    streaming: bool | None = False,
 ) -> LoadedModel:
     """Load model and tokenizer; the architecture is checked before any weight is read.
 
-    With `streaming` the decoder layers stay on the meta device and `stream` loads them one at a time.
+    With `streaming` the decoder layers stay on the meta device and `stream` loads them one at a time;
+    `streaming=None` streams when the checkpoint allows it (safetensors whose names match) and loads
+    the whole model otherwise.
     """
     from transformers import AutoTokenizer
 
@@ -123,9 +125,9 @@ def load_model(
     torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
     stream = None
     try:
-        if streaming:
-            model, stream = _open_streaming(folder, adapter, torch_dtype, torch_device, trust_remote_code)
-        else:
+        if streaming is not False:
+            model, stream = _open_streaming(folder, adapter, torch_dtype, torch_device, trust_remote_code, streaming is None)
+        if stream is None:
             model = _load_weights(folder, torch_dtype, torch_device, trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except pickle.UnpicklingError:
@@ -164,12 +166,15 @@ def _skeleton(folder: Path, dtype: torch.dtype, trust_remote_code: bool) -> torc
 
 
 def _open_streaming(
-    folder: Path, adapter: FamilyAdapter, dtype: torch.dtype, device: torch.device, trust_remote_code: bool
-) -> tuple[torch.nn.Module, LayerStream]:
+    folder: Path, adapter: FamilyAdapter, dtype: torch.dtype, device: torch.device, trust_remote_code: bool, optional: bool
+) -> tuple[torch.nn.Module | None, LayerStream | None]:
+    """The skeleton and its layer stream; (None, None) when the checkpoint cannot stream and streaming is `optional`."""
     from hybridprune.models.weights import plan_direct_load
 
     skeleton = _skeleton(folder, dtype, trust_remote_code)
     if not plan_direct_load(skeleton, folder):
+        if optional:
+            return None, None
         raise UserError(
             f"--offload reads the safetensors weights of '{folder}' layer by layer, but their tensor names do not "
             "match the model's: load it without --offload, save it with save_pretrained, and stream that folder"
