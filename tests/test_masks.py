@@ -136,6 +136,20 @@ def test_mask_rows_follows_each_rows_sparsity(rows: int, cols: int, seed: int, d
     assert_pruned_never_beat_kept(metric, mask)
 
 
+@FAST
+@given(rows=dims, cols=dims, seed=seeds, data=st.data())
+def test_selection_equals_a_stable_sort(rows: int, cols: int, seed: int, data: st.DataObject) -> None:
+    """The kthvalue selection gives exactly the mask of a stable argsort, ties included."""
+    row_sparsity = torch.tensor(data.draw(st.lists(sparsities, min_size=rows, max_size=rows)), dtype=torch.float64)
+    metric = random_metric(rows, cols, seed, with_ties=data.draw(st.booleans()))
+    metric[0, 0] = data.draw(st.sampled_from([0.0, -0.0, float("inf"), float("-inf")]))
+    counts = prune_counts(torch.full((rows,), cols, dtype=torch.long), row_sparsity)
+    order = torch.argsort(metric, dim=1, stable=True)
+    reference = torch.arange(cols).unsqueeze(0) >= counts.unsqueeze(1)
+    expected = torch.empty_like(reference).scatter_(1, order, reference)
+    assert torch.equal(mask_rows(metric, row_sparsity), expected)
+
+
 # patterns -------------------------------------------------------------------------------
 
 
