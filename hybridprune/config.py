@@ -42,7 +42,7 @@ class PruneConfig:
     layer_spread: float = 0.0
     qk_shift: float = 0.0  # q/k pruned at sparsity + shift, v/o at sparsity - shift
     sequential: bool = False
-    update: bool = False  # OBS weight update of the kept weights (one extra layer-wise pass)
+    update: bool = False  # OBS weight update of the kept weights, from the cached second-order statistics
 
     def validate(self, num_layers: int | None = None) -> PruneConfig:
         """Refuse impossible combinations with one clear line naming the flag."""
@@ -84,7 +84,7 @@ class PruneConfig:
         if self.sequential and self.layer_spread:
             raise UserError("--sequential prunes layer by layer and cannot combine with --layer-spread")
         if self.sequential and self.update:
-            raise UserError("--update already measures each layer on pruned inputs: drop --sequential")
+            raise UserError("--update works from the dense model's second-order statistics, --sequential from pruned inputs: use one of them")
         return self
 
     def pruned_layers(self, num_layers: int) -> range:

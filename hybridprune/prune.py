@@ -13,8 +13,6 @@ import torch
 from torch import nn
 
 from hybridprune import __version__
-from hybridprune.calibration.collect import gram_observer
-from hybridprune.calibration.runner import run_layerwise
 from hybridprune.calibration.stats import CalibrationStats
 from hybridprune.config import PruneConfig
 from hybridprune.errors import UserError
@@ -126,12 +124,13 @@ def prune_layer(
     stats: CalibrationStats,
     plan: LayerPlan,
     scoring: NeuronScoring,
-    grams: dict[str, torch.Tensor] | None = None,
+    hessians: CalibrationStats | None = None,
 ) -> None:
     """Compute and apply one layer's masks (in place; structured pruning shrinks the MLP).
 
-    With `grams` (sum x x^T per input group, from the inputs the layer sees now) the kept weights
-    are updated to compensate for the pruned ones (methods/reconstruct.py).
+    With `hessians` (the second-order entry: sum x x^T per input group) the kept weights are
+    updated to compensate for the pruned ones (methods/reconstruct.py); the Linears that read the
+    same inputs (q/k/v, gate/up) are updated together, as one matrix with one factorization.
     """
     linears = adapter.linears(layer)
     weights = {name: linear.weight.detach() for name, linear in linears.items()}
@@ -151,18 +150,24 @@ def prune_layer(
     with torch.no_grad():
         if "neurons" in masks:
             keep = masks.pop("neurons")
-            if grams is not None:  # compensate the removed neurons in down_proj's remaining columns
+            if hessians is not None:  # compensate the removed neurons in down_proj's remaining columns
                 down = linears[adapter.mlp_output]
                 columns = keep.unsqueeze(0).expand_as(down.weight).to(down.weight.device)
-                down.weight.copy_(reconstruct(down.weight, columns, grams["down_in"].to(down.weight.device)))
+                down.weight.copy_(reconstruct(down.weight, columns, hessians.gram(index, "down_in").to(down.weight.device)))
             shrink_mlp(adapter.mlp(layer), adapter, keep)
-        for name, mask in masks.items():
-            weight = linears[name].weight
-            mask = mask.to(weight.device)
-            if grams is None:
-                weight.mul_(mask)
-            else:
-                weight.copy_(reconstruct(weight, mask, grams[adapter.input_group(name)].to(weight.device)))
+        if hessians is None:
+            for name, mask in masks.items():
+                linears[name].weight.mul_(mask.to(linears[name].weight.device))
+            return
+        for group in dict.fromkeys(adapter.input_group(name) for name in masks):
+            names = [name for name in masks if adapter.input_group(name) == group]
+            stacked = [linears[name].weight for name in names]
+            device = stacked[0].device
+            updated = reconstruct(
+                torch.cat(stacked), torch.cat([masks[name].to(device) for name in names]), hessians.gram(index, group).to(device)
+            )
+            for weight, rows in zip(stacked, updated.split([weight.shape[0] for weight in stacked])):
+                weight.copy_(rows)
 
 
 def shrink_mlp(mlp: nn.Module, adapter: FamilyAdapter, keep: torch.Tensor) -> None:
@@ -199,13 +204,11 @@ def prune_model(
     stats: CalibrationStats,
     config: PruneConfig,
     reporter: Reporter,
-    update_windows: torch.Tensor | None = None,
-    batch_size: int = 4,
+    hessians: CalibrationStats | None = None,
 ) -> PruneOutcome:
     """Prune every planned layer from the statistics, with a progress bar over layers.
 
-    With `update_windows` (config.update), one layer-wise pass over those windows measures each
-    layer's input Gram matrices on the already pruned earlier layers and updates the kept weights.
+    With `hessians` (config.update: the cached second-order entry) the kept weights are updated too.
     """
     started = time.perf_counter()
     adapter, model = loaded.adapter, loaded.model
@@ -213,24 +216,11 @@ def prune_model(
     plans = plan_layers(model, adapter, stats, config)
     scoring = neuron_scoring(config)
     layers = adapter.layers(model)
-    with reporter.progress("applying pruning" + (" + weight update" if update_windows is not None else ""), len(layers)) as advance:
-        if update_windows is None:
-            for index in range(len(layers)):
-                if index in plans:
-                    prune_layer(layers[index], index, adapter, stats, plans[index], scoring)
-                advance(1)
-        else:
-            grams: dict[str, torch.Tensor] = {}
-
-            def after_layer(index: int, layer: nn.Module) -> None:
-                if index in plans:
-                    prune_layer(layer, index, adapter, stats, plans[index], scoring, grams)
-                advance(1)
-
-            run_layerwise(
-                model, adapter, update_windows, batch_size=batch_size,
-                device=next(model.parameters()).device, observe=gram_observer(adapter, grams), after_layer=after_layer,
-            )
+    with reporter.progress("applying pruning" + (" + weight update" if hessians is not None else ""), len(layers)) as advance:
+        for index in range(len(layers)):
+            if index in plans:
+                prune_layer(layers[index], index, adapter, stats, plans[index], scoring, hessians)
+            advance(1)
     finish_structured(loaded, config)
     return PruneOutcome(plans, time.perf_counter() - started)
 
@@ -241,8 +231,7 @@ def prune_streaming(
     config: PruneConfig,
     reporter: Reporter,
     folder: Path,
-    update_windows: torch.Tensor | None = None,
-    batch_size: int = 4,
+    hessians: CalibrationStats | None = None,
 ) -> tuple[PruneOutcome, SparsityReport]:
     """prune_model for a streamed model: each layer is loaded, pruned, written to `folder` and released.
 
@@ -267,30 +256,17 @@ def prune_streaming(
     lm_head = None if head_name == embedding_name else zero_count(outside[head_name])
     writer.write(outside)
     del outside, state
-    if update_windows is None:
-        stream.release_trunk()  # only the layer pass needs the embeddings
+    stream.release_trunk()  # the layers are pruned from statistics alone
     counts: list[ModuleCount] = []
-    grams: dict[str, torch.Tensor] = {}
-
-    description = "pruning and writing layers" + (" + weight update" if update_windows is not None else "")
+    description = "pruning and writing layers" + (" + weight update" if hessians is not None else "")
     with reporter.progress(description, loaded.num_layers) as advance:
-
-        def prune_and_write(index: int, layer: nn.Module) -> None:
-            if index in plans:
-                prune_layer(layer, index, adapter, stats, plans[index], scoring, grams if update_windows is not None else None)
-            advance(1)
-            counts.extend(layer_counts(index, layer, adapter, dense_width))
-            writer.write({f"{adapter.layers_path}.{index}.{name}": tensor for name, tensor in layer.state_dict().items()})
-
-        if update_windows is None:
-            for index in range(loaded.num_layers):
-                with stream.resident(index) as layer:
-                    prune_and_write(index, layer)
-        else:
-            run_layerwise(
-                model, adapter, update_windows, batch_size=batch_size, device=stream.device,
-                observe=gram_observer(adapter, grams), after_layer=prune_and_write, store=stream,
-            )
+        for index in range(loaded.num_layers):
+            with stream.resident(index) as layer:
+                if index in plans:
+                    prune_layer(layer, index, adapter, stats, plans[index], scoring, hessians)
+                advance(1)
+                counts.extend(layer_counts(index, layer, adapter, dense_width))
+                writer.write({f"{adapter.layers_path}.{index}.{name}": tensor for name, tensor in layer.state_dict().items()})
     writer.finish()
     finish_structured(loaded, config)
     return PruneOutcome(plans, time.perf_counter() - started), assemble_report(counts, adapter, embeddings, lm_head)

@@ -46,14 +46,43 @@ def test_dead_input_channels_are_zeroed_without_nan():
     assert (updated[:, 3] == 0).all()
 
 
+def test_stacked_rows_update_as_each_matrix_alone():
+    """q/k/v (and gate/up) share their inputs: one stacked update equals separate ones."""
+    inputs = correlated_inputs()
+    gram = inputs.T @ inputs
+    generator = torch.Generator().manual_seed(2)
+    weights = [torch.randn(rows, 64, generator=generator) for rows in (16, 8, 8)]
+    keeps = [mask_unstructured(weight.abs(), 0.5) for weight in weights]
+    stacked = reconstruct(torch.cat(weights), torch.cat(keeps), gram)
+    for alone, rows in zip((reconstruct(w, k, gram) for w, k in zip(weights, keeps)), stacked.split([16, 8, 8])):
+        torch.testing.assert_close(rows, alone)
+
+
+def test_second_order_entry_holds_the_input_grams(tiny_llama_folder: Path, tiny_cache_dir: Path):
+    """The stored sums x x^T equal a direct computation from the inputs each Linear saw."""
+    loaded = load_model(str(tiny_llama_folder), cache_dir=tiny_cache_dir)
+    windows = torch.randint(0, loaded.model.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
+    captured: dict[str, list[torch.Tensor]] = {}
+    layer = loaded.adapter.layers(loaded.model)[1]
+    for name, linear in loaded.adapter.linears(layer).items():
+        linear.register_forward_pre_hook(lambda _m, args, name=name: captured.setdefault(name, []).append(args[0].detach().clone()))
+    hessians = collect_statistics(loaded.model, loaded.adapter, windows, CollectionOptions(), batch_size=3, hessians=True)
+    for name in ("q_proj", "o_proj", "up_proj", "down_proj"):
+        inputs = torch.cat([x.reshape(-1, x.shape[-1]) for x in captured[name]]).double()
+        expected = inputs.T @ inputs
+        torch.testing.assert_close(hessians.gram(1, loaded.adapter.input_group(name)), expected, rtol=1e-5, atol=1e-4)
+    assert hessians.num_layers == loaded.num_layers and hessians.tokens == windows.numel()
+
+
 @pytest.mark.parametrize("pattern, sparsity", [("unstructured", 0.5), ("2:4", 0.5), ("structured", 0.25)])
 def test_update_path_hits_the_target(tiny_llama_folder: Path, tiny_cache_dir: Path, pattern: str, sparsity: float):
     loaded = load_model(str(tiny_llama_folder), cache_dir=tiny_cache_dir)
     windows = torch.randint(0, loaded.model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
     stats = collect_statistics(loaded.model, loaded.adapter, windows, CollectionOptions(topics=4), batch_size=2)
+    hessians = collect_statistics(loaded.model, loaded.adapter, windows, CollectionOptions(), batch_size=2, hessians=True)
     dense_width = loaded.model.config.intermediate_size
     config = PruneConfig(pattern=pattern, sparsity=sparsity, update=True).validate()
-    prune_model(loaded, stats, config, SilentReporter(), update_windows=windows, batch_size=2)
+    prune_model(loaded, stats, config, SilentReporter(), hessians)
     report = sparsity_report(loaded.model, loaded.adapter, dense_intermediate_size=dense_width)
     assert report.kind("mlp").sparsity == pytest.approx(sparsity, abs=1e-3)
     assert report.total.sparsity == pytest.approx(sparsity, abs=1e-3)

@@ -128,8 +128,9 @@ def test_one_layer_is_resident_at_a_time(update, tiny_llama_folder, tiny_cache_d
     monkeypatch.setattr(loaded.stream, "materialize", checked)
     windows = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(0))
     stats = collect_statistics(loaded.model, loaded.adapter, windows, CollectionOptions(topics=4), store=loaded.stream)
+    hessians = collect_statistics(loaded.model, loaded.adapter, windows, CollectionOptions(), store=loaded.stream, hessians=True)
     config = PruneConfig(update=update, layer_spread=0.1).validate()
-    prune_streaming(loaded, stats, config, SilentReporter(), tmp_path, windows if update else None)
+    prune_streaming(loaded, stats, config, SilentReporter(), tmp_path, hessians if update else None)
     assert all(p.is_meta for p in layers.parameters())
 
 

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from hybridprune.calibration.runner import LayerStore, run_layerwise
-from hybridprune.calibration.stats import CalibrationStats, LayerAccumulator
+from hybridprune.calibration.stats import CalibrationStats, LayerAccumulator, pack_symmetric
 from hybridprune.models.adapters import FamilyAdapter
 
 
@@ -65,11 +65,11 @@ def statistics_observer(
     return observe
 
 
-def gram_observer(adapter: FamilyAdapter, grams: dict[str, Tensor]) -> Callable[[int, nn.Module], Callable[[], None]]:
-    """An observer that fills `grams` with sum_t x_t x_t^T per input group of the layer being run."""
+def hessian_observer(adapter: FamilyAdapter, finished: dict[str, Tensor]) -> Callable[[int, nn.Module], Callable[[], None]]:
+    """An observer that fills `finished` with each layer's sum x x^T per input group (packed, see stats.py)."""
 
     def observe(index: int, layer: nn.Module) -> Callable[[], None]:
-        grams.clear()
+        grams: dict[str, Tensor] = {}
         linears = adapter.linears(layer)
         firsts = {adapter.attention_inputs[0]: "attn_in", adapter.attention_output: "o_in",
                   adapter.mlp_inputs[0]: "mlp_in", adapter.mlp_output: "down_in"}
@@ -83,7 +83,13 @@ def gram_observer(adapter: FamilyAdapter, grams: dict[str, Tensor]) -> Callable[
             linears[name].register_forward_pre_hook(lambda _module, args, group=group: tap(group, args[0]))
             for name, group in firsts.items()
         ]
-        return lambda: [handle.remove() for handle in handles] and None
+
+        def remove() -> None:
+            for handle in handles:
+                handle.remove()
+            finished.update({f"layer.{index}.{group}.gram": pack_symmetric(gram) for group, gram in grams.items()})
+
+        return remove
 
     return observe
 
@@ -100,9 +106,11 @@ def collect_statistics(
     on_batch: Callable[[int, int], None] | None = None,
     anchor: Tensor | None = None,
     store: LayerStore | None = None,
+    hessians: bool = False,
 ) -> CalibrationStats:
     """One pass over `windows` [N, seqlen]; with `after_layer` it is the sequential (pruned-inputs) mode.
 
+    With `hessians` the pass collects the second-order sums x x^T that --update needs instead.
     `anchor` (a shard's run: the first batch of all windows, see shards.shard_windows) is the batch
     that tau and the topic centroids are fitted on instead of the first batch of `windows`; it is
     run through every layer but not counted. `store`: layers are loaded one at a time (streaming).
@@ -110,7 +118,13 @@ def collect_statistics(
     if anchor is not None and after_layer is not None:
         raise ValueError("sequential calibration prunes with the statistics collected so far: it cannot be sharded")
     tensors: dict[str, Tensor] = {"tokens": torch.tensor(float(windows.numel()), dtype=torch.float64)}
-    observer = statistics_observer(adapter, windows.shape[0], options, tensors, anchored=anchor is not None)
+    if hessians and (anchor is not None or after_layer is not None):
+        raise ValueError("second-order statistics are collected on the dense model, in one piece")
+    observer = (
+        hessian_observer(adapter, tensors)
+        if hessians
+        else statistics_observer(adapter, windows.shape[0], options, tensors, anchored=anchor is not None)
+    )
 
     def after(index: int, layer: nn.Module) -> None:
         if after_layer is not None:

@@ -26,6 +26,9 @@ from hybridprune.reporting import Reporter
 
 
 DEFAULT_SEQLEN = 512
+HESSIAN_MODE = "hessian"
+"""Key mode of the second-order entry (sum x x^T per input group, for --update): the topic and
+q_active knobs do not change it, so its key holds them as 0."""
 
 
 @dataclass(frozen=True)
@@ -121,9 +124,14 @@ def calibrated_statistics(
     """
     if (shard is not None or world is not None) and after_layer is not None:
         raise UserError("sequential calibration cannot be sharded: it prunes with the statistics collected so far")
+    hessians = mode == HESSIAN_MODE
+    if (shard is not None or world is not None) and hessians:
+        raise UserError("second-order statistics (--hessians, --update) are not sharded: collect them in one process")
     request = request.for_model(loaded.model)
     windows, key = calibration_windows(loaded, request, cache.root)
-    if mode != "dense":
+    if mode == HESSIAN_MODE:
+        key = StatsKey(**{**key.fields(), "mode": mode, "topics": 0, "q_active": 0.0})
+    elif mode != "dense":
         key = StatsKey(**{**key.fields(), "mode": mode})
     if shard is not None:
         key = key.for_shard(shard.index, shard.count, min(request.batch_size, request.nsamples))
@@ -136,11 +144,13 @@ def calibrated_statistics(
         if reuse:
             started = time.perf_counter()
             stats = cache.load(key)
-            reporter.note(f"[green]✓[/] reused cached statistics {key.digest} (no forward pass)")
+            what = "second-order statistics" if hessians else "statistics"
+            reporter.note(f"[green]✓[/] reused cached {what} {key.digest} (no forward pass)")
             return CalibrationResult(stats, key, True, time.perf_counter() - started, cache.entry_dir(key.digest))
         reporter.note(
             f"[yellow]{'recomputing' if force else 'no cached statistics for these inputs:'} "
-            f"calibrating first[/] (key {key.digest})"
+            f"{'collecting second-order statistics (once: every --update run reuses them)' if hessians else 'calibrating first'}"
+            f"[/] (key {key.digest})"
         )
         started = time.perf_counter()
         own, anchor = shard_windows(windows, part, request.batch_size) if part is not None else (windows, None)
@@ -153,7 +163,9 @@ def calibrated_statistics(
             [
                 f"model     {loaded.source}  ({layers} layers, {dtype_name(loaded.model)})",
                 f"text      {key.text_name} [{key.text_split}]  {request.nsamples} x {request.seqlen} tokens, seed {request.seed}",
-                f"collect   Wanda norms (attention + MLP) and NeuronRank doc / topic (k={request.topics}) / old "
+                "collect   second-order sums x x^T of every Linear's inputs (for --update)"
+                if hessians
+                else f"collect   Wanda norms (attention + MLP) and NeuronRank doc / topic (k={request.topics}) / old "
                 f"(q_active={request.q_active})" + ("" if mode == "dense" else "  [sequential]"),
                 *([] if part is None else [_shard_line(part, windows.shape[0], world)]),
             ],
@@ -170,6 +182,7 @@ def calibrated_statistics(
                 on_batch=lambda _layer, _batch: (advance(1), time.sleep(test_delay)),
                 anchor=anchor,
                 store=loaded.stream,
+                hessians=hessians,
             )
         if world is not None:
             stats = world.reduce_statistics(stats)  # every rank waits here for all the others

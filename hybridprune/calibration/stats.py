@@ -11,10 +11,15 @@ Names inside `stats.safetensors` (l = layer index):
   layer.l.nr.active_tokens [I], layer.l.nr.window_active [N, I], layer.l.nr.window_tokens [N]
   layer.l.nr.topic_active [k, I], layer.l.nr.topic_tokens [k]
 Every entry is a sum over tokens (or windows), so disjoint shards of the text add up.
+
+A second-order entry (key mode "hessian", for --update) holds instead, next to `tokens`:
+  layer.l.<group>.gram   [n(n+1)/2] sum_t x_t x_t^T at the inputs of the group above, the upper
+                         triangle packed row by row, float32 (`gram` unpacks it)
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -40,10 +45,14 @@ class CalibrationStats:
 
     @property
     def num_layers(self) -> int:
-        return sum(1 for name in self.tensors if name.endswith(".attn_in.sumsq"))
+        return len({match.group(1) for name in self.tensors if (match := re.match(r"layer\.(\d+)\.", name))})
 
     def sumsq(self, layer: int, group: str) -> Tensor:
         return self.tensors[f"layer.{layer}.{group}.sumsq"]
+
+    def gram(self, layer: int, group: str) -> Tensor:
+        """The full symmetric sum x x^T [n, n] (float64) of a second-order entry."""
+        return unpack_symmetric(self.tensors[f"layer.{layer}.{group}.gram"])
 
     def tau(self, layer: int) -> float:
         return float(self.tensors[f"layer.{layer}.nr.tau"].item())
@@ -79,6 +88,23 @@ class CalibrationStats:
             elif not name.endswith(".nr.tau"):
                 tensor.add_(other.tensors[name])
         return self
+
+
+def pack_symmetric(matrix: Tensor) -> Tensor:
+    """The upper triangle of a symmetric matrix, row by row, as float32 (half the bytes of the matrix)."""
+    rows, columns = torch.triu_indices(matrix.shape[0], matrix.shape[0], device=matrix.device)
+    return matrix[rows, columns].float()
+
+
+def unpack_symmetric(packed: Tensor) -> Tensor:
+    size = int(((8 * packed.numel() + 1) ** 0.5 - 1) / 2)
+    if size * (size + 1) // 2 != packed.numel():
+        raise ValueError(f"{packed.numel()} values are not the upper triangle of a square matrix")
+    rows, columns = torch.triu_indices(size, size, device=packed.device)
+    matrix = torch.zeros(size, size, dtype=torch.float64, device=packed.device)
+    matrix[rows, columns] = packed.double()
+    matrix[columns, rows] = packed.double()
+    return matrix
 
 
 @dataclass

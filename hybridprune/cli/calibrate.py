@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -9,7 +10,7 @@ import typer
 from hybridprune import ui
 from hybridprune.cache import StatsCache
 from hybridprune.calibration.distributed import World
-from hybridprune.calibration.session import calibrated_statistics
+from hybridprune.calibration.session import HESSIAN_MODE, calibrated_statistics
 from hybridprune.calibration.shards import ShardSpec
 from hybridprune.cli.common import (
     BatchOpt,
@@ -39,6 +40,13 @@ from hybridprune.errors import UserError
 from hybridprune.fsutil import cache_root, ensure_writable_dir
 from hybridprune.models import load_model
 
+HessiansOpt = Annotated[
+    bool,
+    typer.Option(
+        "--hessians",
+        help="Also collect the second-order statistics (x x^T per input) that --update and the quality preset use.",
+    ),
+]
 ShardOpt = Annotated[
     str | None,
     typer.Option(
@@ -65,6 +73,7 @@ def calibrate(
     force: ForceOpt = False,
     trust_remote_code: TrustOpt = False,
     shard: ShardOpt = None,
+    hessians: HessiansOpt = False,
     offload: CalibrateOffloadOpt = None,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -90,9 +99,14 @@ def calibrate(
         streaming = choose_streaming(offload, model, dtype, on, root, reporter, layerwise=True)
         loaded = load_model(model, dtype=dtype, device=on, cache_dir=root, trust_remote_code=trust_remote_code, streaming=streaming)
         result = calibrated_statistics(loaded, request, StatsCache(root), reporter, force=force, shard=part, world=world)
+        second_order = (
+            calibrated_statistics(loaded, request, StatsCache(root), reporter, force=force, mode=HESSIAN_MODE)
+            if hessians
+            else None
+        )
     if not leader:
         return
-    size = sum(path.stat().st_size for path in result.entry.iterdir())
+    size = entry_bytes(result.entry)
     full = result.key.full().digest
     summary = {
         "key": result.key.digest,
@@ -104,6 +118,8 @@ def calibrate(
         "seconds": round(result.seconds, 2),
         "inputs": result.key.fields(),
         **({"shard": str(part), "full_key": full} if part is not None else {}),
+        **({"hessians": {"key": second_order.key.digest, "reused": second_order.reused, "bytes": entry_bytes(second_order.entry)}}
+           if second_order is not None else {}),
     }
     if json_output:
         ui.emit_json(summary)
@@ -112,8 +128,17 @@ def calibrate(
             f"statistics [bold]{result.key.digest}[/]: {result.stats.num_layers} layers, "
             f"{result.stats.tokens:,} tokens, {size / 1e6:.1f} MB at {result.entry}"
         )
+        if second_order is not None:
+            ui.console.print(
+                f"second-order statistics [bold]{second_order.key.digest}[/]: "
+                f"{entry_bytes(second_order.entry) / 1e6:.1f} MB at {second_order.entry}"
+            )
         if part is not None:
             ui.console.print(
                 f"shard {part} of [bold]{full}[/]; once all {part.count} shards are done: "
                 f"hybridprune cache merge --all-shards {full}"
             )
+
+
+def entry_bytes(entry: Path) -> int:
+    return sum(path.stat().st_size for path in entry.iterdir())

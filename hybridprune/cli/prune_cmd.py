@@ -10,7 +10,7 @@ import typer
 
 from hybridprune import ui
 from hybridprune.cache import StatsCache
-from hybridprune.calibration.session import CalibrationResult, calibrated_statistics, calibration_windows
+from hybridprune.calibration.session import HESSIAN_MODE, CalibrationResult, calibrated_statistics
 from hybridprune.cli.common import (
     BatchOpt,
     CacheDirOpt,
@@ -112,7 +112,7 @@ def prune(
     layer_spread: Annotated[OptFloat, typer.Option("--layer-spread", help="Non-uniform sparsity across layers (OWL outliers).")] = None,
     qk_shift: Annotated[OptFloat, typer.Option("--qk-shift", help="q/k pruned at target+shift, v/o at target-shift.")] = None,
     sequential: Annotated[bool | None, typer.Option("--sequential/--dense-stats", help="Original Wanda: inputs from pruned earlier layers.")] = None,
-    update: Annotated[bool | None, typer.Option("--update/--no-update", help="Update kept weights to compensate (one extra pass).")] = None,
+    update: Annotated[bool | None, typer.Option("--update/--no-update", help="Update kept weights to compensate, from second-order statistics (collected once, then cached).")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Save the pruned model here (a sweep: one subfolder per sparsity).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out (atomically).")] = False,
     evaluate: Annotated[bool, typer.Option("--eval", help="Perplexity of each result (and dense) on the test split; a sweep also plots.")] = False,
@@ -173,13 +173,13 @@ def prune(
         config.validate(loaded.num_layers)
     reporter.phase(f"{configs[0].prune_method.upper()} PRUNING MODE", mode_banner(configs[0], chosen))
     cache = StatsCache(root)
-    results, dense_stats = [], None
+    results, dense_stats, second_order = [], None, None
     for number, config in enumerate(configs):
         started = time.perf_counter()
         if number:
             loaded = load()  # a fresh dense model for each sweep point
         dense_width = getattr(loaded.model.config, loaded.adapter.intermediate_size_key)
-        windows, replay = None, True
+        hessians, replay = None, True
         if config.sequential:
             calibration = calibrated_statistics(
                 loaded, request, cache, reporter, force=force,
@@ -190,18 +190,21 @@ def prune(
             if dense_stats is None:
                 dense_stats = calibrated_statistics(loaded, request, cache, reporter, force=force)
             calibration = dense_stats
-            windows = calibration_windows(loaded, request, root)[0] if config.update else None
+            if config.update:
+                if second_order is None:
+                    second_order = calibrated_statistics(loaded, request, cache, reporter, force=force, mode=HESSIAN_MODE)
+                hessians = second_order.stats
         if streaming:
             target = output_path(out, config, sweep)
             with atomic_folder(target, replace=overwrite or sweep) as staging:
-                report = prune_streaming(loaded, calibration.stats, config, reporter, staging, windows, request.batch_size)[1]
-                record = run_record(config, chosen.name, calibration, report, loaded.source, dense_width)
+                report = prune_streaming(loaded, calibration.stats, config, reporter, staging, hessians)[1]
+                record = run_record(config, chosen.name, calibration, report, loaded.source, dense_width, second_order)
                 write_extras(loaded, staging, record)
         else:
             if replay:
-                prune_model(loaded, calibration.stats, config, reporter, update_windows=windows, batch_size=request.batch_size)
+                prune_model(loaded, calibration.stats, config, reporter, hessians)
             report = sparsity_report(loaded.model, loaded.adapter, dense_intermediate_size=dense_width)
-            record = run_record(config, chosen.name, calibration, report, loaded.source, dense_width)
+            record = run_record(config, chosen.name, calibration, report, loaded.source, dense_width, second_order)
         if not json_output and not quiet:
             ui.console.print(summary_table(config, report))
             if config.layer_spread or config.qk_shift or config.pruning_last or config.preserve_first:
@@ -227,9 +230,16 @@ def prune(
 
 
 def run_record(
-    config: PruneConfig, preset: str, calibration: CalibrationResult, report: SparsityReport, source: str, dense_width: int
+    config: PruneConfig,
+    preset: str,
+    calibration: CalibrationResult,
+    report: SparsityReport,
+    source: str,
+    dense_width: int,
+    second_order: CalibrationResult | None,
 ) -> dict[str, Any]:
     """What one pruning run did: saved as hybridprune.json and printed by --json."""
+    update = {"key": second_order.key.digest, "reused": second_order.reused} if config.update and second_order else None
     return {
         "method": config.prune_method if config.prune_method != "hybrid" else f"hybrid ({config.mlp_label()})",
         "sparsity": config.sparsity,
@@ -242,6 +252,7 @@ def run_record(
         "achieved": report.to_dict(),
         "source_model": source,
         "dense_intermediate_size": dense_width,
+        **({"second_order_statistics": update} if update else {}),
     }
 
 

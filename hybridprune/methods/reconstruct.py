@@ -26,25 +26,25 @@ def reconstruct(weight: Tensor, keep: Tensor, gram: Tensor, damping: float = 0.0
     """The weight [out, in] with pruned entries zero and kept entries updated to compensate.
 
     `keep` is the bool mask [out, in] (True = keep); `gram` is sum_t x_t x_t^T [in, in].
-    The zero pattern of the result is exactly ~keep.
+    The zero pattern of the result is exactly ~keep. Rows are independent, so matrices that read
+    the same inputs can be stacked and updated in one call. Each block of columns is worked on
+    transposed (a column is then a contiguous row) with in-place rank-1 updates.
     """
     factor, dead = inverse_hessian_factor(gram, damping)
     updated = weight.detach().to(torch.float32).clone()
     updated[:, dead] = 0.0
+    scale = (~keep).to(torch.float32) / factor.diagonal()  # error of column j = w_j * scale_j
     columns = updated.shape[1]
     for start in range(0, columns, block):
         end = min(start + block, columns)
-        chunk = updated[:, start:end].clone()
-        errors = torch.zeros_like(chunk)
+        chunk = updated[:, start:end].T.contiguous()
+        chunk_scale = scale[:, start:end].T.contiguous()
+        errors = torch.empty_like(chunk)
         local = factor[start:end, start:end]
         for offset in range(end - start):
-            column = chunk[:, offset]
-            pruned = column * (~keep[:, start + offset])
-            error = pruned / local[offset, offset]
-            chunk[:, offset:] -= error.unsqueeze(1) * local[offset, offset:].unsqueeze(0)
-            chunk[:, offset] = column * keep[:, start + offset]
-            errors[:, offset] = error
-        updated[:, start:end] = chunk
-        updated[:, end:] -= errors @ factor[start:end, end:]
+            error = torch.mul(chunk[offset], chunk_scale[offset], out=errors[offset])
+            chunk[offset:].addr_(local[offset, offset:], error, alpha=-1)
+        updated[:, start:end] = chunk.T
+        updated[:, end:].addmm_(errors.T, factor[start:end, end:], alpha=-1)
     updated[~keep] = 0.0
     return updated.to(weight.dtype)
