@@ -68,22 +68,22 @@ def test_pruning_knobs_reuse_the_same_statistics(setup, flags):
 
 def test_update_collects_second_order_statistics_once_for_every_sparsity_and_preset(setup, tmp_path):
     """--update's sums x x^T are one more cache entry: made by the first run (or calibrate --hessians), then reused."""
-    cache = ["--cache-dir", str(tmp_path / "cache")]
+    own_inputs = ["--seed", "5"]  # inputs of their own: other tests share this cache folder
 
     def update_run(*flags: str) -> dict:
-        document = json.loads(invoke(setup, "prune", "--data", str(setup["text"]), *SMALL, *flags, *cache, "--json").stdout)
+        document = json.loads(invoke(setup, "prune", "--data", str(setup["text"]), *SMALL, *flags, *own_inputs, "--json").stdout)
         return document["runs"][0]["second_order_statistics"]
 
     first = update_run("--update", "--sparsity", "0.5")
     assert not first["reused"]
     assert update_run("--update", "--sparsity", "0.3") == {**first, "reused": True}
     assert update_run("--preset", "quality", "--topics", "3") == {**first, "reused": True}  # topics do not change x x^T
-    calibrated = json.loads(invoke(setup, "calibrate", "--data", str(setup["text"]), *SMALL, "--hessians", *cache, "--json").stdout)
+    calibrated = json.loads(invoke(setup, "calibrate", "--data", str(setup["text"]), *SMALL, "--hessians", *own_inputs, "--json").stdout)
     assert calibrated["reused"] and calibrated["hessians"]["key"] == first["key"] and calibrated["hessians"]["reused"]
     assert "second_order_statistics" not in json.loads(
-        invoke(setup, "prune", "--data", str(setup["text"]), *SMALL, *cache, "--json").stdout
+        invoke(setup, "prune", "--data", str(setup["text"]), *SMALL, *own_inputs, "--json").stdout
     )["runs"][0]
-    assert "use one of them" in invoke(setup, "prune", "--update", "--sequential", *cache, expect=2).output
+    assert "use one of them" in invoke(setup, "prune", "--update", "--sequential", *own_inputs, expect=2).output
 
 
 def test_a_sweep_uses_one_calibration_and_saves_each_point(setup, tmp_path):
