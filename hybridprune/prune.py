@@ -24,7 +24,7 @@ from hybridprune.methods.hybrid import (
     layer_masks,
     score_neurons,
 )
-from hybridprune.methods.reconstruct import reconstruct
+from hybridprune.methods.reconstruct import reconstruct_with_factor
 from hybridprune.models.adapters import FamilyAdapter
 from hybridprune.models.loading import LoadedModel
 from hybridprune.models.streaming import (
@@ -128,7 +128,7 @@ def prune_layer(
 ) -> None:
     """Compute and apply one layer's masks (in place; structured pruning shrinks the MLP).
 
-    With `hessians` (the second-order entry: sum x x^T per input group) the kept weights are
+    With `hessians` (the second-order entry: per input group, the factor of (x x^T)^-1) the kept weights are
     updated to compensate for the pruned ones (methods/reconstruct.py); the Linears that read the
     same inputs (q/k/v, gate/up) are updated together, as one matrix with one factorization.
     """
@@ -153,7 +153,7 @@ def prune_layer(
             if hessians is not None:  # compensate the removed neurons in down_proj's remaining columns
                 down = linears[adapter.mlp_output]
                 columns = keep.unsqueeze(0).expand_as(down.weight).to(down.weight.device)
-                down.weight.copy_(reconstruct(down.weight, columns, hessians.gram(index, "down_in").to(down.weight.device)))
+                down.weight.copy_(reconstruct_with_factor(down.weight, columns, *hessians.inverse_factor(index, "down_in")))
             shrink_mlp(adapter.mlp(layer), adapter, keep)
         if hessians is None:
             for name, mask in masks.items():
@@ -163,9 +163,8 @@ def prune_layer(
             names = [name for name in masks if adapter.input_group(name) == group]
             stacked = [linears[name].weight for name in names]
             device = stacked[0].device
-            updated = reconstruct(
-                torch.cat(stacked), torch.cat([masks[name].to(device) for name in names]), hessians.gram(index, group).to(device)
-            )
+            keep = torch.cat([masks[name].to(device) for name in names])
+            updated = reconstruct_with_factor(torch.cat(stacked), keep, *hessians.inverse_factor(index, group))
             for weight, rows in zip(stacked, updated.split([weight.shape[0] for weight in stacked])):
                 weight.copy_(rows)
 

@@ -10,7 +10,7 @@ import torch
 from hybridprune.calibration.collect import CollectionOptions, collect_statistics
 from hybridprune.config import PruneConfig
 from hybridprune.masks import mask_unstructured
-from hybridprune.methods.reconstruct import reconstruct
+from hybridprune.methods.reconstruct import inverse_hessian_factor, reconstruct
 from hybridprune.models import load_model
 from hybridprune.prune import prune_model
 from hybridprune.reporting import SilentReporter
@@ -58,8 +58,8 @@ def test_stacked_rows_update_as_each_matrix_alone():
         torch.testing.assert_close(rows, alone)
 
 
-def test_second_order_entry_holds_the_input_grams(tiny_llama_folder: Path, tiny_cache_dir: Path):
-    """The stored sums x x^T equal a direct computation from the inputs each Linear saw."""
+def test_second_order_entry_holds_the_factor_of_the_input_grams(tiny_llama_folder: Path, tiny_cache_dir: Path):
+    """The stored factor is that of the sums x x^T computed directly from the inputs each Linear saw."""
     loaded = load_model(str(tiny_llama_folder), cache_dir=tiny_cache_dir)
     windows = torch.randint(0, loaded.model.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
     captured: dict[str, list[torch.Tensor]] = {}
@@ -68,9 +68,11 @@ def test_second_order_entry_holds_the_input_grams(tiny_llama_folder: Path, tiny_
         linear.register_forward_pre_hook(lambda _m, args, name=name: captured.setdefault(name, []).append(args[0].detach().clone()))
     hessians = collect_statistics(loaded.model, loaded.adapter, windows, CollectionOptions(), batch_size=3, hessians=True)
     for name in ("q_proj", "o_proj", "up_proj", "down_proj"):
-        inputs = torch.cat([x.reshape(-1, x.shape[-1]) for x in captured[name]]).double()
-        expected = inputs.T @ inputs
-        torch.testing.assert_close(hessians.gram(1, loaded.adapter.input_group(name)), expected, rtol=1e-5, atol=1e-4)
+        flats = [x.reshape(-1, x.shape[-1]).float() for x in captured[name]]
+        expected_factor, expected_dead = inverse_hessian_factor(sum((flat.T @ flat).double() for flat in flats))
+        factor, dead = hessians.inverse_factor(1, loaded.adapter.input_group(name))
+        torch.testing.assert_close(factor, expected_factor, rtol=1e-4, atol=1e-5)
+        assert torch.equal(dead, expected_dead) and torch.equal(factor, factor.triu())
     assert hessians.num_layers == loaded.num_layers and hessians.tokens == windows.numel()
 
 

@@ -9,7 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from hybridprune.calibration.runner import LayerStore, run_layerwise
-from hybridprune.calibration.stats import CalibrationStats, LayerAccumulator, pack_symmetric
+from hybridprune.calibration.stats import CalibrationStats, LayerAccumulator, pack_upper
+from hybridprune.methods.reconstruct import inverse_hessian_factor
 from hybridprune.models.adapters import FamilyAdapter
 
 
@@ -66,7 +67,8 @@ def statistics_observer(
 
 
 def hessian_observer(adapter: FamilyAdapter, finished: dict[str, Tensor]) -> Callable[[int, nn.Module], Callable[[], None]]:
-    """An observer that fills `finished` with each layer's sum x x^T per input group (packed, see stats.py)."""
+    """An observer that fills `finished` with each layer's second-order entries (see stats.py): the sums
+    x x^T per input group, accumulated in float64 over the batches and factorized once the layer is done."""
 
     def observe(index: int, layer: nn.Module) -> Callable[[], None]:
         grams: dict[str, Tensor] = {}
@@ -87,7 +89,13 @@ def hessian_observer(adapter: FamilyAdapter, finished: dict[str, Tensor]) -> Cal
         def remove() -> None:
             for handle in handles:
                 handle.remove()
-            finished.update({f"layer.{index}.{group}.gram": pack_symmetric(gram) for group, gram in grams.items()})
+            for group, gram in grams.items():
+                if torch.isfinite(gram).all():
+                    factor, dead = inverse_hessian_factor(gram)
+                else:  # kept as NaN, so that the finiteness check names this layer
+                    factor, dead = torch.full_like(gram, float("nan")), torch.zeros(gram.shape[0], dtype=torch.bool)
+                finished[f"layer.{index}.{group}.inverse_factor"] = pack_upper(factor)
+                finished[f"layer.{index}.{group}.dead"] = dead.cpu()
 
         return remove
 

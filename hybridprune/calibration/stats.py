@@ -12,9 +12,13 @@ Names inside `stats.safetensors` (l = layer index):
   layer.l.nr.topic_active [k, I], layer.l.nr.topic_tokens [k]
 Every entry is a sum over tokens (or windows), so disjoint shards of the text add up.
 
-A second-order entry (key mode "hessian", for --update) holds instead, next to `tokens`:
-  layer.l.<group>.gram   [n(n+1)/2] sum_t x_t x_t^T at the inputs of the group above, the upper
-                         triangle packed row by row, float32 (`gram` unpacks it)
+A second-order entry (key mode "hessian", for --update) holds instead, next to `tokens`, for
+each input group above, from H = sum_t x_t x_t^T over its inputs:
+  layer.l.<group>.inverse_factor [n(n+1)/2]  upper Cholesky factor of (H + 1% mean(diag H) I)^-1
+                                             (methods/reconstruct.py), packed row by row, float32
+  layer.l.<group>.dead           [n] bool    input channels that were always zero (H_jj = 0)
+The factor, not H, is stored: it is all --update needs, and factorizing once at collection
+saves every later run the three Cholesky-sized steps per matrix.
 """
 
 from __future__ import annotations
@@ -50,9 +54,10 @@ class CalibrationStats:
     def sumsq(self, layer: int, group: str) -> Tensor:
         return self.tensors[f"layer.{layer}.{group}.sumsq"]
 
-    def gram(self, layer: int, group: str) -> Tensor:
-        """The full symmetric sum x x^T [n, n] (float64) of a second-order entry."""
-        return unpack_symmetric(self.tensors[f"layer.{layer}.{group}.gram"])
+    def inverse_factor(self, layer: int, group: str) -> tuple[Tensor, Tensor]:
+        """A second-order entry's factor [n, n] (upper triangular) and dead-channel mask [n]."""
+        prefix = f"layer.{layer}.{group}."
+        return unpack_upper(self.tensors[prefix + "inverse_factor"]), self.tensors[prefix + "dead"]
 
     def tau(self, layer: int) -> float:
         return float(self.tensors[f"layer.{layer}.nr.tau"].item())
@@ -90,20 +95,20 @@ class CalibrationStats:
         return self
 
 
-def pack_symmetric(matrix: Tensor) -> Tensor:
-    """The upper triangle of a symmetric matrix, row by row, as float32 (half the bytes of the matrix)."""
+def pack_upper(matrix: Tensor) -> Tensor:
+    """The upper triangle of a square matrix, row by row, as float32 (half the bytes of the matrix)."""
     rows, columns = torch.triu_indices(matrix.shape[0], matrix.shape[0], device=matrix.device)
     return matrix[rows, columns].float()
 
 
-def unpack_symmetric(packed: Tensor) -> Tensor:
+def unpack_upper(packed: Tensor) -> Tensor:
+    """The upper triangular float32 matrix that pack_upper packed (zeros below the diagonal)."""
     size = int(((8 * packed.numel() + 1) ** 0.5 - 1) / 2)
     if size * (size + 1) // 2 != packed.numel():
         raise ValueError(f"{packed.numel()} values are not the upper triangle of a square matrix")
+    matrix = torch.zeros(size, size, dtype=torch.float32, device=packed.device)
     rows, columns = torch.triu_indices(size, size, device=packed.device)
-    matrix = torch.zeros(size, size, dtype=torch.float64, device=packed.device)
-    matrix[rows, columns] = packed.double()
-    matrix[columns, rows] = packed.double()
+    matrix[rows, columns] = packed.float()
     return matrix
 
 

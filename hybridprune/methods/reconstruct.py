@@ -22,17 +22,25 @@ def inverse_hessian_factor(gram: Tensor, damping: float = 0.01) -> tuple[Tensor,
     return torch.linalg.cholesky(inverse, upper=True).to(torch.float32), dead
 
 
-def reconstruct(weight: Tensor, keep: Tensor, gram: Tensor, damping: float = 0.01, block: int = 128) -> Tensor:
+def reconstruct(weight: Tensor, keep: Tensor, gram: Tensor, damping: float = 0.01) -> Tensor:
     """The weight [out, in] with pruned entries zero and kept entries updated to compensate.
 
     `keep` is the bool mask [out, in] (True = keep); `gram` is sum_t x_t x_t^T [in, in].
-    The zero pattern of the result is exactly ~keep. Rows are independent, so matrices that read
-    the same inputs can be stacked and updated in one call. Each block of columns is worked on
-    transposed (a column is then a contiguous row) with in-place rank-1 updates.
+    The zero pattern of the result is exactly ~keep.
     """
-    factor, dead = inverse_hessian_factor(gram, damping)
+    return reconstruct_with_factor(weight, keep, *inverse_hessian_factor(gram, damping))
+
+
+def reconstruct_with_factor(weight: Tensor, keep: Tensor, factor: Tensor, dead: Tensor, block: int = 128) -> Tensor:
+    """`reconstruct` from the factor and dead channels of `inverse_hessian_factor` (computed once, cached).
+
+    Rows are independent, so matrices that read the same inputs can be stacked and updated in one
+    call. Each block of columns is worked on transposed (a column is then a contiguous row) with
+    in-place rank-1 updates.
+    """
+    factor = factor.to(weight.device, torch.float32)
     updated = weight.detach().to(torch.float32).clone()
-    updated[:, dead] = 0.0
+    updated[:, dead.to(weight.device)] = 0.0
     scale = (~keep).to(torch.float32) / factor.diagonal()  # error of column j = w_j * scale_j
     columns = updated.shape[1]
     for start in range(0, columns, block):
