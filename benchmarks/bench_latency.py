@@ -26,10 +26,10 @@ def main() -> None:
     from hybridprune.calibration.session import CalibrationRequest, calibrated_statistics
     from hybridprune.config import PruneConfig
     from hybridprune.data import eval_windows, load_text, tokenize
-    from hybridprune.evaluate import latency, perplexity
+    from hybridprune.evaluation import latency, perplexity
     from hybridprune.fsutil import cache_root
     from hybridprune.models import load_model
-    from hybridprune.prune import prune_model
+    from hybridprune.pruning import prune_model
     from hybridprune.reporting import SilentReporter
 
     dense = load_model(None)

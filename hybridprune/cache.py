@@ -6,8 +6,8 @@ Layout under the cache root (see fsutil.cache_root):
                                   layers, byte size and sha256 of stats.safetensors
   locks/<key>.lock                flock held while an entry is being computed
 A partial entry (`calibrate --shard i/N`) holds one shard's windows; its key is the full key
-plus the shard fields, its manifest names the full key, and `merge_shard_entries` joins the N
-shards into the entry one process would have written.
+plus the shard fields, its manifest names the full key, and `calibration.shards.merge_shard_entries` joins the N
+shards into the entry one process would have written (calibration/shards.py).
 An entry is written to a temporary folder and renamed into place, so a reader sees a
 complete entry or none. Loading re-checks the manifest against the requested key and the
 file's checksum, and refuses anything that does not match. Nothing is ever unpickled.
@@ -25,12 +25,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hybridprune import __version__
-from hybridprune.calibration.stats import CalibrationStats
 from hybridprune.errors import UserError
 from hybridprune.fsutil import atomic_folder, clean_stale_staging, ensure_writable_dir, file_lock, sha256_file
+
+if TYPE_CHECKING:
+    from hybridprune.calibration.stats import CalibrationStats
 
 SCHEMA_VERSION = 1
 KEY_PATTERN = re.compile(r"^[0-9a-f]{20}$")
@@ -87,7 +89,7 @@ class CorruptEntry(UserError):
     """A cache entry that fails verification; never used silently."""
 
 
-def _fix(key: str) -> str:
+def fix_hint(key: str) -> str:
     return f"rerun with --force or run `hybridprune cache clear {key}`"
 
 
@@ -116,9 +118,11 @@ class StatsCache:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
+        from hybridprune.calibration.stats import CalibrationStats
+
         folder = self.entry_dir(key.digest)
         manifest = self.read_manifest(key.digest)
-        fix = _fix(key.digest)
+        fix = fix_hint(key.digest)
         if manifest.get("schema") != SCHEMA_VERSION:
             raise CorruptEntry(
                 f"cache entry {key.digest} has schema {manifest.get('schema')}, this tool reads {SCHEMA_VERSION}: {fix}"
@@ -148,9 +152,9 @@ class StatsCache:
         except FileNotFoundError:
             raise UserError(f"no cache entry {key}: see `hybridprune cache list`") from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise CorruptEntry(f"cache entry {key} has an unreadable manifest ({err}): {_fix(key)}") from None
+            raise CorruptEntry(f"cache entry {key} has an unreadable manifest ({err}): {fix_hint(key)}") from None
         if not isinstance(manifest, dict):
-            raise CorruptEntry(f"cache entry {key} has a malformed manifest: {_fix(key)}")
+            raise CorruptEntry(f"cache entry {key} has a malformed manifest: {fix_hint(key)}")
         return manifest
 
     def save(self, key: StatsKey, stats: CalibrationStats, info: dict[str, Any]) -> Path:
@@ -217,60 +221,3 @@ def _remove(folder: Path) -> None:
         folder.unlink()
     else:
         shutil.rmtree(folder)
-
-
-def shard_entries(cache: StatsCache, full_digest: str) -> list[str]:
-    """The partial entries (from `calibrate --shard`) whose shards make up the entry `full_digest`."""
-    check_key(full_digest)
-    return sorted(
-        str(manifest["digest"])
-        for manifest in cache.entries()
-        if isinstance(manifest.get("shard"), dict) and manifest["shard"].get("full_digest") == full_digest
-    )
-
-
-def merge_shard_entries(cache: StatsCache, digests: list[str]) -> tuple[StatsKey, Path]:
-    """Merge the partial entries of all N shards into the entry one process would have written.
-
-    Refuses, naming the difference, shards of other inputs (any key field but the shard index),
-    entries that are no shards, and missing or duplicate shards.
-    """
-    from hybridprune.calibration.shards import merge_statistics
-
-    if not digests:
-        raise UserError("no shard entries to merge: give their keys, or --all-shards with the full key")
-    keys: list[StatsKey] = []
-    for digest in map(check_key, digests):
-        try:
-            key = StatsKey(**cache.read_manifest(digest)["key"])
-        except (KeyError, TypeError):
-            raise CorruptEntry(f"cache entry {digest} has a malformed manifest: {_fix(digest)}") from None
-        if key.shard_index is None:
-            raise UserError(f"cache entry {digest} is not a shard (it was calibrated without --shard)")
-        keys.append(key)
-    reference = dataclasses.replace(keys[0], shard_index=None).fields()
-    for key in keys[1:]:
-        for name, value in dataclasses.replace(key, shard_index=None).fields().items():
-            if reference.get(name) != value:
-                raise UserError(
-                    f"cannot merge: shard {key.digest} differs from shard {keys[0].digest} in {name} "
-                    f"({reference.get(name)} vs {value}): shards must come from the same model, data and options"
-                )
-    count = keys[0].shard_count or 0
-    by_index: dict[int, StatsKey] = {}
-    for key in keys:
-        if key.shard_index in by_index:
-            raise UserError(f"cannot merge: shard {key.shard_index}/{count} is given twice ({by_index[key.shard_index].digest}, {key.digest})")
-        by_index[int(key.shard_index)] = key  # type: ignore[arg-type]
-    missing = [f"{index}/{count}" for index in range(count) if index not in by_index]
-    if missing:
-        raise UserError(f"cannot merge: shard {', '.join(missing)} missing: calibrate it with --shard and merge again")
-    ordered = [by_index[index] for index in range(count)]
-    stats = merge_statistics([cache.load(key) for key in ordered])
-    full = ordered[0].full()
-    with cache.lock(full):
-        entry = cache.save(full, stats, {
-            "model_source": cache.read_manifest(ordered[0].digest).get("model_source"),
-            "merged_from": [key.digest for key in ordered],
-        })
-    return full, entry

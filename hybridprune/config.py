@@ -1,6 +1,9 @@
-"""The resolved configuration of a pruning run: what the user chose, after presets and defaults.
+"""The configuration of a run, and every default of the tool, defined once.
 
-Precedence: an explicit flag > the preset's value > the default below.
+`CalibrationRequest` holds what changes the cached statistics (all of it but batch_size is in
+the cache key); `PruneConfig` every knob that changes the masks and nothing that changes the
+statistics. Precedence: an explicit flag > the preset's value > the default below. The CLI's
+help strings are built from these defaults (`default_of`). Imports no torch.
 """
 
 from __future__ import annotations
@@ -12,13 +15,60 @@ from dataclasses import dataclass
 from typing import Any
 
 from hybridprune.errors import UserError
-from hybridprune.masks import parse_pattern
+from hybridprune.methods import registry
+from hybridprune.patterns import parse_pattern
 
-PRUNE_METHODS = ("hybrid", "wanda", "magnitude", "neuronrank")
-MLP_METHODS = ("neuronrank_tfidf", "neuronrank_old")
-TFIDF_MODES = ("doc", "topic")
-ATTENTION_METHODS = ("wanda", "none")
-TF_KINDS = ("out_rms", "rms", "mean_abs")
+DEFAULT_SEQLEN = 512
+"""Tokens per window (calibration and evaluation), capped by the model's max_position_embeddings."""
+DEFAULT_EVAL_WINDOWS = 64
+"""Test windows of the benchmark protocol (BENCHMARK.md)."""
+DEFAULT_DATA = "wiki-vital"
+
+
+@dataclass(frozen=True)
+class CalibrationRequest:
+    """What the user asked to calibrate on; everything here except batch_size is in the cache key.
+
+    batch_size only groups windows into forward passes: the activity threshold and the topic
+    centroids are fitted on a fixed number of windows (calibration.collect.FIT_WINDOWS),
+    whatever the batch size, so it cannot change the statistics.
+    """
+
+    data: str = DEFAULT_DATA
+    text_field: str | None = None
+    nsamples: int = 32
+    seqlen: int | None = None  # None: DEFAULT_SEQLEN, or the model's max_position_embeddings when smaller
+    seed: int = 0
+    topics: int = 128
+    q_active: float = 0.9
+    batch_size: int = 4
+
+    def validate(self) -> CalibrationRequest:
+        if self.nsamples <= 0:
+            raise UserError(f"--nsamples must be a positive number of windows, got {self.nsamples}")
+        if self.seqlen is not None and self.seqlen <= 0:
+            raise UserError(f"--seqlen must be a positive number of tokens, got {self.seqlen}")
+        if self.topics <= 0:
+            raise UserError(f"--topics must be >= 1, got {self.topics}")
+        if not 0.0 < self.q_active < 1.0:
+            raise UserError(f"--q-active must be a quantile strictly between 0 and 1, got {self.q_active}")
+        if self.batch_size <= 0:
+            raise UserError(f"--batch-size must be >= 1, got {self.batch_size}")
+        return self
+
+    def for_model(self, model: Any) -> CalibrationRequest:
+        """Fill in the default seqlen: DEFAULT_SEQLEN, never more than the model's positions; refuse an explicit excess."""
+        return dataclasses.replace(self, seqlen=window_length(self.seqlen, model))
+
+
+def window_length(seqlen: int | None, model: Any) -> int:
+    """An explicit --seqlen, refused beyond the model's context; None: DEFAULT_SEQLEN capped by it."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if seqlen is None:
+        return min(DEFAULT_SEQLEN, limit or DEFAULT_SEQLEN)
+    if limit and seqlen > limit:
+        raise UserError(f"--seqlen {seqlen} exceeds the model's max_position_embeddings ({limit})")
+    return seqlen
 
 
 @dataclass(frozen=True)
@@ -46,11 +96,11 @@ class PruneConfig:
 
     def validate(self, num_layers: int | None = None) -> PruneConfig:
         """Refuse impossible combinations with one clear line naming the flag."""
-        _choice("--prune-method", self.prune_method, PRUNE_METHODS)
-        _choice("--hybrid-mlp-method", self.hybrid_mlp_method, MLP_METHODS)
-        _choice("--nr-tfidf-mode", self.nr_tfidf_mode, TFIDF_MODES)
-        _choice("--attention-method", self.attention_method, ATTENTION_METHODS)
-        _choice("--tf-kind", self.tf_kind, TF_KINDS)
+        _choice("--prune-method", self.prune_method, registry.METHODS)
+        _choice("--hybrid-mlp-method", self.hybrid_mlp_method, registry.MLP_SCORINGS)
+        _choice("--nr-tfidf-mode", self.nr_tfidf_mode, registry.TFIDF_MODES)
+        _choice("--attention-method", self.attention_method, registry.STRUCTURED_ATTENTION)
+        _choice("--tf-kind", self.tf_kind, registry.TF_KINDS)
         if not 0.0 <= self.sparsity < 1.0:
             raise UserError(f"--sparsity must be in [0, 1), got {self.sparsity}")
         try:
@@ -79,6 +129,14 @@ class PruneConfig:
             raise UserError(f"--layer-spread must be in [0, 0.5), got {self.layer_spread}")
         if not (0.0 <= self.sparsity - abs(self.qk_shift) and self.sparsity + abs(self.qk_shift) < 1.0):
             raise UserError(f"--qk-shift {self.qk_shift} pushes q/k or v/o outside [0, 1) at sparsity {self.sparsity}")
+        if self.qk_shift and self.layer_spread and not (
+            self.sparsity - self.layer_spread - abs(self.qk_shift) >= 0.0
+            and self.sparsity + self.layer_spread + abs(self.qk_shift) < 1.0
+        ):
+            raise UserError(
+                f"--layer-spread {self.layer_spread:g} and --qk-shift {self.qk_shift:g} together move some matrices of a "
+                f"layer outside [0, 1) at sparsity {self.sparsity:g}: lower one of them"
+            )
         if self.qk_shift and pattern.kind == "nm":
             raise UserError("--qk-shift changes per-matrix sparsity, which an N:M pattern fixes: drop one of them")
         if self.sequential and self.layer_spread:
@@ -93,19 +151,33 @@ class PruneConfig:
             return range(num_layers - self.pruning_last, num_layers)
         return range(min(num_layers - 1, round(self.preserve_first * num_layers)), num_layers)
 
+    @property
+    def method(self) -> registry.PruneMethod:
+        return registry.get_method(self.prune_method)
+
+    def module_methods(self) -> tuple[str, str]:
+        """(attention, MLP) treatment: a registry metric name, registry.NONE or registry.NEURONRANK."""
+        method = self.method
+        attention = method.attention
+        if parse_pattern(self.pattern).kind == "structured" and attention != registry.NONE:
+            attention = self.attention_method  # --attention-method: wanda | none
+        return attention, method.mlp
+
     def mlp_label(self) -> str:
-        if self.prune_method in ("wanda", "magnitude"):
-            return self.prune_method
+        mlp = self.method.mlp
+        if mlp != registry.NEURONRANK:
+            return registry.get_metric(mlp).label
         if self.hybrid_mlp_method == "neuronrank_old":
             return "neuronrank_old"
         return f"neuronrank_tfidf ({self.nr_tfidf_mode})"
 
     def attention_label(self) -> str:
-        if self.prune_method == "magnitude":
-            return "magnitude"
-        if parse_pattern(self.pattern).kind == "structured" and self.attention_method == "none":
-            return "none"
-        return "Wanda"
+        attention = self.module_methods()[0]
+        return "none" if attention == registry.NONE else registry.get_metric(attention).label
+
+    def method_label(self) -> str:
+        """What summaries and hybridprune.json call this run's method."""
+        return f"hybrid ({self.mlp_label()})" if self.prune_method == "hybrid" else self.prune_method
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -115,9 +187,16 @@ class PruneConfig:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _choice(flag: str, value: str, allowed: tuple[str, ...]) -> None:
+def _choice(flag: str, value: str, allowed: Any) -> None:
     if value not in allowed:
         raise UserError(f"unknown {flag} '{value}': use one of {', '.join(allowed)}")
 
 
 PRUNE_FIELDS = {field.name: field for field in dataclasses.fields(PruneConfig)}
+CALIBRATION_FIELDS = {field.name: field for field in dataclasses.fields(CalibrationRequest)}
+
+
+def default_of(name: str) -> Any:
+    """The built-in default of a PruneConfig or CalibrationRequest field (for help strings)."""
+    field = PRUNE_FIELDS.get(name) or CALIBRATION_FIELDS[name]
+    return field.default

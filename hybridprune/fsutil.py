@@ -243,14 +243,43 @@ def _fsync_tree(folder: Path) -> None:
 
 @contextlib.contextmanager
 def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive inter-process lock (flock) held for the block; released if the process dies."""
+    """An exclusive inter-process lock held for the block (filelock: flock on POSIX, released if the process dies)."""
+    from filelock import FileLock
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    with FileLock(path):
+        yield
+
+
+@contextlib.contextmanager
+def atomic_file(final: Path) -> Iterator[Path]:
+    """Yield a temporary sibling path to write; it replaces `final` only when the block finishes.
+
+    The one temp-file-then-rename of the tool for single files (scores, token cache, presets, memos):
+    a reader sees the old file or the new one, never a part; the temporary is removed on failure.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
+    os.close(handle)
+    temporary = Path(name)
+    try:
+        yield temporary
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # mkstemp's 0600 would surprise other users of the cache
+        with open(temporary, "rb") as written:
+            os.fsync(written.fileno())
+        os.replace(temporary, final)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        raise
+
+
+def atomic_write_text(final: Path, text: str) -> None:
+    with atomic_file(final) as temporary:
+        temporary.write_text(text, encoding="utf-8")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:

@@ -16,6 +16,7 @@ from typing import Any
 
 from hybridprune.config import PRUNE_FIELDS, PruneConfig
 from hybridprune.errors import UserError
+from hybridprune.fsutil import atomic_write_text
 
 CALIBRATION_KEYS: dict[str, type] = {"topics": int, "q_active": float, "nsamples": int, "seqlen": int, "data": str}
 META_KEYS = ("description", "trade_off")
@@ -129,10 +130,7 @@ def save_user_preset(name: str, values: dict[str, Any], description: str = "") -
         existing = tomllib.loads(path.read_text(encoding="utf-8"))
     existing[name] = {"description": description, **values} if description else dict(values)
     _parse(_dump(existing), str(path))  # refuse to write what we could not read back
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(f".{os.getpid()}.tmp")
-    temporary.write_text(_dump(existing), encoding="utf-8")
-    os.replace(temporary, path)
+    atomic_write_text(path, _dump(existing))
     return path
 
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from hybridprune.calibration.stats import CalibrationStats
+from hybridprune.calibration.stats import INPUT_GROUPS, CalibrationStats
+from hybridprune.fsutil import atomic_file
 from hybridprune.masks import prune_counts
 from hybridprune.methods.hybrid import NeuronScoring, neuron_idf, score_neurons
 from hybridprune.models.loading import LoadedModel
@@ -35,7 +35,7 @@ def compute_scores(stats: CalibrationStats, scoring: NeuronScoring, loaded: Load
                 stats.neuron_stats(index), scoring, loaded.adapter.linears(layers[index])[loaded.adapter.mlp_output].weight
             ),
             idf=neuron_idf(stats.neuron_stats(index), scoring),
-            channel_norms={group: stats.sumsq(index, group).sqrt() for group in ("attn_in", "o_in", "mlp_in", "down_in")},
+            channel_norms={group: stats.sumsq(index, group).sqrt() for group in INPUT_GROUPS},
         )
         for index in range(stats.num_layers)
     ]
@@ -56,10 +56,8 @@ def save_scores(path: Path, layers: list[LayerScores]) -> None:
         tensors[f"layer.{entry.layer}.idf"] = entry.idf
         for group, norms in entry.channel_norms.items():
             tensors[f"layer.{entry.layer}.{group}.norm"] = norms
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(f".{os.getpid()}.tmp")
-    save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, str(temporary))
-    os.replace(temporary, path)
+    with atomic_file(path) as temporary:
+        save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, str(temporary))
 
 
 def structured_share(layers: list[LayerScores], sparsity: float) -> list[float]:

@@ -113,3 +113,7 @@ def human_count(number: float) -> str:
         if abs(number) >= size:
             return f"{number / size:.1f}{unit}"
     return str(int(number))
+
+
+def percent(fraction: float) -> str:
+    return f"{100 * fraction:.2f}%"

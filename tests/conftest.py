@@ -43,3 +43,9 @@ def tiny_llama_folder(tiny_model_factory: Callable[[str], Path]) -> Path:
 def tiny_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A cache folder for the session, so tests never write into the user's cache."""
     return tmp_path_factory.mktemp("hybridprune-cache")
+
+
+# The reliability tests' session fixtures (tests/reliability.py): one fork server, one tiny world and
+# one set of uninterrupted reference runs for test_interruption, test_concurrency, test_cache,
+# test_fsutil and test_hostile_input together.
+from reliability import fault_table, good_entry, reference, server, tiny_model_copy, world  # noqa: E402, F401

@@ -191,7 +191,7 @@ def test_sliding_window_layers_really_differ(run: FamilyRun):
 
 
 def test_statistics_layout(run: FamilyRun):
-    expected = {"tokens"} | {f"layer.{l}.{e}" for l in range(run.num_layers) for e in PER_LAYER_ENTRIES}
+    expected = {"tokens"} | {f"layer.{i}.{e}" for i in range(run.num_layers) for e in PER_LAYER_ENTRIES}
     assert set(run.stats.tensors) == expected
     for name, tensor in run.stats.tensors.items():
         is_count = name.endswith(tuple("." + entry for entry in COUNT_ENTRIES))

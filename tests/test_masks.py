@@ -262,3 +262,46 @@ def test_allocate_sparsity_shifts_after_clipping() -> None:
 def test_allocate_sparsity_rejects_infeasible_target(target: float) -> None:
     with pytest.raises(ValueError, match="infeasible"):
         allocate_sparsity(torch.rand(3), torch.tensor([1, 1, 1]), target, 0.1)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    hidden_blocks=st.integers(min_value=1, max_value=4),
+    neurons_blocks=st.integers(min_value=1, max_value=6),
+    sparsity=st.floats(min_value=0.0, max_value=0.95),
+    pattern=st.sampled_from(["unstructured", "2:4", "1:4", "4:8", "structured"]),
+    method=st.sampled_from(["hybrid", "wanda", "magnitude"]),
+    seed=st.integers(min_value=0, max_value=2**31 - 1),
+)
+def test_layer_masks_exact_valid_deterministic(
+    hidden_blocks: int, neurons_blocks: int, sparsity: float, pattern: str, method: str, seed: int
+) -> None:
+    """layer_masks for any shape and sparsity: exact counts, valid N:M blocks, whole neurons, same output twice."""
+    from hybridprune.masks import parse_pattern, prune_counts
+    from hybridprune.methods.hybrid import LayerPlan, layer_masks
+
+    generator = torch.Generator().manual_seed(seed)
+    hidden, neurons = 8 * hidden_blocks, 8 * neurons_blocks
+    shapes = {"q": (hidden, hidden), "o": (hidden, hidden), "gate": (neurons, hidden), "up": (neurons, hidden), "down": (hidden, neurons)}
+    weights = {name: torch.randn(shape, generator=generator) for name, shape in shapes.items()}
+    sumsq = {name: torch.rand(shape[1], generator=generator, dtype=torch.float64) for name, shape in shapes.items()}
+    score = torch.rand(neurons, generator=generator, dtype=torch.float64) + 1e-3
+    mlp_method = "neuronrank" if method == "hybrid" else method
+    plan = LayerPlan(method if method != "hybrid" else "wanda", mlp_method, sparsity, sparsity, pattern)
+    masks = layer_masks(weights, sumsq, ("q", "o"), ("gate", "up", "down"), plan, score if method == "hybrid" else None)
+    again = layer_masks(weights, sumsq, ("q", "o"), ("gate", "up", "down"), plan, score if method == "hybrid" else None)
+    assert masks.keys() == again.keys() and all(torch.equal(masks[k], again[k]) for k in masks)
+    parsed = parse_pattern(pattern)
+    for name, mask in masks.items():
+        assert mask.dtype == torch.bool
+        if name == "neurons":
+            assert int((~mask).sum()) == int(prune_counts(torch.tensor([neurons]), sparsity)[0])
+        elif parsed.kind == "nm":
+            assert bool(((~mask.reshape(-1, parsed.m)).sum(dim=1) == parsed.n).all())
+        else:
+            rows, cols = mask.shape
+            expected = int(prune_counts(torch.full((rows,), cols), sparsity).sum())
+            assert int((~mask).sum()) == expected, (name, pattern, sparsity)
+    if sparsity > 0:
+        expected_keys = {"q", "o", "neurons"} if parsed.kind == "structured" else set(shapes)
+        assert set(masks) == expected_keys

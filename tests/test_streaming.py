@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TRAINING_TEXT, make_tiny_model_folder
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from helpers import TRAINING_TEXT, make_tiny_model_folder
 from hybridprune.calibration.collect import CollectionOptions, collect_statistics
 from hybridprune.cli.main import app, normalize_flags
 from hybridprune.models import load_model, streaming
@@ -114,7 +114,7 @@ def test_streaming_is_chosen_when_the_weights_do_not_fit(tiny_llama_folder, monk
 @pytest.mark.parametrize("update", [False, True])
 def test_one_layer_is_resident_at_a_time(update, tiny_llama_folder, tiny_cache_dir, tmp_path, monkeypatch):
     from hybridprune.config import PruneConfig
-    from hybridprune.prune import prune_streaming
+    from hybridprune.pruning import prune_streaming
     from hybridprune.reporting import SilentReporter
 
     loaded = load_model(str(tiny_llama_folder), cache_dir=tiny_cache_dir, streaming=True)
@@ -147,7 +147,7 @@ def test_calibrate_streams_by_default_and_falls_back_for_other_checkpoints(tiny_
         modes.append(loaded.stream is not None)
         return real(loaded, *args, **kwargs)
 
-    monkeypatch.setattr("hybridprune.cli.calibrate.calibrated_statistics", spy)
+    monkeypatch.setattr("hybridprune.calibration.session.calibrated_statistics", spy)
     common = ["calibrate", "--cache-dir", str(tmp_path / "cache"), "--data", str(text), *SMALL, "--json"]
     streamed = json.loads(invoke(*common, "--model", str(tiny_llama_folder)).stdout)
     whole = json.loads(invoke(*common, "--model", str(tiny_llama_folder), "--no-offload", "--force").stdout)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,51 +18,19 @@ from hybridprune.calibration.collect import CollectionOptions, collect_statistic
 from hybridprune.calibration.distributed import World
 from hybridprune.calibration.shards import ShardSpec, shard_windows
 from hybridprune.calibration.stats import CalibrationStats
+from hybridprune.config import CalibrationRequest
 from hybridprune.data import load_text, sample_windows, tokenize, tokenizer_fingerprint
 from hybridprune.errors import UserError
 from hybridprune.models.loading import LoadedModel
 from hybridprune.reporting import Reporter
 
-
-DEFAULT_SEQLEN = 512
 HESSIAN_MODE = "hessian"
 """Key mode of the second-order entry (sum x x^T per input group, for --update): the topic and
 q_active knobs do not change it, so its key holds them as 0."""
-
-
-@dataclass(frozen=True)
-class CalibrationRequest:
-    """What the user asked to calibrate on; everything here except batch_size is in the cache key."""
-
-    data: str = "wiki-vital"
-    text_field: str | None = None
-    nsamples: int = 32
-    seqlen: int | None = None  # None: 512, or the model's max_position_embeddings when that is smaller
-    seed: int = 0
-    topics: int = 128
-    q_active: float = 0.9
-    batch_size: int = 4
-
-    def validate(self) -> None:
-        if self.nsamples <= 0:
-            raise UserError(f"--nsamples must be a positive number of windows, got {self.nsamples}")
-        if self.seqlen is not None and self.seqlen <= 0:
-            raise UserError(f"--seqlen must be a positive number of tokens, got {self.seqlen}")
-        if self.topics <= 0:
-            raise UserError(f"--topics must be >= 1, got {self.topics}")
-        if not 0.0 < self.q_active < 1.0:
-            raise UserError(f"--q-active must be a quantile strictly between 0 and 1, got {self.q_active}")
-        if self.batch_size <= 0:
-            raise UserError(f"--batch-size must be >= 1, got {self.batch_size}")
-
-    def for_model(self, model: nn.Module) -> CalibrationRequest:
-        """Fill in the default seqlen: 512, never more than the model's positions; refuse an explicit excess."""
-        limit = getattr(model.config, "max_position_embeddings", None)
-        if self.seqlen is None:
-            return dataclasses.replace(self, seqlen=min(DEFAULT_SEQLEN, limit or DEFAULT_SEQLEN))
-        if limit and self.seqlen > limit:
-            raise UserError(f"--seqlen {self.seqlen} exceeds the model's max_position_embeddings ({limit})")
-        return self
+FIT_WINDOWS = 4
+"""The activity threshold and the topic centroids are fitted on the first FIT_WINDOWS windows, whatever
+--batch-size is (a different batch size runs them as a leading fit-only batch), so the batch size never
+changes the statistics and stays out of the cache key."""
 
 
 @dataclass
@@ -134,7 +101,9 @@ def calibrated_statistics(
     elif mode != "dense":
         key = StatsKey(**{**key.fields(), "mode": mode})
     if shard is not None:
-        key = key.for_shard(shard.index, shard.count, min(request.batch_size, request.nsamples))
+        key = key.for_shard(shard.index, shard.count, min(FIT_WINDOWS, request.nsamples))
+    if after_layer is not None and request.batch_size != FIT_WINDOWS:  # sequential runs cannot take a fit-only lead batch
+        key = StatsKey(**{**key.fields(), "mode": f"{key.mode}:batch{request.batch_size}"})
     part = world.shard if world is not None else shard
     leader = world is None or world.leader
     with cache.lock(key) if leader else contextlib.nullcontext():
@@ -153,7 +122,11 @@ def calibrated_statistics(
             f"[/] (key {key.digest})"
         )
         started = time.perf_counter()
-        own, anchor = shard_windows(windows, part, request.batch_size) if part is not None else (windows, None)
+        own, anchor = shard_windows(windows, part, FIT_WINDOWS) if part is not None else (windows, None)
+        if anchor is None and not hessians and after_layer is None:
+            fit = windows[:FIT_WINDOWS]
+            if min(request.batch_size, own.shape[0]) != fit.shape[0] or not torch.equal(own[: fit.shape[0]], fit):
+                anchor = fit  # fit tau and the topics on the same windows whatever the batch size
         layers = loaded.num_layers
         # Tests only: seconds to sleep after each calibration batch, so that kill tests can land mid-calibration.
         test_delay = float(os.environ.get("HYBRIDPRUNE_TEST_SLOW_LAYER_S") or 0)

@@ -7,13 +7,16 @@ all windows, which is what a single process fits them on too (see stats.LayerAcc
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from functools import reduce
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from hybridprune.cache import CorruptEntry, StatsCache, StatsKey, check_key, fix_hint
 from hybridprune.calibration.stats import CalibrationStats
 from hybridprune.errors import UserError
 
@@ -63,3 +66,58 @@ def merge_statistics(shards: list[CalibrationStats]) -> CalibrationStats:
                 raise UserError(f"the shards fitted different activity thresholds ({name}): they do not share an anchor batch")
     merged = CalibrationStats({name: tensor.clone() for name, tensor in first.tensors.items()})
     return reduce(CalibrationStats.add_, shards[1:], merged)
+
+
+def shard_entries(cache: StatsCache, full_digest: str) -> list[str]:
+    """The partial entries (from `calibrate --shard`) whose shards make up the entry `full_digest`."""
+    check_key(full_digest)
+    return sorted(
+        str(manifest["digest"])
+        for manifest in cache.entries()
+        if isinstance(manifest.get("shard"), dict) and manifest["shard"].get("full_digest") == full_digest
+    )
+
+
+def merge_shard_entries(cache: StatsCache, digests: list[str]) -> tuple[StatsKey, Path]:
+    """Merge the partial entries of all N shards into the entry one process would have written.
+
+    Refuses, naming the difference, shards of other inputs (any key field but the shard index),
+    entries that are no shards, and missing or duplicate shards.
+    """
+    if not digests:
+        raise UserError("no shard entries to merge: give their keys, or --all-shards with the full key")
+    keys: list[StatsKey] = []
+    for digest in map(check_key, digests):
+        try:
+            key = StatsKey(**cache.read_manifest(digest)["key"])
+        except (KeyError, TypeError):
+            raise CorruptEntry(f"cache entry {digest} has a malformed manifest: {fix_hint(digest)}") from None
+        if key.shard_index is None:
+            raise UserError(f"cache entry {digest} is not a shard (it was calibrated without --shard)")
+        keys.append(key)
+    reference = dataclasses.replace(keys[0], shard_index=None).fields()
+    for key in keys[1:]:
+        for name, value in dataclasses.replace(key, shard_index=None).fields().items():
+            if reference.get(name) != value:
+                raise UserError(
+                    f"cannot merge: shard {key.digest} differs from shard {keys[0].digest} in {name} "
+                    f"({reference.get(name)} vs {value}): shards must come from the same model, data and options"
+                )
+    count = keys[0].shard_count or 0
+    by_index: dict[int, StatsKey] = {}
+    for key in keys:
+        if key.shard_index in by_index:
+            raise UserError(f"cannot merge: shard {key.shard_index}/{count} is given twice ({by_index[key.shard_index].digest}, {key.digest})")
+        by_index[int(key.shard_index)] = key  # type: ignore[arg-type]
+    missing = [f"{index}/{count}" for index in range(count) if index not in by_index]
+    if missing:
+        raise UserError(f"cannot merge: shard {', '.join(missing)} missing: calibrate it with --shard and merge again")
+    ordered = [by_index[index] for index in range(count)]
+    stats = merge_statistics([cache.load(key) for key in ordered])
+    full = ordered[0].full()
+    with cache.lock(full):
+        entry = cache.save(full, stats, {
+            "model_source": cache.read_manifest(ordered[0].digest).get("model_source"),
+            "merged_from": [key.digest for key in ordered],
+        })
+    return full, entry

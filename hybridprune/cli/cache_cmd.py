@@ -7,8 +7,9 @@ from typing import Annotated
 import typer
 
 from hybridprune import ui
-from hybridprune.cache import StatsCache, check_key, merge_shard_entries, shard_entries
-from hybridprune.cli.common import CacheDirOpt, JsonOpt, handle_errors, setup_output
+from hybridprune.cache import StatsCache, check_key
+from hybridprune.cli.common import CacheDirOpt, JsonOpt, handle_errors
+from hybridprune.cli.output import Output
 from hybridprune.errors import UserError
 from hybridprune.fsutil import cache_root
 
@@ -19,7 +20,7 @@ app = typer.Typer(help="List, inspect, remove and merge cached statistics.", no_
 @handle_errors
 def list_entries(cache_dir: CacheDirOpt = None, json_output: JsonOpt = False) -> None:
     """All cached statistics entries, newest first."""
-    setup_output(json_output, False)
+    Output(json_output)
     cache = StatsCache(cache_root(cache_dir))
     entries = cache.entries()
     if json_output:
@@ -49,7 +50,7 @@ def list_entries(cache_dir: CacheDirOpt = None, json_output: JsonOpt = False) ->
 @handle_errors
 def show_entry(key: Annotated[str, typer.Argument(help="The entry's key.")], cache_dir: CacheDirOpt = None, json_output: JsonOpt = False) -> None:
     """The manifest of one entry."""
-    setup_output(json_output, False)
+    Output(json_output)
     manifest = StatsCache(cache_root(cache_dir)).read_manifest(check_key(key))
     if json_output:
         ui.emit_json(manifest)
@@ -65,7 +66,7 @@ def clear_entries(
     json_output: JsonOpt = False,
 ) -> None:
     """Remove one entry, or all of them."""
-    setup_output(json_output, False)
+    Output(json_output)
     cache = StatsCache(cache_root(cache_dir))
     if key is None:
         removed = cache.clear()
@@ -89,7 +90,9 @@ def merge_entries(
     json_output: JsonOpt = False,
 ) -> None:
     """Join the N shards of a sharded calibration into the entry one process would have written."""
-    setup_output(json_output, False)
+    from hybridprune.calibration.shards import merge_shard_entries, shard_entries
+
+    Output(json_output)
     cache = StatsCache(cache_root(cache_dir))
     if bool(keys) == (all_shards is not None):
         raise UserError("give either the shard entries' keys or --all-shards FULLKEY")

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 from typing import Annotated
 
 import typer
 
-from hybridprune import ui
-from hybridprune.cache import StatsCache
-from hybridprune.calibration.distributed import World
-from hybridprune.calibration.session import HESSIAN_MODE, calibrated_statistics
-from hybridprune.calibration.shards import ShardSpec
+from hybridprune import api
 from hybridprune.cli.common import (
     BatchOpt,
-    CalibrateOffloadOpt,
     CacheDirOpt,
+    CalibrateOffloadOpt,
     DataOpt,
     DeviceOpt,
     DtypeOpt,
@@ -30,29 +26,17 @@ from hybridprune.cli.common import (
     TextFieldOpt,
     TopicsOpt,
     TrustOpt,
-    calibration_request,
-    choose_streaming,
-    configure_torch,
     handle_errors,
-    setup_output,
 )
-from hybridprune.errors import UserError
-from hybridprune.fsutil import cache_root, ensure_writable_dir
-from hybridprune.models import load_model
+from hybridprune.cli.output import Output
 
 HessiansOpt = Annotated[
     bool,
-    typer.Option(
-        "--hessians",
-        help="Also collect the second-order statistics (x x^T per input) that --update and the quality preset use.",
-    ),
+    typer.Option("--hessians", help="Also collect the second-order statistics (x x^T per input) that --update and the quality preset use."),
 ]
 ShardOpt = Annotated[
     str | None,
-    typer.Option(
-        "--shard",
-        help="Calibrate only shard i of N (i/N) into a partial entry; `hybridprune cache merge` joins the N shards.",
-    ),
+    typer.Option("--shard", help="Calibrate only shard i of N (i/N) into a partial entry; `hybridprune cache merge` joins the N shards."),
 ]
 
 
@@ -83,62 +67,24 @@ def calibrate(
     Under `torchrun --nproc-per-node N -m hybridprune calibrate ...` the N processes split the
     windows, and rank 0 writes the one entry once all of them are done.
     """
-    part = ShardSpec.parse(shard) if shard is not None else None
-    with World.joined(device) as world:
-        if world is not None and part is not None:
-            raise UserError("--shard and torchrun both split the windows: use one of them")
-        leader = world is None or world.leader
-        reporter = setup_output(json_output and leader, quiet or not leader)  # one rank speaks for all
-        configure_torch()
-        request = calibration_request(
-            None, dict(data=data, nsamples=nsamples, seqlen=seqlen, topics=topics, q_active=q_active), text_field, seed, batch_size
-        )
-        request.validate()
-        root = ensure_writable_dir(cache_root(cache_dir), "cache folder")
-        on = str(world.device) if world is not None and world.device.type == "cuda" else device  # one GPU per rank
-        streaming = choose_streaming(offload, model, dtype, on, root, reporter, layerwise=True)
-        loaded = load_model(model, dtype=dtype, device=on, cache_dir=root, trust_remote_code=trust_remote_code, streaming=streaming)
-        result = calibrated_statistics(loaded, request, StatsCache(root), reporter, force=force, shard=part, world=world)
-        second_order = (
-            calibrated_statistics(loaded, request, StatsCache(root), reporter, force=force, mode=HESSIAN_MODE)
-            if hessians
-            else None
-        )
-    if not leader:
-        return
-    size = entry_bytes(result.entry)
-    full = result.key.full().digest
-    summary = {
-        "key": result.key.digest,
-        "reused": result.reused,
-        "entry": str(result.entry),
-        "bytes": size,
-        "tokens": result.stats.tokens,
-        "layers": result.stats.num_layers,
-        "seconds": round(result.seconds, 2),
-        "inputs": result.key.fields(),
-        **({"shard": str(part), "full_key": full} if part is not None else {}),
-        **({"hessians": {"key": second_order.key.digest, "reused": second_order.reused, "bytes": entry_bytes(second_order.entry)}}
-           if second_order is not None else {}),
-    }
-    if json_output:
-        ui.emit_json(summary)
-    elif not quiet:
-        ui.console.print(
-            f"statistics [bold]{result.key.digest}[/]: {result.stats.num_layers} layers, "
-            f"{result.stats.tokens:,} tokens, {size / 1e6:.1f} MB at {result.entry}"
-        )
-        if second_order is not None:
-            ui.console.print(
-                f"second-order statistics [bold]{second_order.key.digest}[/]: "
-                f"{entry_bytes(second_order.entry) / 1e6:.1f} MB at {second_order.entry}"
-            )
-        if part is not None:
-            ui.console.print(
-                f"shard {part} of [bold]{full}[/]; once all {part.count} shards are done: "
-                f"hybridprune cache merge --all-shards {full}"
-            )
+    # under torchrun one rank (0) speaks for all: RANK is the rank torchrun gives the process group
+    follower = "WORLD_SIZE" in os.environ and os.environ.get("RANK", "0") != "0"
+    output = Output(json_output and not follower, quiet or follower)
+    result = api.calibrate(
+        model=model, data=data, text_field=text_field, nsamples=nsamples, seqlen=seqlen, seed=seed, topics=topics,
+        q_active=q_active, batch_size=batch_size, dtype=dtype, device=device, cache_dir=cache_dir, force=force,
+        trust_remote_code=trust_remote_code, shard=shard, hessians=hessians, offload=offload, reporter=output.reporter,
+    )
+    if result.leader:
+        output.result(result.to_dict(), lambda: render(output, result))
 
 
-def entry_bytes(entry: Path) -> int:
-    return sum(path.stat().st_size for path in entry.iterdir())
+def render(output: Output, result: api.CalibrateResult) -> None:
+    output.show(f"statistics [bold]{result.key}[/]: {result.layers} layers, {result.tokens:,} tokens, "
+                f"{result.bytes / 1e6:.1f} MB at {result.entry}")
+    if result.hessians is not None:
+        output.show(f"second-order statistics [bold]{result.hessians['key']}[/]: "
+                    f"{result.hessians['bytes'] / 1e6:.1f} MB at {result.hessians['entry']}")
+    if result.shard is not None:
+        output.show(f"shard {result.shard} of [bold]{result.full_key}[/]; once all {result.shard_count} shards are done: "
+                    f"hybridprune cache merge --all-shards {result.full_key}")

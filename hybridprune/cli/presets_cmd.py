@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from hybridprune import ui
-from hybridprune.cli.common import JsonOpt, handle_errors, setup_output
+from hybridprune.cli.common import JsonOpt, PresetsFileOpt, handle_errors
+from hybridprune.cli.output import Output
 from hybridprune.presets import DEFAULT_PRESET, get_preset, load_presets
 
 
@@ -23,11 +23,11 @@ def as_flags(values: dict) -> str:
 @handle_errors
 def presets(
     name: Annotated[str | None, typer.Argument(help="Show only this preset.")] = None,
-    presets_file: Annotated[Path | None, typer.Option("--presets", help="An extra presets TOML file.")] = None,
+    presets_file: PresetsFileOpt = None,
     json_output: JsonOpt = False,
 ) -> None:
     """The presets (built-in, user file, --presets FILE) and the flags each stands for."""
-    setup_output(json_output, False)
+    Output(json_output)
     chosen = {name: get_preset(name, presets_file)} if name else load_presets(presets_file)
     if json_output:
         ui.emit_json({key: {**preset.values, **preset.calibration, "description": preset.description,

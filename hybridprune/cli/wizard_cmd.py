@@ -12,8 +12,10 @@ from rich.panel import Panel
 from rich.table import Table
 
 from hybridprune import ui, wizard
-from hybridprune.cli.common import CacheDirOpt, configure_torch, handle_errors
-from hybridprune.cli.prune_cmd import prune
+from hybridprune.api import configure_torch
+from hybridprune.cli.common import CacheDirOpt, handle_errors
+from hybridprune.cli.output import Output
+from hybridprune.cli.prune_cmd import run_prune
 from hybridprune.errors import UserError
 from hybridprune.presets import Preset, load_presets, save_user_preset
 
@@ -48,7 +50,7 @@ def run_wizard(
         raise typer.Exit(130) from None
     command = wizard.command_text(answers, presets)
     ui.console.print(f"[bold]running[/] {escape(command)}", soft_wrap=True)
-    prune(**wizard.prune_kwargs(answers, presets))  # the same code path, panels and summary as `prune`
+    run_prune(Output(), **wizard.prune_kwargs(answers, presets))  # the same code path, panels and summary as `prune`
     ui.console.print(f"[green]✓[/] done. Next time, without the wizard:\n  [bold]{escape(command)}[/]", soft_wrap=True)
     return answers
 
@@ -85,7 +87,7 @@ def settle(
             if action == "back":
                 break
             name = prompter.text(
-                "Preset name:", validate=lambda text: wizard.validate_new_preset_name(text, presets)
+                "Preset name:", validate=lambda text, known=presets: wizard.validate_new_preset_name(text, known)
             ).strip()
             path = save_user_preset(
                 name,

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from hybridprune.errors import UserError
+from hybridprune.fsutil import atomic_file
 
 if TYPE_CHECKING:
     import torch
@@ -84,17 +83,11 @@ def tokenize(source: TextSource, tokenizer: Any, cache_dir: Path | None = None) 
         except Exception:  # truncated or foreign file: tokenize again and overwrite it
             pass
     ids = encode_text(source.text, tokenizer)
-    tmp_name = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        os.close(fd)
         metadata = {"source": source.name, "split": source.split, "fingerprint": source.fingerprint}
-        save_file({"ids": ids}, tmp_name, metadata=metadata)
-        os.replace(tmp_name, path)
+        with atomic_file(path) as temporary:
+            save_file({"ids": ids}, str(temporary), metadata=metadata)
     except OSError as exc:
-        if tmp_name is not None and os.path.exists(tmp_name):
-            os.unlink(tmp_name)
         reason = exc.strerror or exc
         raise UserError(f"cannot write the token cache in {path.parent}: {reason}; choose a writable folder") from None
     return ids

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from hybridprune.masks import mask_n_m, mask_rows, mask_unstructured, neuron_keep_mask, parse_pattern
-from hybridprune.methods.magnitude import magnitude_metric
+from hybridprune.methods import registry
 from hybridprune.methods.neuronrank import (
     NeuronStats,
     idf_doc,
@@ -21,19 +21,20 @@ from hybridprune.methods.neuronrank import (
     neuron_scores,
     term_frequency,
 )
-from hybridprune.methods.wanda import wanda_metric
 
 
 @dataclass(frozen=True)
 class NeuronScoring:
-    """How NeuronRank turns a layer's activation statistics into one score per neuron."""
+    """How NeuronRank turns a layer's activation statistics into one score per neuron.
 
-    mode: str = "doc"  # doc | topic | old
-    tf_kind: str = "out_rms"  # out_rms | rms | mean_abs
-    tf_exp: float = 1.0
-    idf_exp: float = 1.0
-    min_tokens: int = 1
-    topic_rate: float = 0.05
+    No defaults here: PruneConfig holds them (pruning.neuron_scoring builds this from it)."""
+
+    mode: str  # doc | topic | old
+    tf_kind: str  # a registry.TF_KINDS name
+    tf_exp: float
+    idf_exp: float
+    min_tokens: int
+    topic_rate: float
 
 
 def neuron_idf(stats: NeuronStats, scoring: NeuronScoring) -> Tensor:
@@ -63,8 +64,8 @@ def score_neurons(stats: NeuronStats, scoring: NeuronScoring, down_weight: Tenso
 class LayerPlan:
     """Targets and knobs for one decoder layer."""
 
-    attention_method: str  # wanda | magnitude | none
-    mlp_method: str  # wanda | magnitude | neuronrank
+    attention_method: str  # a registry.MODULE_METRICS name, or registry.NONE
+    mlp_method: str  # a registry.MODULE_METRICS name, or registry.NEURONRANK
     attention_sparsity: float
     mlp_sparsity: float
     pattern: str = "unstructured"
@@ -73,8 +74,9 @@ class LayerPlan:
 
 
 def module_metric(method: str, weight: Tensor, input_sumsq: Tensor, weight_exp: float = 1.0) -> Tensor:
-    """Wanda |W|^a * ||X_j|| or magnitude |W|^a (the exponent keeps the ranking for magnitude alone)."""
-    metric = magnitude_metric(weight) if method == "magnitude" else wanda_metric(weight, input_sumsq)
+    """The registry's metric `method` (Wanda |W| * ||X_j||, magnitude |W|, ...) times |W|^(a-1); an unknown
+    name raises ValueError (the exponent keeps the ranking for magnitude alone)."""
+    metric = registry.metric_function(method)(weight, input_sumsq)
     if weight_exp != 1.0:
         metric = metric * weight.abs().float().pow(weight_exp - 1.0)
     return metric
@@ -105,7 +107,7 @@ def layer_masks(
     masks: dict[str, Tensor] = {}
     structured = parse_pattern(plan.pattern).kind == "structured"
     attention_pattern = "unstructured" if structured else plan.pattern
-    if plan.attention_method != "none" and plan.attention_sparsity > 0:
+    if plan.attention_method != registry.NONE and plan.attention_sparsity > 0:
         for position, name in enumerate(attention_names):
             # q and k come first in attention_names; v and o after them (equal parameter counts in pairs).
             shift = plan.qk_shift if position < 2 else -plan.qk_shift
@@ -118,7 +120,7 @@ def layer_masks(
         score = neuron_score if neuron_score is not None else sumsq[down].sqrt() * weights[down].double().norm(dim=0)
         masks["neurons"] = neuron_keep_mask(score, plan.mlp_sparsity)
         return masks
-    if plan.mlp_method != "neuronrank" or neuron_score is None:
+    if plan.mlp_method != registry.NEURONRANK or neuron_score is None:
         for name in mlp_names:
             metric = module_metric(plan.mlp_method, weights[name], sumsq[name], plan.weight_exp)
             masks[name] = _row_masks(metric, plan.mlp_sparsity, plan.pattern)

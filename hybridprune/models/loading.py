@@ -14,7 +14,7 @@ import torch
 
 from hybridprune import network_allowed
 from hybridprune.errors import UserError
-from hybridprune.fsutil import atomic_folder, cache_root, file_lock, sha256_file
+from hybridprune.fsutil import atomic_folder, atomic_write_text, cache_root, file_lock, sha256_file
 from hybridprune.models.adapters import FamilyAdapter, adapter_for
 from hybridprune.models.streaming import LayerStream, open_streaming
 
@@ -200,9 +200,8 @@ def _load_weights(folder: Path, dtype: torch.dtype, device: torch.device, trust_
 
 def quiet_transformers() -> None:
     """Our own progress panels replace transformers' per-load bars and warnings."""
-    from transformers.utils import logging as transformers_logging
-
     from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as transformers_logging
 
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
@@ -233,10 +232,7 @@ def fingerprint_folder(folder: Path, cache_dir: Path | None = None) -> str:
 
 def _write_memo(memo_path: Path, memo: dict[str, str]) -> None:
     try:
-        memo_path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = memo_path.with_suffix(f".{os.getpid()}.tmp")
-        temporary.write_text(json.dumps(memo))
-        os.replace(temporary, memo_path)
+        atomic_write_text(memo_path, json.dumps(memo))
     except OSError:
         pass  # the memo only saves time; a read-only cache still works
 

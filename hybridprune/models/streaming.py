@@ -43,13 +43,9 @@ def available_memory(device: torch.device) -> int | None:
     """Free bytes on the device: MemAvailable for the CPU, the CUDA allocator's free memory for a GPU."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    import psutil
+
+    return int(psutil.virtual_memory().available)
 
 
 def should_stream(folder: Path, dtype: torch.dtype, device: torch.device) -> tuple[bool, str]:

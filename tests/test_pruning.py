@@ -11,7 +11,7 @@ import torch
 from hybridprune.calibration.collect import CollectionOptions, collect_statistics
 from hybridprune.config import PruneConfig
 from hybridprune.models import load_model
-from hybridprune.prune import plan_layers, prune_model, save_pruned
+from hybridprune.pruning import plan_layers, prune_model, save_pruned
 from hybridprune.reporting import SilentReporter
 from hybridprune.sparsity import sparsity_report
 
@@ -124,7 +124,7 @@ def test_allocations_keep_total_exact(calibrated):
 
 def test_sequential_calibration_prunes_on_pruned_inputs(calibrated, tiny_cache_dir: Path):
     """The original Wanda procedure: layer 1's statistics come from the pruned layer 0."""
-    from hybridprune.prune import sequential_pruner
+    from hybridprune.pruning import sequential_pruner
 
     folder, cache_dir, dense_stats = calibrated
     loaded = load_model(str(folder), cache_dir=cache_dir)

@@ -18,6 +18,7 @@ from hybridprune.config import PruneConfig
 from hybridprune.errors import UserError
 from hybridprune.fsutil import atomic_folder, clean_stale_staging
 from hybridprune.masks import allocate_sparsity, parse_pattern
+from hybridprune.methods import registry
 from hybridprune.methods.hybrid import (
     LayerPlan,
     NeuronScoring,
@@ -58,16 +59,6 @@ def neuron_scoring(config: PruneConfig) -> NeuronScoring:
     )
 
 
-def module_methods(config: PruneConfig) -> tuple[str, str]:
-    """(attention method, MLP method) for a --prune-method."""
-    if config.prune_method in ("wanda", "magnitude"):
-        return config.prune_method, config.prune_method
-    attention = "none" if config.prune_method == "neuronrank" else "wanda"
-    if parse_pattern(config.pattern).kind == "structured":
-        attention = config.attention_method if attention != "none" else "none"
-    return attention, "neuronrank"
-
-
 def layer_importance(
     model: nn.Module, adapter: FamilyAdapter, stats: CalibrationStats, layers: range, stream: LayerStream | None = None
 ) -> torch.Tensor:
@@ -93,7 +84,7 @@ def plan_layers(
     """
     layers = adapter.layers(model)
     pruned = config.pruned_layers(len(layers))
-    attention_method, mlp_method = module_methods(config)
+    attention_method, mlp_method = config.module_methods()
     if config.layer_spread and len(pruned) > 1:
         sizes = torch.tensor(
             [sum(linear.weight.numel() for linear in adapter.linears(layers[i]).values()) for i in pruned],
@@ -108,7 +99,7 @@ def plan_layers(
         plans[index] = LayerPlan(
             attention_method=attention_method,
             mlp_method=mlp_method,
-            attention_sparsity=target if attention_method != "none" else 0.0,
+            attention_sparsity=target if attention_method != registry.NONE else 0.0,
             mlp_sparsity=target,
             pattern=config.pattern,
             weight_exp=config.weight_exp,
@@ -143,7 +134,7 @@ def prune_layer(
             raise UserError(f"layer {index} {name}: NaN or Inf activations in the calibration statistics")
     score = (
         score_neurons(stats.neuron_stats(index), scoring, weights[adapter.mlp_output])
-        if plan.mlp_method == "neuronrank"
+        if plan.mlp_method == registry.NEURONRANK
         else None
     )
     masks = layer_masks(weights, sumsq, adapter.attention_names, adapter.mlp_names, plan, score)
@@ -288,8 +279,8 @@ def sequential_pruner(loaded: LoadedModel, config: PruneConfig):
     """The after_layer callback of sequential calibration: prune each layer right after its statistics."""
     scoring = neuron_scoring(config)
     pruned = set(config.pruned_layers(loaded.num_layers))
-    attention_method, mlp_method = module_methods(config)
-    plan = LayerPlan(attention_method, mlp_method, config.sparsity if attention_method != "none" else 0.0,
+    attention_method, mlp_method = config.module_methods()
+    plan = LayerPlan(attention_method, mlp_method, config.sparsity if attention_method != registry.NONE else 0.0,
                      config.sparsity, config.pattern, config.weight_exp, config.qk_shift)
 
     def prune_now(index: int, layer: nn.Module, stats: CalibrationStats) -> None:
@@ -336,3 +327,45 @@ def write_extras(loaded: LoadedModel, folder: Path, metadata: dict[str, Any]) ->
             loaded.model.generation_config.save_pretrained(folder)
     loaded.tokenizer.save_pretrained(folder)
     (folder / METADATA_FILE).write_text(json.dumps({"tool": "hybridprune", "version": __version__, **metadata}, indent=2))
+
+
+def read_metadata(folder: Path, reporter: Reporter | None = None) -> dict[str, Any]:
+    """A folder's hybridprune.json (written by save_pruned / write_extras), or {} for any other model."""
+    path = Path(folder) / METADATA_FILE
+    if not path.is_file():
+        return {}
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        if reporter is not None:
+            reporter.note(f"[yellow]warning:[/] ignoring unreadable {path} ({err})")
+        return {}
+    return document if isinstance(document, dict) else {}
+
+
+def run_record(
+    config: PruneConfig,
+    preset: str,
+    calibration: Any,
+    report: SparsityReport,
+    source: str,
+    dense_width: int,
+    second_order: Any | None,
+) -> dict[str, Any]:
+    """What one pruning run did (`calibration`, `second_order`: session.CalibrationResult): saved as
+    hybridprune.json, printed by --json, read back by `eval` (read_metadata)."""
+    update = {"key": second_order.key.digest, "reused": second_order.reused} if config.update and second_order else None
+    return {
+        "method": config.method_label(),
+        "sparsity": config.sparsity,
+        "pattern": config.pattern,
+        "config": config.to_dict(),
+        "preset": preset,
+        "statistics_key": calibration.key.digest,
+        "statistics_reused": calibration.reused,
+        "calibration": calibration.key.fields(),
+        "achieved": report.to_dict(),
+        "source_model": source,
+        "dense_intermediate_size": dense_width,
+        **({"second_order_statistics": update} if update else {}),
+    }
