@@ -144,7 +144,7 @@ def prune_layer(
             if hessians is not None:  # compensate the removed neurons in down_proj's remaining columns
                 down = linears[adapter.mlp_output]
                 columns = keep.unsqueeze(0).expand_as(down.weight).to(down.weight.device)
-                down.weight.copy_(reconstruct_with_factor(down.weight, columns, *hessians.inverse_factor(index, "down_in")))
+                down.weight.copy_(reconstruct_with_factor(down.weight, columns, *hessians.inverse_factor(index, adapter.input_group(adapter.mlp_output))))
             shrink_mlp(adapter.mlp(layer), adapter, keep)
         if hessians is None:
             for name, mask in masks.items():

@@ -2,9 +2,9 @@
 
 `ask_answers` asks the questions (questionary, through a `Prompter` that tests drive with a
 pipe input); `command_options` turns the answers into the `hybridprune prune` flags, from which
-both the equivalent command line (`build_command`) and the keyword arguments of the `prune`
-command function (`prune_kwargs`) are made, so the two can never disagree. Running is the
-command module's business (cli/wizard_cmd.py).
+both the equivalent command line (`build_command`) and the keyword arguments of `api.prune`
+(`prune_kwargs`) are made, so the two can never disagree. Running is the command module's
+business (cli/wizard_cmd.py calls the same api.prune as `hybridprune prune`).
 """
 
 from __future__ import annotations
@@ -18,18 +18,18 @@ from pathlib import Path
 from typing import Any
 
 from hybridprune import network_allowed
-from hybridprune.config import PruneConfig
+from hybridprune.config import DEFAULT_DATA, DEFAULT_EVAL_WINDOWS, DEFAULT_SEQLEN, PruneConfig, default_of
 from hybridprune.errors import UserError
 from hybridprune.presets import DEFAULT_PRESET, Preset, check_name, load_presets, resolve
 
 EMBEDDED = "embedded"
 FOLDER = "folder"
 HUB = "hub"
-WIKI_VITAL = "wiki-vital"
-SEQLEN = 512
-EVAL_WINDOWS = 64
-NSAMPLES_CHOICES = (32, 64, 128)
-DEFAULT_NSAMPLES = 32  # the benchmark's calibration size
+WIKI_VITAL = DEFAULT_DATA
+SEQLEN = DEFAULT_SEQLEN
+EVAL_WINDOWS = DEFAULT_EVAL_WINDOWS
+DEFAULT_NSAMPLES = default_of("nsamples")  # the benchmark's calibration size
+NSAMPLES_CHOICES = (DEFAULT_NSAMPLES, 2 * DEFAULT_NSAMPLES, 4 * DEFAULT_NSAMPLES)
 
 # "What matters most" -> preset, in the order of the card's configuration matrix, with its "Use When".
 PRIORITIES: tuple[tuple[str, str, str], ...] = (
@@ -485,7 +485,7 @@ def command_text(answers: Answers, presets: dict[str, Preset] | None = None) -> 
 
 
 def prune_kwargs(answers: Answers, presets: dict[str, Preset] | None = None) -> dict[str, Any]:
-    """Keyword arguments of the `prune` command function for the same run as build_command."""
+    """Keyword arguments of `api.prune` (the same names as the command's options) for the same run as build_command."""
     paths = {"out", "cache_dir"}
     return {key: Path(value) if key in paths else value for _, key, value in command_options(answers, presets)}
 

@@ -89,3 +89,18 @@ def test_update_path_hits_the_target(tiny_llama_folder: Path, tiny_cache_dir: Pa
     assert report.kind("mlp").sparsity == pytest.approx(sparsity, abs=1e-3)
     assert report.total.sparsity == pytest.approx(sparsity, abs=1e-3)
     assert all(torch.isfinite(p).all() for p in loaded.model.parameters())
+
+
+def test_zero_pattern_is_the_mask_plus_dead_channels():
+    """What the docstring promises: zeros exactly at ~keep and in the dead input channels' columns."""
+    generator = torch.Generator().manual_seed(3)
+    inputs = torch.randn(64, 12, generator=generator, dtype=torch.float64)
+    inputs[:, [2, 7]] = 0.0  # two channels never active in calibration
+    weight = torch.randn(5, 12, generator=generator)
+    keep = torch.rand(5, 12, generator=generator) > 0.5
+    result = reconstruct(weight, keep, inputs.T @ inputs)
+    dead = torch.zeros(12, dtype=torch.bool)
+    dead[[2, 7]] = True
+    expected_zero = ~keep | dead.unsqueeze(0)
+    assert bool((result[expected_zero] == 0).all())
+    assert bool((result[~expected_zero] != 0).all())

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from hybridprune.calibration.runner import LayerStore, run_layerwise
 from hybridprune.calibration.stats import CalibrationStats, LayerAccumulator, pack_upper
+from hybridprune.config import default_of
 from hybridprune.methods.reconstruct import inverse_hessian_factor
 from hybridprune.models.adapters import FamilyAdapter
 
@@ -18,9 +19,9 @@ from hybridprune.models.adapters import FamilyAdapter
 class CollectionOptions:
     """The collection knobs that change the statistics (all part of the cache key)."""
 
-    topics: int = 128
-    q_active: float = 0.9
-    seed: int = 0
+    topics: int = default_of("topics")
+    q_active: float = default_of("q_active")
+    seed: int = default_of("seed")
 
 
 def statistics_observer(
@@ -45,9 +46,10 @@ def statistics_observer(
             fit_only=anchored,
         )
         linears = adapter.linears(layer)
+        readers = adapter.group_readers()
         taps = {
-            adapter.attention_inputs[0]: lambda x: accumulator.add_sumsq("attn_in", x),
-            adapter.attention_output: lambda x: accumulator.add_sumsq("o_in", x),
+            adapter.attention_inputs[0]: lambda x: accumulator.add_sumsq(readers[adapter.attention_inputs[0]], x),
+            adapter.attention_output: lambda x: accumulator.add_sumsq(readers[adapter.attention_output], x),
             adapter.mlp_inputs[0]: accumulator.observe_mlp_input,
             adapter.mlp_output: accumulator.observe_neurons,
         }
@@ -73,8 +75,7 @@ def hessian_observer(adapter: FamilyAdapter, finished: dict[str, Tensor]) -> Cal
     def observe(index: int, layer: nn.Module) -> Callable[[], None]:
         grams: dict[str, Tensor] = {}
         linears = adapter.linears(layer)
-        firsts = {adapter.attention_inputs[0]: "attn_in", adapter.attention_output: "o_in",
-                  adapter.mlp_inputs[0]: "mlp_in", adapter.mlp_output: "down_in"}
+        firsts = adapter.group_readers()
 
         def tap(group: str, x: Tensor) -> None:
             flat = x.detach().reshape(-1, x.shape[-1]).float()

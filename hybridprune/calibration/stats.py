@@ -30,8 +30,8 @@ import torch
 from torch import Tensor
 
 from hybridprune.methods.neuronrank import NeuronStats, assign_topics, kmeans_cosine, quantile_threshold
+from hybridprune.models.adapters import DOWN_IN, INPUT_GROUPS, MLP_IN  # noqa: F401 (INPUT_GROUPS re-exported)
 
-INPUT_GROUPS = ("attn_in", "o_in", "mlp_in", "down_in")
 TOPIC_SAMPLE_TOKENS = 2048
 PER_WINDOW_ENTRIES = (".nr.window_active", ".nr.window_tokens")
 COUNT_ENTRIES = ("nr.active_tokens", "nr.window_active", "nr.window_tokens", "nr.topic_active", "nr.topic_tokens")
@@ -71,7 +71,7 @@ class CalibrationStats:
         return NeuronStats(
             tokens=self.tokens,
             abs_sum=entry("abs_sum"),
-            sq_sum=self.sumsq(layer, "down_in"),
+            sq_sum=self.sumsq(layer, DOWN_IN),
             active_tokens=entry("active_tokens"),
             window_active=entry("window_active"),
             window_tokens=entry("window_tokens"),
@@ -144,7 +144,7 @@ class LayerAccumulator:
 
     def observe_mlp_input(self, x: Tensor) -> None:
         """Input of gate/up: Wanda sums, and the token-to-topic assignment for this batch."""
-        self.add_sumsq("mlp_in", x)
+        self.add_sumsq(MLP_IN, x)
         flat = x.reshape(-1, x.shape[-1]).float()
         if self.centroids is None:
             generator = torch.Generator().manual_seed(self.seed * 1000 + self.layer)

@@ -103,8 +103,10 @@ def prune(
     run_prune(Output(json_output, quiet), **options)
 
 
+@handle_errors
 def run_prune(output: Output, **options: Any) -> api.PruneResult:
-    """api.prune with the summary tables shown as each point finishes (also the wizard's way to run)."""
+    """api.prune with the summary tables shown as each point finishes (also the wizard's way to run, so
+    its errors and Ctrl-C end the same way as the command's)."""
     result = api.prune(**options, reporter=output.reporter, on_run=lambda run: show_run(output, run))
     output.result(result.to_dict(), lambda: show_sweep(output, result))
     return result

@@ -26,7 +26,9 @@ def reconstruct(weight: Tensor, keep: Tensor, gram: Tensor, damping: float = 0.0
     """The weight [out, in] with pruned entries zero and kept entries updated to compensate.
 
     `keep` is the bool mask [out, in] (True = keep); `gram` is sum_t x_t x_t^T [in, in].
-    The zero pattern of the result is exactly ~keep.
+    The result is zero wherever ~keep, and also in the columns of dead input channels (never non-zero
+    on the calibration inputs): those weights contributed nothing there, so they are dropped too.
+    Every other kept weight stays (in general non-zero).
     """
     return reconstruct_with_factor(weight, keep, *inverse_hessian_factor(gram, damping))
 

@@ -12,6 +12,11 @@ from torch import nn
 
 from hybridprune.errors import UserError
 
+INPUT_GROUPS = ("attn_in", "o_in", "mlp_in", "down_in")
+"""The input groups of a decoder layer, defined once: Linears that read the same input share its
+statistics (q/k/v read attn_in, o reads o_in, gate/up read mlp_in, down reads down_in)."""
+ATTN_IN, O_IN, MLP_IN, DOWN_IN = INPUT_GROUPS
+
 
 @dataclass(frozen=True)
 class FamilyAdapter:
@@ -51,14 +56,18 @@ class FamilyAdapter:
     def input_group(self, name: str) -> str:
         """The statistics group holding the squared input norms of Linear `name` (calibration/stats.py)."""
         if name in self.attention_inputs:
-            return "attn_in"
+            return ATTN_IN
         if name == self.attention_output:
-            return "o_in"
+            return O_IN
         if name in self.mlp_inputs:
-            return "mlp_in"
+            return MLP_IN
         if name == self.mlp_output:
-            return "down_in"
+            return DOWN_IN
         raise KeyError(name)
+
+    def group_readers(self) -> dict[str, str]:
+        """One Linear per input group (the first that reads it): where calibration hooks its statistics."""
+        return {self.attention_inputs[0]: ATTN_IN, self.attention_output: O_IN, self.mlp_inputs[0]: MLP_IN, self.mlp_output: DOWN_IN}
 
     @property
     def attention_names(self) -> tuple[str, ...]:
