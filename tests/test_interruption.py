@@ -163,8 +163,11 @@ def dash_m_sigint(world: World, reference: Reference, tmp_path_factory: pytest.T
     cache = tmp_path_factory.mktemp("dash-m") / "cache"
     env = {**os.environ, "HYBRIDPRUNE_CACHE": str(cache), "HYBRIDPRUNE_THREADS": "1", "HYBRIDPRUNE_TEST_SLOW_LAYER_S": "2"}
     env.pop("HYBRIDPRUNE_DEBUG", None)
+    # SIG_DFL first: a test run started in the background inherits SIGINT ignored, and Python then never
+    # installs its KeyboardInterrupt handler in the child
     proc = subprocess.Popen([sys.executable, "-m", "hybridprune", *world.args("calibrate")], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     stderr: list[str] = []
 
     def interrupt() -> None:
