@@ -94,15 +94,36 @@ def _mask_24(weight: torch.Tensor) -> torch.Tensor:
     return keep.reshape(weight.shape)
 
 
+_INT_VIEWS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _raw(tensor: torch.Tensor) -> numpy.ndarray:
+    """The tensor's bits as a numpy integer array (numpy has no bfloat16; selecting bits is exact for every dtype)."""
+    return tensor.contiguous().view(_INT_VIEWS[tensor.element_size()]).numpy()
+
+
+def _select(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """weight[mask] as a 1-D tensor of weight's dtype (numpy boolean indexing: several times faster than torch's)."""
+    return torch.from_numpy(_raw(weight)[mask.numpy()]).view(weight.dtype)
+
+
+def _nonzero_mask(weight: torch.Tensor) -> torch.Tensor:
+    """weight != 0 (for floats: -0.0 counts as zero), computed on the raw bits with numpy."""
+    raw = _raw(weight)
+    if weight.is_floating_point():
+        raw = raw & numpy.array((1 << (8 * weight.element_size() - 1)) - 1, dtype=raw.dtype)
+    return torch.from_numpy(raw != 0)
+
+
 def compress_weight(prefix: str, weight: torch.Tensor, fmt: str) -> dict[str, torch.Tensor]:
     """The stored tensors of one weight [out, in] under `prefix` (the module path, without `.weight`)."""
     weight = weight.detach().cpu()
     if fmt == BITMASK:
-        mask = weight != 0
-        counts = mask.sum(dim=1)
+        mask = _nonzero_mask(weight)
+        counts = torch.from_numpy(mask.numpy().sum(axis=1, dtype=numpy.int64))
         return {
             f"{prefix}.shape": torch.tensor(list(weight.shape), dtype=torch.int64),
-            f"{prefix}.compressed": weight[mask],
+            f"{prefix}.compressed": _select(weight, mask),
             f"{prefix}.bitmask": pack_bitmask(mask),
             f"{prefix}.row_offsets": (torch.cumsum(counts, 0) - counts).to(torch.int64),
         }
@@ -112,20 +133,40 @@ def compress_weight(prefix: str, weight: torch.Tensor, fmt: str) -> dict[str, to
         mask = _mask_24(weight)
         return {
             f"{prefix}.shape": torch.tensor(list(weight.shape), dtype=torch.int64).reshape(-1, 1),
-            f"{prefix}.compressed": weight[mask].reshape(weight.shape[0], weight.shape[1] // 2),
+            f"{prefix}.compressed": _select(weight, mask).reshape(weight.shape[0], weight.shape[1] // 2),
             f"{prefix}.bitmask": pack_bitmask(mask),
         }
     raise ValueError(f"unknown compression format {fmt!r}: use one of {', '.join(FORMATS)}")
 
 
+def compressed_spec(prefix: str, weight: torch.Tensor, fmt: str) -> list[tuple[str, str, list[int], int]]:
+    """The (name, dtype, shape, bytes) entries compress_weight will produce, from the non-zero count alone."""
+    rows, columns = weight.shape
+    dtype, size = _DTYPE_NAMES[weight.dtype], weight.element_size()
+    packed = [rows, (columns + 7) // 8]
+    if fmt == BITMASK:
+        count = int(numpy.count_nonzero(_nonzero_mask(weight).numpy()))
+        return [
+            (f"{prefix}.shape", "I64", [2], 16),
+            (f"{prefix}.compressed", dtype, [count], count * size),
+            (f"{prefix}.bitmask", "U8", packed, packed[0] * packed[1]),
+            (f"{prefix}.row_offsets", "I64", [rows], rows * 8),
+        ]
+    return [
+        (f"{prefix}.shape", "I64", [2, 1], 16),
+        (f"{prefix}.compressed", dtype, [rows, columns // 2], rows * columns // 2 * size),
+        (f"{prefix}.bitmask", "U8", packed, packed[0] * packed[1]),
+    ]
+
+
 def decompress_weight(parts: dict[str, torch.Tensor], fmt: str) -> torch.Tensor:
     """The dense weight from its stored tensors (keyed by part name: shape, compressed, bitmask[, row_offsets])."""
     shape = [int(v) for v in parts["shape"].flatten().tolist()]
-    mask = unpack_bitmask(parts["bitmask"], shape)
-    values = parts["compressed"].flatten()
-    dense = torch.zeros(shape, dtype=values.dtype)
-    dense[mask] = values
-    return dense
+    values = parts["compressed"].reshape(-1)
+    mask = numpy.unpackbits(parts["bitmask"].numpy(), axis=-1, count=shape[-1], bitorder="little").view(bool)
+    dense = numpy.zeros(shape, dtype=_raw(values[:0]).dtype)
+    dense[mask] = _raw(values)
+    return torch.from_numpy(dense).view(values.dtype)
 
 
 # --- folders -----------------------------------------------------------------------------
@@ -194,6 +235,14 @@ def _compressed_stream(path: Path, fmt: str, modules: tuple[str, ...], stats: di
             yield name, tensor
 
 
+def _compressed_specs(path: Path, fmt: str, modules: tuple[str, ...]) -> Iterator[tuple[str, str, list[int], int]]:
+    for name, tensor in iter_tensors(path):
+        if _is_target(name, modules) and tensor.dim() == 2 and tensor.is_floating_point():
+            yield from compressed_spec(name[: -len(".weight")], tensor, fmt)
+        else:
+            yield (name, *_spec(tensor))
+
+
 def detect_format(folder: Path, modules: tuple[str, ...] = DEFAULT_MODULES) -> str:
     """sparse-24-bitmask when every targeted weight follows 2:4, sparse-bitmask otherwise (one pass, tensor by tensor)."""
     for path in safetensors_files(folder):
@@ -233,7 +282,7 @@ def compress_folder(
     weight_map: dict[str, str] = {}
     for path in files:
         before += path.stat().st_size
-        specs = [(name, *_spec(tensor)) for name, tensor in _compressed_stream(path, fmt, modules, {"weights": 0, "zeros": 0, "count": 0})]
+        specs = list(_compressed_specs(path, fmt, modules))
         temporary = target / f".{path.name}.compressing"
         after += write_safetensors_streaming(temporary, specs, _compressed_stream(path, fmt, modules, stats))
         os.replace(temporary, target / path.name)

@@ -40,21 +40,31 @@ def prune_in_place(model: torch.nn.Module, pattern: str = "unstructured") -> Non
                 weight.mul_(weight.abs() > weight.abs().flatten().kthvalue(weight.numel() // 2).values)
 
 
-def fresh_logits(folder: Path, ids: torch.Tensor, loader: str, dtype: str = "float32") -> torch.Tensor:
-    """Logits computed in a new Python process (nothing shared with this one)."""
-    out = folder.parent / f"logits-{folder.name}-{loader}.pt"
-    torch.save(ids, out.with_suffix(".ids"))
+def fresh_logits(runs: list[tuple[Path, str]], ids: torch.Tensor, dtype: str = "float32") -> list[torch.Tensor]:
+    """Logits of each (folder, loader) computed in one new Python process (nothing shared with this one).
+
+    loader "transformers": plain AutoModelForCausalLM.from_pretrained; "hybridprune": hybridprune's load_model.
+    """
+    work = runs[0][0].parent
+    torch.save(ids, work / "ids.pt")
+    code = f"""
+import torch
+from transformers import AutoModelForCausalLM
+from hybridprune.models import load_model
+ids = torch.load({str(work / "ids.pt")!r})
+out = []
+for folder, loader in {[(str(f), l) for f, l in runs]!r}:
     if loader == "transformers":
-        load = f"from transformers import AutoModelForCausalLM; m = AutoModelForCausalLM.from_pretrained({str(folder)!r}, dtype=torch.{dtype})"
+        m = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.{dtype})
     else:
-        load = f"from hybridprune.models import load_model; m = load_model({str(folder)!r}, dtype={dtype!r}).model"
-    code = (
-        f"import torch; {load}; ids = torch.load({str(out.with_suffix('.ids'))!r}); "
-        f"torch.save(m(input_ids=ids).logits.float(), {str(out)!r})"
-    )
+        m = load_model(folder, dtype={dtype!r}).model
+    with torch.no_grad():
+        out.append(m(input_ids=ids).logits.float())
+torch.save(out, {str(work / "logits.pt")!r})
+"""
     env = {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
-    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=folder.parent, timeout=300)
-    return torch.load(out)
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=work, timeout=300)
+    return torch.load(work / "logits.pt")
 
 
 @pytest.mark.parametrize("fmt", [BITMASK, BITMASK_24])
@@ -93,13 +103,14 @@ def test_compressed_folder_loads_to_the_same_logits(tiny_llama_folder: Path, tin
     size = lambda folder: sum(p.stat().st_size for p in folder.glob("*.safetensors"))  # noqa: E731
     assert size(tmp_path / "compressed") < 0.85 * size(dense)
     ids = torch.randint(0, loaded.model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
-    reference = fresh_logits(dense, ids, "transformers", dtype)
-    # hybridprune's loader (eval, --compare) decompresses in a fresh process
-    assert (fresh_logits(tmp_path / "compressed", ids, "hybridprune", dtype) - reference).abs().max() <= 1e-4
-    # the decompressed folder is a plain one again, for any transformers
     decompress_folder(tmp_path / "compressed", tmp_path / "restored")
     assert "quantization_config" not in json.loads((tmp_path / "restored" / "config.json").read_text())
-    assert (fresh_logits(tmp_path / "restored", ids, "transformers", dtype) - reference).abs().max() <= 1e-4
+    reference, ours, restored = fresh_logits(
+        [(dense, "transformers"), (tmp_path / "compressed", "hybridprune"), (tmp_path / "restored", "transformers")], ids, dtype
+    )
+    # hybridprune's loader (eval, --compare) decompresses; the decompressed folder is a plain one again
+    assert (ours - reference).abs().max() <= 1e-4
+    assert (restored - reference).abs().max() <= 1e-4
 
 
 def test_sharded_folder_post_pass(tiny_llama_folder: Path, tiny_cache_dir: Path, tmp_path: Path):
