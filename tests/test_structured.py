@@ -135,3 +135,40 @@ def test_head_compensation_reduces_output_error(tiny_model_factory):
         remove_heads(loaded.model, loaded.adapter, stats, 0.5, mode="query", hessians=hessians if use_update else None)
         errors.append(float((logits(loaded.model, ids) - reference).pow(2).mean()))
     assert errors[1] < errors[0]
+
+
+# --- the target-speedup planner ------------------------------------------------------------
+
+
+def test_plan_prefers_cheap_losses_per_second():
+    from hybridprune.planner import CostModel, LayerCosts, plan_speedup
+
+    costs = CostModel(dense_seconds=1.0, per_neuron=0.001, per_head=0.004, per_layer=0.2, seqlen=8, layers=4,
+                      width=100, heads=4, kv_heads=2)
+    flat = torch.linspace(0, 1, 101).double()
+    estimates = LayerCosts(neurons=[flat.clone() for _ in range(4)], heads=[torch.tensor([0.0, 0.01]).double()] * 4,
+                           layer=torch.tensor([5.0, 0.05, 5.0, 5.0]).double())
+    plan = plan_speedup(costs, estimates, 1.25)
+    assert plan.estimated_ratio <= 0.8
+    assert plan.drop == [1]  # the nearly idle layer goes first: least loss per second
+    only = plan_speedup(costs, estimates, 1.25, kinds=("neurons",))
+    assert only.drop == [] and only.heads_per_group == 0 and only.neurons > 0
+    with pytest.raises(UserError):
+        plan_speedup(costs, estimates, 0.9)
+
+
+def test_target_speedup_builds_a_smaller_loadable_model(tiny_model_factory, tmp_path):
+    from hybridprune.planner import CostModel, target_speedup
+
+    loaded, stats, _ = calibrated(tiny_model_factory("llama"))
+    costs = CostModel(dense_seconds=1.0, per_neuron=0.001, per_head=0.01, per_layer=0.4, seqlen=16, layers=2,
+                      width=128, heads=4, kv_heads=2)
+    pruned, outcome = target_speedup(loaded.model, loaded.adapter, stats, 1.3, costs=costs, seqlen=16, runs=1, max_rounds=1)
+    assert outcome.plan.estimated_ratio <= 1 / 1.3 and outcome.measured_ratio > 0
+    assert loaded.model.config.intermediate_size == 128  # the input model is left as is
+    config = pruned.config
+    assert (config.intermediate_size, config.num_attention_heads) != (128, 4)
+    ids = torch.randint(0, config.vocab_size, (1, 10))
+    expected = logits(pruned, ids)
+    pruned.save_pretrained(tmp_path / "out")
+    assert (fresh_logits(tmp_path / "out", ids) - expected).abs().max() <= 1e-5
