@@ -83,15 +83,16 @@ def follows_24(weight: torch.Tensor) -> bool:
     """At least 2 zeros in every block of 4 consecutive inputs of every row (the N:M pattern of masks.py)."""
     if weight.dim() != 2 or weight.shape[1] % 4:
         return False
-    return bool(((weight.reshape(-1, 4) == 0).sum(dim=1) >= 2).all())
+    return bool((_nonzero_mask(weight).numpy().reshape(-1, 4).sum(axis=1) <= 2).all())
 
 
 def _mask_24(weight: torch.Tensor) -> torch.Tensor:
-    """Exactly 2 kept positions per block of 4: the non-zeros, padded with zero positions where a block has fewer."""
-    blocks = weight.reshape(-1, 4)
-    keep = torch.zeros(blocks.shape, dtype=torch.bool)
-    keep.scatter_(1, (blocks != 0).to(torch.int8).topk(2, dim=1, sorted=False).indices, True)
-    return keep.reshape(weight.shape)
+    """Exactly 2 kept positions per block of 4: the non-zeros, padded with the first zero positions where a block has fewer."""
+    nonzero = _nonzero_mask(weight).numpy().reshape(-1, 4)
+    missing = 2 - nonzero.sum(axis=1, keepdims=True)
+    zero = ~nonzero
+    keep = nonzero | (zero & (numpy.cumsum(zero, axis=1) <= missing))
+    return torch.from_numpy(keep.reshape(weight.shape))
 
 
 _INT_VIEWS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
