@@ -306,3 +306,32 @@ def remove_neurons(
         shrink_mlp(mlp, adapter, keep)
     setattr(model.config, adapter.intermediate_size_key, width - count)
     return width - count
+
+
+# --- summary -----------------------------------------------------------------------------
+
+
+def decoder_linear_parameters(config: Any, intermediate_key: str = "intermediate_size") -> int:
+    """Weights of the decoder Linears (q, k, v, o, gate, up, down over all layers) a config describes."""
+    shape = attention_shape(config)
+    hidden, width = config.hidden_size, getattr(config, intermediate_key)
+    attention = hidden * shape.head_dim * (2 * shape.heads + 2 * shape.kv_heads)
+    return config.num_hidden_layers * (attention + 3 * hidden * width)
+
+
+def removal_summary(dense_config: Any, model: nn.Module, adapter: FamilyAdapter) -> dict[str, Any]:
+    """What structured removal took away: geometry before/after and the share of decoder Linear weights removed.
+
+    (sparsity.py counts zeros inside the remaining matrices; removed heads and layers are not in them.)
+    """
+    before = decoder_linear_parameters(dense_config, adapter.intermediate_size_key)
+    after = sum(linear.weight.numel() for layer in adapter.layers(model) for linear in adapter.linears(layer).values())
+    config = model.config
+    return {
+        "layers": [dense_config.num_hidden_layers, config.num_hidden_layers],
+        "heads": [dense_config.num_attention_heads, config.num_attention_heads],
+        "kv_heads": [attention_shape(dense_config).kv_heads, attention_shape(config).kv_heads],
+        "intermediate_size": [getattr(dense_config, adapter.intermediate_size_key), getattr(config, adapter.intermediate_size_key)],
+        "decoder_weights": [before, after],
+        "removed_share": 1 - after / before,
+    }

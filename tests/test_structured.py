@@ -172,3 +172,21 @@ def test_target_speedup_builds_a_smaller_loadable_model(tiny_model_factory, tmp_
     expected = logits(pruned, ids)
     pruned.save_pretrained(tmp_path / "out")
     assert (fresh_logits(tmp_path / "out", ids) - expected).abs().max() <= 1e-5
+
+
+def test_removal_summary(tiny_model_factory):
+    import copy
+
+    from hybridprune.structured import removal_summary
+
+    loaded, stats, _ = calibrated(tiny_model_factory("llama"))
+    dense_config = copy.deepcopy(loaded.model.config)
+    summary = removal_summary(dense_config, loaded.model, loaded.adapter)
+    assert summary["removed_share"] == 0
+    remove_heads(loaded.model, loaded.adapter, stats, 0.5, mode="query")
+    remove_layers(loaded.model, loaded.adapter, stats, 1)
+    summary = removal_summary(dense_config, loaded.model, loaded.adapter)
+    assert summary["layers"] == [2, 1] and summary["heads"] == [4, 2]
+    # 1 of 2 layers gone, and the other lost q/o of 2 heads: 64*16*2*2 of its 64*16*12 + 3*64*128 weights
+    per_layer = 64 * 16 * 12 + 3 * 64 * 128
+    assert summary["removed_share"] == pytest.approx(1 - (per_layer - 64 * 16 * 4) / (2 * per_layer))
