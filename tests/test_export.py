@@ -131,3 +131,13 @@ def test_sharded_folder_post_pass(tiny_llama_folder: Path, tiny_cache_dir: Path,
     # streaming reads (one layer at a time) decompress too
     streamed = load_model(str(tmp_path / "out"), cache_dir=tiny_cache_dir, streaming=True)
     assert streamed.stream is not None
+
+
+def test_weight_bytes_counts_compressed_weights_dense(tiny_llama_folder: Path, tiny_cache_dir: Path, tmp_path: Path):
+    from hybridprune.models.streaming import weight_bytes
+
+    loaded = load_model(str(tiny_llama_folder), cache_dir=tiny_cache_dir)
+    prune_in_place(loaded.model)
+    save_compressed(loaded.model, tmp_path / "c", tokenizer=loaded.tokenizer)
+    dense = weight_bytes(tiny_llama_folder, torch.float32)
+    assert dense <= weight_bytes(tmp_path / "c", torch.float32) <= dense * 1.05  # packed columns round up to 8
