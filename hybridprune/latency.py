@@ -166,6 +166,26 @@ def measure_latency(
     return results
 
 
+def paired_prefill_ratios(
+    baseline: nn.Module, models: dict[str, nn.Module], seqlen: int = 512, runs: int = 5, warmup: int = 1
+) -> tuple[float, dict[str, float]]:
+    """(median baseline prefill seconds, {name: median over runs of its time / the baseline's time in the same run}).
+
+    Each run times the baseline and every model back to back, so a burst of load elsewhere (shared
+    machines) mostly cancels in the per-run ratio; the median of the ratios is what to compare.
+    """
+    base_times: list[float] = []
+    ratios: dict[str, list[float]] = {name: [] for name in models}
+    for step in range(warmup + runs):
+        for name, model in models.items():
+            base = time_prefill(baseline, seqlen)
+            seconds = time_prefill(model, seqlen)
+            if step >= warmup:
+                base_times.append(base)
+                ratios[name].append(seconds / base)
+    return statistics.median(base_times), {name: statistics.median(values) for name, values in ratios.items()}
+
+
 def latency_ratios(results: dict[str, LatencyResult], baseline: str) -> dict[str, dict[str, float]]:
     """Each model relative to `baseline`: prefill time ratio (lower is faster), decode speed-up, size ratio."""
     base = results[baseline]

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from hybridprune.calibration.stats import CalibrationStats
 from hybridprune.errors import UserError
-from hybridprune.latency import measure_latency
+from hybridprune.latency import paired_prefill_ratios
 from hybridprune.methods.hybrid import NeuronScoring, score_neurons
 from hybridprune.models.adapters import FamilyAdapter
 from hybridprune.structured import (
@@ -97,7 +97,7 @@ def _shrunk_copy(model: nn.Module, adapter: FamilyAdapter, neurons: int = 0, hea
 def measure_costs(
     model: nn.Module, adapter: FamilyAdapter, seqlen: int = 512, runs: int = 3, progress: Callable[[str], None] | None = None
 ) -> CostModel:
-    """Per-component prefill costs on this machine (dense vs three shrunk copies, interleaved, medians)."""
+    """Per-component prefill costs on this machine (dense vs three shrunk copies, paired runs, median ratios)."""
     config = model.config
     layers = len(adapter.layers(model))
     width = getattr(config, adapter.intermediate_size_key)
@@ -107,8 +107,8 @@ def measure_costs(
     variants = {"dense": model, "neurons": _shrunk_copy(model, adapter, neurons=neurons), "layers": _shrunk_copy(model, adapter, drop=drop)}
     if heads:
         variants["heads"] = _shrunk_copy(model, adapter, heads_per_group=heads)
-    times = {name: result.prefill_seconds for name, result in measure_latency(variants, seqlen=seqlen, runs=runs, decode=False, progress=progress).items()}
-    dense = times["dense"]
+    dense, ratios = paired_prefill_ratios(variants.pop("dense"), variants, seqlen, runs)
+    times = {"dense": dense, **{name: dense * ratio for name, ratio in ratios.items()}}
     per_layer = max(dense - times["layers"], 0.0) / drop
     per_neuron = max(dense - times["neurons"], 0.0) / (layers * neurons)
     per_head = max(dense - times["heads"], 0.0) / (layers * heads * shape.kv_heads) if heads else 0.0
@@ -171,8 +171,14 @@ def plan_speedup(
     kinds: tuple[str, ...] = ("neurons", "heads", "layers"),
     keep_first: int = 1,
     keep_last: int = 1,
+    scales: dict[str, float] | None = None,
 ) -> Plan:
-    """Greedy plan: least estimated loss per second saved, until estimated time <= dense / target."""
+    """Greedy plan: least estimated loss per second saved, until estimated time <= dense / target.
+
+    `scales` (from `probe_scales`) converts each kind's energy estimate into measured loss (nats per token).
+    """
+    scales = scales or {}
+    neuron_scale, head_scale, layer_scale = (scales.get(kind, 1.0) for kind in ("neurons", "heads", "layers"))
     if target <= 1:
         raise UserError(f"--target-speedup must be above 1, got {target}")
     goal = costs.dense_seconds / target
@@ -186,9 +192,9 @@ def plan_speedup(
         total = 0.0
         for index in range(costs.layers):
             if index in dropped:
-                total += float(estimates.layer[index])
+                total += layer_scale * float(estimates.layer[index])
             else:
-                total += float(estimates.neurons[index][k]) + float(estimates.heads[index][r])
+                total += neuron_scale * float(estimates.neurons[index][k]) + head_scale * float(estimates.heads[index][r])
         return total
 
     current_time, current_loss = costs.estimate(k, r, 0), 0.0
@@ -235,6 +241,47 @@ def apply_plan(
     drop_layers(model, adapter, plan.drop)
 
 
+def probe_scales(
+    model: nn.Module,
+    adapter: FamilyAdapter,
+    stats: CalibrationStats,
+    scores: dict[int, Tensor],
+    estimates: LayerCosts,
+    windows: Tensor,
+    neuron_share: float = 0.375,
+    layer_share: float = 1 / 6,
+) -> dict[str, float]:
+    """Measured loss (mean NLL increase on `windows`) per unit of estimated loss, for each kind.
+
+    The energy estimates rank components within a kind well but are not comparable across kinds
+    (a layer's output energy relative to a residual stream dominated by a few massive dimensions
+    says little about the loss), so one probe per kind puts them on the measured scale: a share of
+    the neurons of every layer, one query head per KV group, a share of the layers (lowest estimate).
+    """
+    from hybridprune.evaluate import perplexity
+
+    base = perplexity(model, windows).nll
+    layers = len(adapter.layers(model))
+    shape = attention_shape(model.config)
+    width = getattr(model.config, adapter.intermediate_size_key)
+    scales = {}
+    k = int(width * neuron_share)
+    probe = copy.deepcopy(model)
+    remove_neurons(probe, adapter, scores, k)
+    scales["neurons"] = (perplexity(probe, windows).nll - base) / max(sum(float(e[k]) for e in estimates.neurons), 1e-12)
+    if shape.group > 1:
+        probe = copy.deepcopy(model)
+        remove_heads(probe, adapter, stats, 1 / shape.group, mode="query")
+        scales["heads"] = (perplexity(probe, windows).nll - base) / max(sum(float(e[1]) for e in estimates.heads), 1e-12)
+    count = max(1, round(layers * layer_share))
+    drop = sorted(range(1, layers - 1), key=lambda i: float(estimates.layer[i]))[:count]
+    probe = copy.deepcopy(model)
+    drop_layers(probe, adapter, drop)
+    scales["layers"] = (perplexity(probe, windows).nll - base) / max(float(estimates.layer[drop].sum()), 1e-12)
+    del probe
+    return {kind: max(value, 1e-9) for kind, value in scales.items()}
+
+
 @dataclass
 class SpeedupOutcome:
     plan: Plan
@@ -243,9 +290,11 @@ class SpeedupOutcome:
     rounds: int
     history: list[dict[str, float]] = field(default_factory=list)
 
+    scales: dict[str, float] | None = None
+
     def to_dict(self) -> dict[str, Any]:
         return {"plan": self.plan.to_dict(), "costs": self.costs.to_dict(), "measured_ratio": self.measured_ratio,
-                "rounds": self.rounds, "history": self.history}
+                "rounds": self.rounds, "history": self.history, "scales": self.scales}
 
 
 def target_speedup(
@@ -261,26 +310,31 @@ def target_speedup(
     max_rounds: int = 3,
     costs: CostModel | None = None,
     progress: Callable[[str], None] | None = None,
+    probe_windows: Tensor | None = None,
+    scales: dict[str, float] | None = None,
 ) -> tuple[nn.Module, SpeedupOutcome]:
     """Plan, build (a pruned copy; `model` is left as is) and validate a `target`x faster prefill.
 
     Backs `prune --target-speedup X [--speedup-kinds neurons,heads,layers] [--update]`.
+    `probe_windows` (a few calibration windows, e.g. 4 x 512) puts the kinds' loss estimates on one
+    measured scale (probe_scales) before planning; recommended whenever more than one kind is allowed.
     While the measured ratio misses 1/target, the plan is redone for a target scaled by the miss.
     """
     scoring = scoring or NeuronScoring()
     costs = costs or measure_costs(model, adapter, seqlen, runs, progress)
     scores = neuron_rank_scores(model, adapter, stats, scoring)
     estimates = layer_costs(model, adapter, stats, scores)
+    if scales is None and probe_windows is not None and len(kinds) > 1:
+        scales = probe_scales(model, adapter, stats, scores, estimates, probe_windows)
     aim, history = target, []
     for round_number in range(1, max_rounds + 1):
-        plan = plan_speedup(costs, estimates, aim, kinds=kinds)
+        plan = plan_speedup(costs, estimates, aim, kinds=kinds, scales=scales)
         pruned = copy.deepcopy(model)
         apply_plan(pruned, adapter, stats, plan, scores, hessians)
-        timed = measure_latency({"dense": model, "pruned": pruned}, seqlen=seqlen, runs=runs, decode=False)
-        measured = timed["pruned"].prefill_seconds / timed["dense"].prefill_seconds
+        measured = paired_prefill_ratios(model, {"pruned": pruned}, seqlen, runs)[1]["pruned"]
         history.append({"aim": aim, "estimated_ratio": plan.estimated_ratio, "measured_ratio": measured})
         if measured <= 1 / target or round_number == max_rounds:
-            return pruned, SpeedupOutcome(plan, costs, measured, round_number, history)
+            return pruned, SpeedupOutcome(plan, costs, measured, round_number, history, scales)
         aim = aim * measured * target  # measured too slow by this factor: ask for that much more
         del pruned
     raise AssertionError("unreachable")

@@ -163,8 +163,12 @@ def test_target_speedup_builds_a_smaller_loadable_model(tiny_model_factory, tmp_
     loaded, stats, _ = calibrated(tiny_model_factory("llama"))
     costs = CostModel(dense_seconds=1.0, per_neuron=0.001, per_head=0.01, per_layer=0.4, seqlen=16, layers=2,
                       width=128, heads=4, kv_heads=2)
-    pruned, outcome = target_speedup(loaded.model, loaded.adapter, stats, 1.3, costs=costs, seqlen=16, runs=1, max_rounds=1)
+    probe = torch.randint(0, loaded.model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(3))
+    pruned, outcome = target_speedup(
+        loaded.model, loaded.adapter, stats, 1.3, costs=costs, seqlen=16, runs=1, max_rounds=1, probe_windows=probe
+    )
     assert outcome.plan.estimated_ratio <= 1 / 1.3 and outcome.measured_ratio > 0
+    assert set(outcome.scales) == {"neurons", "heads", "layers"} and all(v > 0 for v in outcome.scales.values())
     assert loaded.model.config.intermediate_size == 128  # the input model is left as is
     config = pruned.config
     assert (config.intermediate_size, config.num_attention_heads) != (128, 4)
