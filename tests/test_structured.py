@@ -194,3 +194,17 @@ def test_removal_summary(tiny_model_factory):
     # 1 of 2 layers gone, and the other lost q/o of 2 heads: 64*16*2*2 of its 64*16*12 + 3*64*128 weights
     per_layer = 64 * 16 * 12 + 3 * 64 * 128
     assert summary["removed_share"] == pytest.approx(1 - (per_layer - 64 * 16 * 4) / (2 * per_layer))
+
+
+def test_flop_costs_split_the_dense_time(tiny_model_factory):
+    from hybridprune.planner import flop_costs
+
+    loaded = load_model(str(tiny_model_factory("llama")))
+    costs = flop_costs(loaded.model, loaded.adapter, 1.0, seqlen=64)
+    assert costs.source == "flops"
+    assert costs.estimate(0, 0, 0) == pytest.approx(1.0)
+    half = costs.estimate(64, 0, 0)
+    assert 0.5 < half < 1.0
+    head_share = costs.estimate(0, 0, 2)  # every layer gone: the LM head is left
+    assert 0 < head_share < half
+    assert costs.per_layer > costs.per_head * 4 + costs.per_neuron * 128 - 1e-12
