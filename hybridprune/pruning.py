@@ -310,11 +310,22 @@ def check_output_folder(out: Path, model_folder: Path, overwrite: bool) -> Path:
     return out
 
 
-def save_pruned(loaded: LoadedModel, out: Path, overwrite: bool, metadata: dict[str, Any]) -> Path:
-    """A standard Hugging Face folder (safetensors, config, tokenizer) plus hybridprune.json, written atomically."""
+def save_pruned(
+    loaded: LoadedModel, out: Path, overwrite: bool, metadata: dict[str, Any], compress: str | None = None
+) -> Path:
+    """A standard Hugging Face folder (safetensors, config, tokenizer) plus hybridprune.json, written atomically.
+
+    `compress` ("auto", "sparse-bitmask", "sparse-24-bitmask") stores the weights in compressed-tensors'
+    sparse bitmask format (hybridprune/export.py) before the folder is renamed into place. A streamed
+    prune (prune_streaming + write_extras into a staging folder) gets the same with export.compress_folder(staging).
+    """
+    from hybridprune.export import compress_folder
+
     with atomic_folder(out, replace=overwrite) as staging:
         loaded.model.save_pretrained(staging, safe_serialization=True)
         write_extras(loaded, staging, metadata)
+        if compress:
+            compress_folder(staging, None, compress)
     return out
 
 

@@ -42,6 +42,9 @@ PER_LAYER_ENTRIES = (
     "nr.window_tokens",
     "nr.topic_active",
     "nr.topic_tokens",
+    "block.cos_sum",
+    "block.delta_sumsq",
+    "block.input_sumsq",
 )
 WINDOW_ENTRIES = ("nr.window_active", "nr.window_tokens")  # one row per window: shards concatenate
 

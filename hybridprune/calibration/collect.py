@@ -57,6 +57,20 @@ def statistics_observer(
             linears[name].register_forward_pre_hook(lambda _module, args, tap=tap: tap(args[0].detach()))
             for name, tap in taps.items()
         ]
+        block: dict[str, object] = {}
+
+        def block_input(_module: nn.Module, args: tuple) -> None:
+            # fit_only is cleared inside the layer (at down_proj): decide before the layer runs
+            block["input"], block["counted"] = args[0].detach(), not accumulator.fit_only
+
+        def block_output(_module: nn.Module, _args: tuple, output: object) -> None:
+            hidden = output[0] if isinstance(output, tuple) else output
+            if block.pop("counted", False):
+                accumulator.observe_block(block.pop("input"), hidden.detach())
+            block.clear()
+
+        handles.append(layer.register_forward_pre_hook(block_input))
+        handles.append(layer.register_forward_hook(block_output))
 
         def remove() -> None:
             for handle in handles:

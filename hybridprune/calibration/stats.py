@@ -10,7 +10,11 @@ Names inside `stats.safetensors` (l = layer index):
   layer.l.nr.tau         scalar activity threshold (the q_active quantile of |a|)
   layer.l.nr.active_tokens [I], layer.l.nr.window_active [N, I], layer.l.nr.window_tokens [N]
   layer.l.nr.topic_active [k, I], layer.l.nr.topic_tokens [k]
+  layer.l.block.cos_sum      scalar, sum over tokens of 1 - cos(layer input, layer output) (block influence)
+  layer.l.block.delta_sumsq  scalar, sum over tokens of ||layer output - layer input||^2
+  layer.l.block.input_sumsq  scalar, sum over tokens of ||layer input||^2 (the residual stream's energy)
 Every entry is a sum over tokens (or windows), so disjoint shards of the text add up.
+(The block.* entries came with cache schema 2; older entries lack them: structured.py asks to recalibrate.)
 
 A second-order entry (key mode "hessian", for --update) holds instead, next to `tokens`, for
 each input group above, from H = sum_t x_t x_t^T over its inputs:
@@ -58,6 +62,14 @@ class CalibrationStats:
         """A second-order entry's factor [n, n] (upper triangular) and dead-channel mask [n]."""
         prefix = f"layer.{layer}.{group}."
         return unpack_upper(self.tensors[prefix + "inverse_factor"]), self.tensors[prefix + "dead"]
+
+    def block(self, layer: int, name: str) -> float:
+        """A block entry (cos_sum, delta_sumsq, input_sumsq) of one layer; KeyError on statistics without them."""
+        return float(self.tensors[f"layer.{layer}.block.{name}"].item())
+
+    def block_influence(self, layer: int) -> float:
+        """Mean over tokens of 1 - cos(layer input, layer output): how much the layer changes the residual stream."""
+        return self.block(layer, "cos_sum") / self.tokens
 
     def tau(self, layer: int) -> float:
         return float(self.tensors[f"layer.{layer}.nr.tau"].item())
@@ -182,6 +194,14 @@ class LayerAccumulator:
         self._add("nr.topic_tokens", one_hot.sum(0))
         self.window_offset += batch
         self.tokens += batch * seqlen
+
+    def observe_block(self, x_in: Tensor, x_out: Tensor) -> None:
+        """A decoder layer's input and output hidden states (one batch): the block-influence sums."""
+        a = x_in.reshape(-1, x_in.shape[-1]).float()
+        b = x_out.reshape(-1, x_out.shape[-1]).float()
+        self._add("block.cos_sum", (1 - torch.nn.functional.cosine_similarity(a, b, dim=-1)).sum())
+        self._add("block.delta_sumsq", (b - a).pow(2).sum())
+        self._add("block.input_sumsq", a.pow(2).sum())
 
     def _add(self, name: str, value: Tensor) -> None:
         value = value.double().cpu()

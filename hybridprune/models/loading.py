@@ -159,6 +159,8 @@ def _skeleton(folder: Path, dtype: torch.dtype, trust_remote_code: bool) -> torc
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    if sparse_compressed(folder):  # decompressed by our reader: the model in memory is a plain dense one
+        del config.quantization_config
     with init_empty_weights(include_buffers=False):
         skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     skeleton.tie_weights()  # tied parameters become one, so the checkpoint's single copy covers them
@@ -195,7 +197,16 @@ def _load_weights(folder: Path, dtype: torch.dtype, device: torch.device, trust_
         skeleton.tie_weights()
         if not any(parameter.is_meta for parameter in skeleton.parameters()):
             return skeleton
+    if sparse_compressed(folder):
+        raise UserError(f"the compressed weights in '{folder}' do not match the model's parameters: is the folder complete?")
     return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
+
+
+def sparse_compressed(folder: Path) -> bool:
+    """Whether the folder is stored in a compressed-tensors sparse bitmask format (hybridprune/export.py)."""
+    from hybridprune.export import compression_format
+
+    return compression_format(folder) is not None
 
 
 def quiet_transformers() -> None:

@@ -30,9 +30,17 @@ MEMORY_HEADROOM = 0.8
 
 def weight_bytes(folder: Path, dtype: torch.dtype) -> int:
     """Bytes the checkpoint's floating-point tensors take at `dtype` (from the safetensors headers only)."""
+    from hybridprune.export import PARTS, compression_format
+
+    fmt = compression_format(folder)
     total = 0
     for path in safetensors_files(folder):
-        for info in read_header(path)[0].values():
+        header = read_header(path)[0]
+        for name, info in header.items():
+            if fmt is not None and name.rsplit(".", 1)[-1] in PARTS[fmt] and f"{name.rsplit('.', 1)[0]}.bitmask" in header:
+                if name.endswith(".bitmask"):  # a compressed weight: its dense size (8 weights per mask byte)
+                    total += info["shape"][0] * info["shape"][1] * 8 * dtype.itemsize
+                continue
             stored = SAFETENSORS_DTYPES[info["dtype"]]
             count = (info["data_offsets"][1] - info["data_offsets"][0]) // stored.itemsize
             total += count * (dtype.itemsize if stored.is_floating_point else stored.itemsize)

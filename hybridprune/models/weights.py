@@ -59,11 +59,25 @@ def iter_tensors(path: Path, names: Iterable[str] | None = None) -> Iterator[tup
 
 
 def checkpoint_names(folder: Path) -> set[str]:
-    return {name for path in safetensors_files(folder) for name in read_header(path)[0]}
+    """The (dense) tensor names of the folder's checkpoint; a compressed folder's weights count under their dense names."""
+    from hybridprune.export import compression_format, dense_names
+
+    names = {name for path in safetensors_files(folder) for name in read_header(path)[0]}
+    fmt = compression_format(folder)
+    return dense_names(names, fmt) if fmt else names
 
 
 def read_tensors(folder: Path, dtype: torch.dtype, names: set[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for the folder's safetensors tensors (all, or only `names`), floating ones as `dtype`."""
+    """(name, tensor) for the folder's safetensors tensors (all, or only `names`), floating ones as `dtype`.
+
+    A folder stored in a sparse bitmask format (hybridprune/export.py) is decompressed on the fly.
+    """
+    from hybridprune.export import compression_format, read_decompressed
+
+    fmt = compression_format(folder)
+    if fmt is not None:
+        yield from read_decompressed(folder, fmt, dtype, names)
+        return
     for path in safetensors_files(folder):
         for name, tensor in iter_tensors(path, names):
             yield name, tensor.to(dtype) if tensor.is_floating_point() else tensor
