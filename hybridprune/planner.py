@@ -281,7 +281,7 @@ def probe_scales(
     says little about the loss), so one probe per kind puts them on the measured scale: a share of
     the neurons of every layer, one query head per KV group, a share of the layers (lowest estimate).
     """
-    from hybridprune.evaluate import perplexity
+    from hybridprune.evaluation import perplexity
 
     base = perplexity(model, windows).nll
     layers = len(adapter.layers(model))

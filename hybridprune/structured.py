@@ -35,7 +35,7 @@ from hybridprune.calibration.stats import CalibrationStats
 from hybridprune.errors import UserError
 from hybridprune.methods.reconstruct import reconstruct_with_factor
 from hybridprune.models.adapters import FamilyAdapter
-from hybridprune.prune import _select
+from hybridprune.pruning import _select
 
 RECALIBRATE = "the cached statistics predate block-influence scores (cache schema 2): recalibrate with --force"
 
@@ -287,7 +287,7 @@ def remove_neurons(
     hessians: CalibrationStats | None = None,
 ) -> int:
     """Remove the `count` lowest-scoring neurons of every layer (scores keyed by statistics index)."""
-    from hybridprune.prune import shrink_mlp
+    from hybridprune.pruning import shrink_mlp
 
     layers = adapter.layers(model)
     indices = layer_indices or list(range(len(layers)))

@@ -53,7 +53,7 @@ from transformers import AutoModelForCausalLM
 from hybridprune.models import load_model
 ids = torch.load({str(work / "ids.pt")!r})
 out = []
-for folder, loader in {[(str(f), l) for f, l in runs]!r}:
+for folder, loader in {[(str(f), kind) for f, kind in runs]!r}:
     if loader == "transformers":
         m = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.{dtype})
     else:
