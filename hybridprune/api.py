@@ -20,6 +20,7 @@ module (and `hybridprune --help`) stays light.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import gc
 import os
@@ -44,6 +45,7 @@ PathLike = str | os.PathLike[str]
 DENSE_BELOW = 0.01
 """A folder without hybridprune.json whose measured sparsity is below this is called dense."""
 LATENCY_RUNS = 5
+DECODE_TOKENS = 128
 
 
 # --- results ----------------------------------------------------------------------------------
@@ -143,11 +145,13 @@ class Evaluation:
     sparsity: SparsityReport
     parameters: int
     size_bytes: int
-    latency_s: float | None
+    latency_s: float | None  # prefill: median seconds of a batch-1 forward over seqlen tokens
     tasks: dict[str, dict[str, float]] | None
+    decode_tokens_per_second: float | None = None  # greedy, batch 1, KV cache, 128 new tokens
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "decode_tokens_per_second": self.decode_tokens_per_second,
             "role": self.role, "source": self.label, "folder": str(self.folder), "method": self.method,
             "target_sparsity": self.target_sparsity, "windows": self.windows, "seqlen": self.seqlen,
             "perplexity": self.result.to_dict(), "sparsity": self.sparsity.to_dict(), "parameters": self.parameters,
@@ -192,6 +196,8 @@ class EvalResult:
             "throughput_ratio": model.result.tokens_per_second / base.result.tokens_per_second,
             "latency_s": None if model.latency_s is None or base.latency_s is None else model.latency_s - base.latency_s,
             "speedup": None if not model.latency_s or not base.latency_s else base.latency_s / model.latency_s,
+            "decode_speedup": None if not model.decode_tokens_per_second or not base.decode_tokens_per_second
+            else model.decode_tokens_per_second / base.decode_tokens_per_second,
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -445,8 +451,12 @@ def prune(
     qk_shift: float | None = None,
     sequential: bool | None = None,
     update: bool | None = None,
+    heads_sparsity: float | None = None,
+    drop_layers: int | None = None,
+    target_speedup: float | None = None,
     out: PathLike | None = None,
     overwrite: bool = False,
+    save_format: str = "dense",
     evaluate: bool = False,
     eval_windows: int = DEFAULT_EVAL_WINDOWS,
     data: str | None = None,
@@ -474,9 +484,11 @@ def prune(
     """
     from hybridprune.cache import StatsCache
     from hybridprune.calibration.session import HESSIAN_MODE, calibrated_statistics
+    from hybridprune.export import compress_folder
     from hybridprune.fsutil import atomic_folder
     from hybridprune.models import load_model
     from hybridprune.pruning import (
+        SAVE_FORMATS,
         check_output_folder,
         prune_model,
         prune_streaming,
@@ -495,6 +507,7 @@ def prune(
         attention_method=attention_method, pruning_last=pruning_last, preserve_first=preserve_first,
         weight_exp=weight_exp, tf_exp=tf_exp, idf_exp=idf_exp, tf_kind=tf_kind, nr_min_tokens=nr_min_tokens,
         nr_topic_rate=nr_topic_rate, layer_spread=layer_spread, qk_shift=qk_shift, sequential=sequential, update=update,
+        heads_sparsity=heads_sparsity, drop_layers=drop_layers, target_speedup=target_speedup,
     )
     if pruning_last is not None and pruning_last < 1:
         raise UserError(f"--pruning-last must be a number of layers >= 1, got {pruning_last}")
@@ -505,6 +518,10 @@ def prune(
     )
     if eval_windows <= 0:
         raise UserError(f"--eval-windows must be >= 1, got {eval_windows}")
+    if save_format not in SAVE_FORMATS:
+        raise UserError(f"unknown --save-format '{save_format}': use {' or '.join(SAVE_FORMATS)}")
+    if save_format != "dense" and out is None:
+        raise UserError(f"--save-format {save_format} is how --out is written: pass --out FOLDER")
     root = _root(cache_dir)
     out_path = _path(out)
     streaming = choose_streaming(offload, model, dtype, device, root, reporter)
@@ -512,6 +529,8 @@ def prune(
         raise UserError("with --offload the model is pruned and written layer by layer: pass --out FOLDER")
     if streaming and evaluate:
         raise UserError("--eval needs the whole model in memory, which --offload avoids: run `hybridprune eval --model OUT` on the saved folder")
+    if streaming and any(c.heads_sparsity or c.drop_layers or c.target_speedup for c in configs):
+        raise UserError("--heads-sparsity, --drop-layers and --target-speedup reshape the whole model in memory: drop --offload")
 
     def load(stream: bool | None = streaming) -> LoadedModel:
         return load_model(model, dtype=dtype, device=device, cache_dir=root, trust_remote_code=trust_remote_code, streaming=stream)
@@ -565,18 +584,26 @@ def prune(
             with atomic_folder(target, replace=overwrite or sweep) as staging:
                 report = prune_streaming(loaded, calibration.stats, config, reporter, staging, hessians)[1]
                 record = run_record(config, chosen.name, calibration, report, loaded.source, dense_width, second_order)
+                record["save_format"] = save_format
                 write_extras(loaded, staging, record)
+                if SAVE_FORMATS[save_format]:
+                    compress_folder(staging, None, SAVE_FORMATS[save_format])
         else:
+            dense_config = copy.deepcopy(loaded.model.config)
             if replay:
                 prune_model(loaded, calibration.stats, config, reporter, hessians)
+            structure = _structured_step(loaded, calibration.stats, config, hessians, request, root, reporter, dense_config)
             report = sparsity_report(loaded.model, loaded.adapter, dense_intermediate_size=dense_width)
             record = run_record(config, chosen.name, calibration, report, loaded.source, dense_width, second_order)
+            if structure is not None:
+                record["structure"] = structure
         run = PruneRun(config, chosen.name, calibration.key.digest, calibration.reused, report, record)
         if evaluate:
             run.ppl = heldout_perplexity(loaded, request, eval_windows, root, reporter)
         if target is not None:
             if not streaming:
-                save_pruned(loaded, target, overwrite=overwrite or sweep, metadata=record)
+                record["save_format"] = save_format
+                save_pruned(loaded, target, overwrite=overwrite or sweep, metadata=record, compress=SAVE_FORMATS[save_format])
             run.out = target
             reporter.note(f"[green]✓[/] saved {target}")
         run.seconds = time.perf_counter() - started
@@ -594,6 +621,31 @@ def prune(
             plot_sweep(rows, result.dense_ppl, result.plot, title="Perplexity vs sparsity")
             reporter.note(f"[green]✓[/] plot written to {result.plot}")
     return result
+
+
+def _structured_step(
+    loaded: LoadedModel, stats: Any, config: PruneConfig, hessians: Any, request: CalibrationRequest, root: Path, reporter: Reporter,
+    dense_config: Any,
+) -> dict[str, Any] | None:
+    """Heads, layers or the --target-speedup plan (structured.apply_structured), with the user told what was removed."""
+    if not (config.heads_sparsity or config.drop_layers or config.target_speedup):
+        return None
+    from hybridprune.calibration.session import calibration_windows
+    from hybridprune.structured import apply_structured
+
+    probe = calibration_windows(loaded, request, root)[0][:4] if config.target_speedup else None
+    with reporter.progress("structured removal" + (f": planning {config.target_speedup:g}x" if config.target_speedup else ""), 1) as advance:
+        summary = apply_structured(loaded, stats, config, hessians, probe_windows=probe, seqlen=window_length(request.seqlen, loaded.model),
+                                   dense_config=dense_config)
+        advance(1)
+    assert summary is not None
+    before, after = summary["layers"], summary["heads"]
+    reporter.note(
+        f"structured: layers {before[0]} -> {before[1]}, query heads {after[0]} -> {after[1]}, MLP width "
+        f"{summary['intermediate_size'][0]} -> {summary['intermediate_size'][1]}: {summary['removed_share']:.1%} of the decoder weights removed"
+        + (f"; measured prefill {summary['speedup_plan']['measured_ratio']:.2f}x dense" if "speedup_plan" in summary else "")
+    )
+    return summary
 
 
 def output_path(out: Path, config: PruneConfig, sweep: bool) -> Path:
@@ -726,7 +778,7 @@ def _evaluate_one(
 
     from hybridprune.data import eval_windows, tokenize
     from hybridprune.evaluation import check_vocabulary, folder_size, parameter_count, perplexity, zero_shot
-    from hybridprune.evaluation import latency as forward_latency
+    from hybridprune.latency import measure_latency as time_latency
     from hybridprune.models import load_model
     from hybridprune.pruning import read_metadata
     from hybridprune.sparsity import sparsity_report
@@ -751,10 +803,11 @@ def _evaluate_one(
         ],
     )
     result = perplexity(loaded.model, windows, batch_size, reporter)
-    seconds = None
+    seconds = decode = None
     if measure_latency:
-        reporter.note(f"latency: median of {LATENCY_RUNS} forwards of 1 x {length} tokens")
-        seconds = forward_latency(loaded.model, length, runs=LATENCY_RUNS)
+        reporter.note(f"latency: medians of {LATENCY_RUNS} prefills of 1 x {length} tokens and of {DECODE_TOKENS} greedy decoded tokens")
+        timed = time_latency({"model": loaded.model}, seqlen=length, new_tokens=DECODE_TOKENS, runs=LATENCY_RUNS)["model"]
+        seconds, decode = timed.prefill_seconds, timed.decode_tokens_per_second
     tasks = None
     if suite is not None:
         reporter.phase("Zero-shot tasks (lm-evaluation-harness)", [", ".join(suite.names)])
@@ -763,7 +816,7 @@ def _evaluate_one(
         role=role, label=loaded.source, folder=loaded.folder, method=method,
         target_sparsity=float(target) if isinstance(target, (int, float)) else None,
         windows=len(windows), seqlen=length, result=result, sparsity=sparsity, parameters=parameter_count(loaded.model),
-        size_bytes=folder_size(loaded.folder), latency_s=seconds, tasks=tasks,
+        size_bytes=folder_size(loaded.folder), latency_s=seconds, tasks=tasks, decode_tokens_per_second=decode,
     )
     del loaded
     gc.collect()  # the next model of a comparison should not have to share memory with this one

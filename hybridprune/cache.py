@@ -34,7 +34,7 @@ from hybridprune.fsutil import atomic_folder, clean_stale_staging, ensure_writab
 if TYPE_CHECKING:
     from hybridprune.calibration.stats import CalibrationStats
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: block-influence sums per layer (structured.py)
 KEY_PATTERN = re.compile(r"^[0-9a-f]{20}$")
 STATS_FILE = "stats.safetensors"
 MANIFEST_FILE = "manifest.json"

@@ -93,6 +93,9 @@ class PruneConfig:
     qk_shift: float = 0.0  # q/k pruned at sparsity + shift, v/o at sparsity - shift
     sequential: bool = False
     update: bool = False  # OBS weight update of the kept weights, from the cached second-order statistics
+    heads_sparsity: float = 0.0  # structured: this share of the query heads removed in every layer (GQA-aware)
+    drop_layers: int = 0  # structured: this many whole decoder layers removed (lowest block influence)
+    target_speedup: float = 0.0  # structured: plan neurons / heads / layers for this prefill speed-up (0 = off)
 
     def validate(self, num_layers: int | None = None) -> PruneConfig:
         """Refuse impossible combinations with one clear line naming the flag."""
@@ -141,6 +144,24 @@ class PruneConfig:
             raise UserError("--qk-shift changes per-matrix sparsity, which an N:M pattern fixes: drop one of them")
         if self.sequential and self.layer_spread:
             raise UserError("--sequential prunes layer by layer and cannot combine with --layer-spread")
+        structural = self.heads_sparsity or self.drop_layers or self.target_speedup
+        if not 0.0 <= self.heads_sparsity < 1.0:
+            raise UserError(f"--heads-sparsity must be a share of the heads in [0, 1), got {self.heads_sparsity}")
+        if self.drop_layers < 0 or (num_layers is not None and self.drop_layers >= num_layers):
+            raise UserError(f"--drop-layers must leave at least one of the model's {num_layers or '?'} layers, got {self.drop_layers}")
+        if self.target_speedup and not 1.0 < self.target_speedup <= 10.0:
+            raise UserError(f"--target-speedup must be a factor above 1 (such as 1.5), got {self.target_speedup}")
+        if structural and pattern.kind != "structured":
+            raise UserError(
+                "--heads-sparsity, --drop-layers and --target-speedup remove whole heads, layers or neurons: use them with "
+                "--pattern structured (--sparsity then sets the MLP neurons removed; 0 keeps them all)"
+            )
+        if self.target_speedup and (self.heads_sparsity or self.drop_layers or self.sparsity):
+            raise UserError("--target-speedup plans neurons, heads and layers itself: drop --heads-sparsity / --drop-layers "
+                            "and pass --sparsity 0")
+        if structural and (self.sequential or self.pruning_last or self.preserve_first):
+            raise UserError("structured heads / layers / --target-speedup apply to every layer of the dense statistics: "
+                            "drop --sequential, --pruning-last and --preserve-first")
         if self.sequential and self.update:
             raise UserError("--update works from the dense model's second-order statistics, --sequential from pruned inputs: use one of them")
         return self

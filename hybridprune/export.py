@@ -39,6 +39,7 @@ import numpy
 import torch
 
 from hybridprune.errors import UserError
+from hybridprune.fsutil import atomic_write_text
 from hybridprune.models.weights import SAFETENSORS_DTYPES, iter_tensors, read_header, safetensors_files
 
 BITMASK = "sparse-bitmask"
@@ -334,9 +335,7 @@ def _write_compression_config(folder: Path, fmt: str | None, sparsity: float = 0
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(temporary, path)
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def save_compressed(model: torch.nn.Module, folder: Path, fmt: str = "auto", tokenizer: Any = None) -> CompressionResult:

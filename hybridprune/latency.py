@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from hybridprune.errors import UserError
+from hybridprune.evaluation import folder_size, parameter_count
 
 
 @dataclass
@@ -108,9 +109,6 @@ def _cache_of(output: Any) -> Any:
     return cache if cache is not None else getattr(output, "past_key_values", None)
 
 
-def parameter_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
 
 def measure_latency(
     models: dict[str, nn.Module],
@@ -159,7 +157,7 @@ def measure_latency(
             prompt_tokens=prompt_tokens,
             runs=runs,
             parameters=parameter_count(model),
-            folder_bytes=folder_bytes(folder) if folder is not None else None,
+            folder_bytes=folder_size(folder) if folder is not None else None,
             prefill_all=prefill[name],
             decode_all=decoded[name],
         )
@@ -203,7 +201,3 @@ def latency_ratios(results: dict[str, LatencyResult], baseline: str) -> dict[str
             entry["size_ratio"] = result.folder_bytes / base.folder_bytes
         ratios[name] = entry
     return ratios
-
-
-def folder_bytes(folder: Path) -> int:
-    return sum(path.stat().st_size for path in Path(folder).rglob("*") if path.is_file())

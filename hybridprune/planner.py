@@ -325,7 +325,7 @@ def target_speedup(
     adapter: FamilyAdapter,
     stats: CalibrationStats,
     target: float,
-    scoring: NeuronScoring | None = None,
+    scoring: NeuronScoring,
     hessians: CalibrationStats | None = None,
     kinds: tuple[str, ...] = ("neurons", "heads", "layers"),
     seqlen: int = 512,
@@ -345,7 +345,6 @@ def target_speedup(
     While the measured ratio (fastest runs, paired with the dense model) misses 1/target by more than
     `tolerance`, the plan is redone for a target scaled by the miss (at most `max_rounds` plans).
     """
-    scoring = scoring or NeuronScoring()
     costs = costs or measure_costs(model, adapter, seqlen, runs, progress)
     scores = neuron_rank_scores(model, adapter, stats, scoring)
     estimates = layer_costs(model, adapter, stats, scores)

@@ -45,6 +45,9 @@ from hybridprune.sparsity import (
 )
 
 METADATA_FILE = "hybridprune.json"
+SAVE_FORMATS = {"dense": None, "compressed": "auto"}
+"""--save-format: the `compress` argument of save_pruned (None: plain safetensors with the zeros stored;
+"auto": compressed-tensors' sparse bitmask, its 2:4 variant when every weight follows 2:4)."""
 
 
 def neuron_scoring(config: PruneConfig) -> NeuronScoring:

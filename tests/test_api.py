@@ -147,3 +147,32 @@ def test_prune_on_a_cache_miss_calibrates_a_streamed_model(world, tmp_path, monk
     monkeypatch.setattr(session, "calibrated_statistics", spy)
     api.prune(model=str(world["model"]), data=str(world["text"]), cache_dir=tmp_path / "cache", sparsity=0.5, update=True, **SMALL)
     assert streamed == [True, True]  # dense statistics, then the second-order entry
+
+
+def test_structured_heads_and_layers_through_the_api_load_in_plain_transformers(world):
+    from transformers import AutoModelForCausalLM
+
+    out = world["work"] / "heads-layers"
+    result = api.prune(model=str(world["model"]), data=str(world["text"]), cache_dir=world["cache"], pattern="structured",
+                       sparsity=0.25, attention_method="none", heads_sparsity=0.5, drop_layers=1, update=True, out=out, **SMALL)
+    structure = result.runs[0].record["structure"]
+    assert structure["layers"] == [2, 1] and structure["heads"] == [4, 2] and structure["intermediate_size"] == [128, 96]
+    model = AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.randint(0, model.config.vocab_size, (1, 12))
+    expected = result.model.model(input_ids=ids).logits
+    assert (model(input_ids=ids).logits - expected).abs().max() < 1e-4
+
+
+def test_structured_options_need_the_structured_pattern(world):
+    with pytest.raises(UserError, match="--pattern structured"):
+        api.prune(model=str(world["model"]), data=str(world["text"]), cache_dir=world["cache"], heads_sparsity=0.5, **SMALL)
+
+
+def test_compressed_save_format_through_the_api(world):
+    out = world["work"] / "compressed"
+    result = api.prune(model=str(world["model"]), data=str(world["text"]), cache_dir=world["cache"], sparsity=0.5,
+                       prune_method="wanda", save_format="compressed", out=out, **SMALL)
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["format"] == "sparse-bitmask"
+    evaluated = api.evaluate(str(out), data=str(world["text"]), split="all", windows=2, seqlen=32, cache_dir=world["cache"])
+    assert abs(evaluated.model.sparsity.total.sparsity - result.runs[0].report.total.sparsity) < 1e-6

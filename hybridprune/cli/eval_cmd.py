@@ -46,7 +46,9 @@ def eval_command(
         list[str] | None, typer.Option("--compare", help="Folders to compare (repeatable, or list them after it); plots ppl vs sparsity.")
     ] = None,
     plot: Annotated[Path | None, typer.Option("--plot", help="Where --compare writes its plot (default hybridprune-compare.png).")] = None,
-    latency: Annotated[bool, typer.Option("--latency", help="Also time a batch-1 forward of --seqlen tokens.")] = False,
+    latency: Annotated[
+        bool, typer.Option("--latency", help="Also time prefill (batch 1 x --seqlen) and decode (tokens/s over 128 greedy tokens).")
+    ] = False,
     per_layer: Annotated[bool, typer.Option("--per-layer", help="Show the sparsity of every layer and module.")] = False,
     tasks: Annotated[str | None, typer.Option("--tasks", help="Zero-shot lm-eval tasks, comma-separated (hellaswag,arc_easy).")] = None,
     include_path: Annotated[Path | None, typer.Option("--include-path", help="A folder of your own lm-eval task YAML files.")] = None,
@@ -91,7 +93,9 @@ def _metrics(e: api.Evaluation) -> dict[str, str]:
         "eval throughput": f"{e.result.tokens_per_second:,.0f} tok/s",
     }
     if e.latency_s is not None:
-        rows["latency (1 x seqlen)"] = f"{e.latency_s * 1000:.1f} ms"
+        rows["prefill latency (1 x seqlen)"] = f"{e.latency_s * 1000:.1f} ms"
+    if e.decode_tokens_per_second is not None:
+        rows["decode (batch 1, greedy)"] = f"{e.decode_tokens_per_second:.1f} tok/s"
     return rows
 
 
@@ -108,7 +112,9 @@ def _deltas(delta: dict) -> dict[str, str]:
         "eval throughput": f"x{delta['throughput_ratio']:.2f}",
     }
     if delta["speedup"] is not None:
-        rows["latency (1 x seqlen)"] = f"speedup x{delta['speedup']:.2f}"
+        rows["prefill latency (1 x seqlen)"] = f"speedup x{delta['speedup']:.2f}"
+    if delta["decode_speedup"] is not None:
+        rows["decode (batch 1, greedy)"] = f"speedup x{delta['decode_speedup']:.2f}"
     return rows
 
 
@@ -146,7 +152,8 @@ def show_tasks(output: Output, evaluations: list[api.Evaluation]) -> None:
 def show_compare(output: Output, result: api.EvalResult, per_layer: bool) -> None:
     dense = result.dense_ppl
     timed = any(e.latency_s is not None for e in result.evaluations)
-    columns = ["folder", "method", "target", "sparsity", "attention", "MLP", "ppl", "vs dense", *(["latency"] if timed else [])]
+    columns = ["folder", "method", "target", "sparsity", "attention", "MLP", "ppl", "vs dense", "size",
+               *(["prefill", "decode"] if timed else [])]
     rows = []
     for e in result.evaluations:
         row = [
@@ -158,9 +165,11 @@ def show_compare(output: Output, result: api.EvalResult, per_layer: bool) -> Non
             ui.percent(e.sparsity.kind("mlp").sparsity),
             f"{e.result.ppl:.3f}",
             "-" if dense is None else f"{e.result.ppl - dense:+.3f}",
+            f"{e.size_bytes / 1e6:.1f} MB",
         ]
         if timed:
             row.append("-" if e.latency_s is None else f"{e.latency_s * 1000:.1f} ms")
+            row.append("-" if e.decode_tokens_per_second is None else f"{e.decode_tokens_per_second:.1f} tok/s")
         rows.append(row)
     output.show(ui.table(f"Comparison on {_title(result)}", columns, rows))
     if per_layer:

@@ -77,8 +77,23 @@ def prune(
         bool | None,
         typer.Option("--update/--no-update", help="Update kept weights to compensate, from second-order statistics (collected once, then cached)."),
     ] = None,
+    heads_sparsity: Annotated[
+        OptFloat, typer.Option("--heads-sparsity", help="With --pattern structured: remove this share of the query heads in every layer.")
+    ] = None,
+    drop_layers: Annotated[
+        int | None, typer.Option("--drop-layers", help="With --pattern structured: remove this many whole decoder layers (lowest block influence).")
+    ] = None,
+    target_speedup: Annotated[
+        OptFloat, typer.Option("--target-speedup", help="With --pattern structured --sparsity 0: plan neurons, heads and layers for "
+                               "this prefill speed-up, measured on this machine.")
+    ] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Save the pruned model here (a sweep: one subfolder per sparsity).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out (atomically).")] = False,
+    save_format: Annotated[
+        str,
+        typer.Option("--save-format", help="dense (plain safetensors) | compressed (compressed-tensors sparse bitmask: about 0.6x "
+                     "the size at 50%; read back by hybridprune and vLLM, see README)."),
+    ] = "dense",
     evaluate: Annotated[bool, typer.Option("--eval", help="Perplexity of each result (and dense) on the test split; a sweep also plots.")] = False,
     eval_windows: Annotated[int, typer.Option("--eval-windows", help="Test windows for --eval.")] = DEFAULT_EVAL_WINDOWS,
     data: DataOpt = None,
