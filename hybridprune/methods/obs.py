@@ -1,0 +1,280 @@
+"""Masks chosen inside the OBS sweep, swap refinement of masks, and N:M-friendly neuron orders.
+
+Pure tensor code (tensors in, tensors out). The weight update itself is SparseGPT's column sweep
+(methods/reconstruct.py): column j's pruned weights are compensated on the later columns through
+the upper Cholesky factor U of H^-1 (H = X^T X + damping). Here the mask is not fixed in advance:
+each block of columns chooses its own mask on the weights already updated by the earlier blocks,
+with SparseGPT's saliency w_ij^2 / U_jj^2 (the OBS error of pruning w_ij given the columns left),
+optionally times a per-row scale (the NeuronRank score for gate/up rows), in comparison groups of
+rows given by the caller (one row each = Wanda-like rows; several rows = one group over the block).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from hybridprune.masks import _keep_all_but_lowest, prune_counts
+
+
+def block_bounds(columns: int, block: int) -> list[tuple[int, int]]:
+    return [(start, min(start + block, columns)) for start in range(0, columns, block)]
+
+
+def sweep_counts(row_sparsity: Tensor, groups: Tensor, columns: int, block: int = 128) -> Tensor:
+    """How many weights each comparison group prunes in each block of columns (LongTensor [G, blocks]).
+
+    `row_sparsity` [rows] is every row's target; `groups` [rows] (0..G-1) the comparison group of each row
+    (rows of one group share a target). A group of one row prunes exactly its Wanda-style per-row count
+    (prune_counts over the rows of that target, so a matrix total stays exact to one weight); a group of
+    several rows prunes round(rows * columns * sparsity). Either way the group's count is spread over the
+    blocks in proportion to their widths (floor or ceiling, prune_counts), so the total is exact.
+    """
+    groups = groups.to(torch.long).cpu()
+    row_sparsity = row_sparsity.to(torch.float64).cpu()
+    n_groups = int(groups.max()) + 1 if groups.numel() else 0
+    sizes = torch.bincount(groups, minlength=n_groups)
+    widths = torch.tensor([end - start for start, end in block_bounds(columns, block)], dtype=torch.long)
+    totals = torch.zeros(n_groups, dtype=torch.long)
+    single = sizes[groups] == 1
+    # single-row groups: per target value, the rows' counts as Wanda's per-row groups would have them
+    for value in row_sparsity[single].unique().tolist():
+        rows = single & (row_sparsity == value)
+        totals[groups[rows]] = prune_counts(torch.full((int(rows.sum()),), columns, dtype=torch.long), value)
+    for group in torch.nonzero(sizes > 1).squeeze(1).tolist():
+        members = groups == group
+        rates = row_sparsity[members]
+        if not bool((rates == rates[0]).all()):
+            raise ValueError(f"rows of comparison group {group} have different sparsities")
+        totals[group] = prune_counts(torch.tensor([int(sizes[group]) * columns]), float(rates[0]))[0]
+    counts = torch.zeros(n_groups, widths.shape[0], dtype=torch.long)
+    for group in range(n_groups):
+        if totals[group] > 0:
+            share = float(totals[group]) / (int(sizes[group]) * columns)
+            counts[group] = prune_counts(widths * int(sizes[group]), share)
+    return counts
+
+
+class _BlockSelector:
+    """Per-block selection of the lowest metrics in each comparison group (ties: lower index first)."""
+
+    def __init__(self, groups: Tensor, device: torch.device) -> None:
+        groups = groups.to(torch.long).to(device)
+        sizes = torch.bincount(groups)
+        self.groups = groups
+        self.single_rows = torch.nonzero(sizes[groups] == 1).squeeze(1)
+        self.single_groups = groups[self.single_rows]
+        self.multi = [(int(g), torch.nonzero(groups == g).squeeze(1)) for g in torch.nonzero(sizes > 1).squeeze(1).tolist()]
+
+    def keep(self, metric: Tensor, counts: Tensor) -> Tensor:
+        """Keep-mask [rows, width] for one block; `counts` [G] is what each group prunes in it."""
+        keep = torch.ones(metric.shape, dtype=torch.bool, device=metric.device)
+        counts = counts.to(metric.device)
+        if self.single_rows.numel():
+            keep[self.single_rows] = _keep_all_but_lowest(metric[self.single_rows], counts[self.single_groups])
+        for group, rows in self.multi:
+            flat = metric[rows].reshape(1, -1)
+            keep[rows] = _keep_all_but_lowest(flat, counts[group : group + 1]).reshape(rows.shape[0], -1)
+        return keep
+
+
+def sweep_prune(
+    weight: Tensor,
+    factor: Tensor,
+    dead: Tensor,
+    *,
+    groups: Tensor | None = None,
+    counts: Tensor | None = None,
+    row_scale: Tensor | None = None,
+    nm: tuple[int, int] | None = None,
+    block: int = 128,
+) -> tuple[Tensor, Tensor]:
+    """SparseGPT's sweep with the mask chosen inside it: (updated weight, keep-mask), zeros exactly at ~keep.
+
+    Unstructured (`nm` None): at the start of each block of columns, the saliency
+    w_ij^2 / U_jj^2 * row_scale_i^2 of the already-updated weights picks, in each comparison group
+    (`groups` [rows], ids 0..G-1), the `counts[g, block]` lowest (see `sweep_counts`) to prune.
+    N:M: at every M-th column, the N lowest saliencies of each row among the next M (already updated
+    by the columns before them) are pruned; `block` is rounded down to a multiple of M.
+    Dead input channels (never non-zero) are zeroed first, so they are pruned first.
+    """
+    rows, columns = weight.shape
+    device = weight.device
+    factor = factor.to(device, torch.float32)
+    updated = weight.detach().to(torch.float32).clone()
+    updated[:, dead.to(device)] = 0.0
+    diagonal = factor.diagonal()
+    keep_all = torch.ones(rows, columns, dtype=torch.bool, device=device)
+    if nm is not None:
+        n, m = nm
+        if columns % m:
+            raise ValueError(f"N:M with M={m} needs the input size to be a multiple of {m}, got {columns}")
+        block = max(m, block - block % m)
+        selector = None
+    else:
+        if groups is None or counts is None:
+            raise ValueError("unstructured selection needs groups and counts (see sweep_counts)")
+        selector = _BlockSelector(groups, device)
+        scale2 = None if row_scale is None else row_scale.to(device, torch.float32).pow(2).unsqueeze(1)
+    bounds = block_bounds(columns, block)
+    for index, (start, end) in enumerate(bounds):
+        chunk = updated[:, start:end].T.contiguous()  # [width, rows]: a column is a contiguous row
+        local = factor[start:end, start:end]
+        inverse_d = 1.0 / diagonal[start:end]
+        errors = torch.empty_like(chunk)
+        if selector is not None:
+            metric = (chunk * inverse_d.unsqueeze(1)).pow(2).T
+            if scale2 is not None:
+                metric = metric * scale2
+            keep = selector.keep(metric.contiguous(), counts[:, index])  # type: ignore[index]
+            keep_all[:, start:end] = keep
+            chunk_scale = (~keep).T.to(torch.float32) * inverse_d.unsqueeze(1)
+        else:
+            chunk_scale = torch.empty_like(chunk)
+        for offset in range(end - start):
+            if selector is None and offset % m == 0:
+                saliency = (chunk[offset : offset + m] * inverse_d[offset : offset + m].unsqueeze(1)).pow(2).T.contiguous()
+                keep = _keep_all_but_lowest(saliency, torch.full((rows,), n, dtype=torch.long))
+                keep_all[:, start + offset : start + offset + m] = keep
+                chunk_scale[offset : offset + m] = (~keep).T.to(torch.float32) * inverse_d[offset : offset + m].unsqueeze(1)
+            error = torch.mul(chunk[offset], chunk_scale[offset], out=errors[offset])
+            chunk[offset:].addr_(local[offset, offset:], error, alpha=-1)
+        updated[:, start:end] = chunk.T
+        if end < columns:
+            updated[:, end:].addmm_(errors.T, factor[start:end, end:], alpha=-1)
+    updated[~keep_all] = 0.0
+    return updated.to(weight.dtype), keep_all
+
+
+# --- the Gram matrix from the cached factor, and swap refinement of a mask ---------------------------
+
+
+def gram_from_factor(factor: Tensor) -> Tensor:
+    """H + damping (float64) from the upper factor U of its inverse: (U^T U)^-1 = U^-1 U^-T.
+
+    The cached second-order entry keeps only U; the damped Gram it gives is what `refine_swaps` needs
+    (the 1% damping adds lambda * ||pruned part||^2 to its objective: a mild magnitude term).
+    """
+    upper = factor.to(torch.float64)
+    identity = torch.eye(upper.shape[0], dtype=torch.float64, device=upper.device)
+    inverse = torch.linalg.solve_triangular(upper, identity, upper=True)
+    return inverse @ inverse.T
+
+
+def reconstruction_error(weight: Tensor, keep: Tensor, gram: Tensor) -> Tensor:
+    """Per row, (w - w*keep)^T G (w - w*keep) = ||(W - W_masked) x||^2 summed over the calibration tokens."""
+    pruned = (weight.to(torch.float64) * (~keep))
+    return ((pruned @ gram.to(torch.float64)) * pruned).sum(1)
+
+
+def refine_swaps(
+    weight: Tensor,
+    keep: Tensor,
+    gram: Tensor,
+    *,
+    steps: int = 100,
+    nm: tuple[int, int] | None = None,
+    candidates: int = 16,
+) -> Tensor:
+    """Improve a keep-mask row by row under the Gram matrix G: swap one kept and one pruned weight of a row
+    when that lowers the row's error (w - w*keep)^T G (w - w*keep) (SparseSwaps-like, mask only).
+
+    Every row keeps its count (and, with `nm`, every group of M its N:M count: swaps stay inside a group).
+    At most `steps` swaps per row; each accepted swap lowers the row's error by its exact amount, so the
+    error never increases. Unstructured: the `candidates` best single moves on each side are paired
+    exactly (the cross term included); N:M: every pair inside every group is evaluated.
+    """
+    rows, columns = weight.shape
+    device = weight.device
+    w = weight.detach().to(torch.float64)
+    g = gram.to(device, torch.float64)
+    g_diag = g.diagonal()
+    keep = keep.clone().to(device)
+    pruned_part = w * (~keep)
+    residual = pruned_part @ g  # r = G delta per row (G symmetric)
+    row_ids = torch.arange(rows, device=device)
+    # cost of moving weight j from kept to pruned: 2 w_j r_j + w_j^2 G_jj; gain of reviving pruned i:
+    # 2 w_i r_i - w_i^2 G_ii; the pair (i revived, j pruned) also has the cross term -2 w_i w_j G_ij.
+    squared = w * w * g_diag
+    active = torch.ones(rows, dtype=torch.bool, device=device)
+    for _ in range(steps):
+        if nm is not None:
+            delta, revive, prune = _best_nm_swap(w, keep, residual, g, squared, nm)
+        else:
+            delta, revive, prune = _best_swap(w, keep, residual, g, squared, candidates)
+        accept = active & (delta < -1e-12 * (1.0 + residual.abs().max(1).values * w.abs().max(1).values))
+        if not bool(accept.any()):
+            break
+        active = accept  # a row with no improving swap stays done
+        r = row_ids[accept]
+        i, j = revive[accept], prune[accept]
+        keep[r, i] = True
+        keep[r, j] = False
+        residual[r] += w[r, j].unsqueeze(1) * g[j] - w[r, i].unsqueeze(1) * g[i]
+    return keep
+
+
+def _best_swap(w: Tensor, keep: Tensor, residual: Tensor, g: Tensor, squared: Tensor, k: int):
+    rows = w.shape[0]
+    cost = 2 * w * residual + squared  # added error when a kept weight is pruned
+    gain = 2 * w * residual - squared  # removed error when a pruned weight is revived
+    inf = torch.tensor(float("inf"), dtype=w.dtype, device=w.device)
+    cost = torch.where(keep, cost, inf)
+    gain = torch.where(keep, -inf, gain)
+    k_keep = min(k, int(keep.sum(1).min()))
+    k_pruned = min(k, int((~keep).sum(1).min()))
+    if k_keep == 0 or k_pruned == 0:
+        empty = torch.zeros(rows, dtype=torch.long, device=w.device)
+        return torch.zeros(rows, dtype=w.dtype, device=w.device), empty, empty
+    j_cost, j_index = torch.topk(cost, k_keep, dim=1, largest=False)
+    i_gain, i_index = torch.topk(gain, k_pruned, dim=1)
+    cross = g[i_index.unsqueeze(2), j_index.unsqueeze(1)]  # [rows, k_pruned, k_keep]
+    w_i = torch.gather(w, 1, i_index).unsqueeze(2)
+    w_j = torch.gather(w, 1, j_index).unsqueeze(1)
+    delta = j_cost.unsqueeze(1) - i_gain.unsqueeze(2) - 2 * w_i * w_j * cross
+    best = delta.reshape(rows, -1).argmin(1)
+    flat_delta = delta.reshape(rows, -1).gather(1, best.unsqueeze(1)).squeeze(1)
+    revive = i_index.gather(1, (best // k_keep).unsqueeze(1)).squeeze(1)
+    prune = j_index.gather(1, (best % k_keep).unsqueeze(1)).squeeze(1)
+    return flat_delta, revive, prune
+
+
+def _best_nm_swap(w: Tensor, keep: Tensor, residual: Tensor, g: Tensor, squared: Tensor, nm: tuple[int, int]):
+    rows, columns = w.shape
+    _, m = nm
+    blocks = columns // m
+    cost = (2 * w * residual + squared).reshape(rows, blocks, m)
+    gain = (2 * w * residual - squared).reshape(rows, blocks, m)
+    kept = keep.reshape(rows, blocks, m)
+    w3 = w.reshape(rows, blocks, m)
+    # G restricted to each block: [blocks, m, m]
+    index = torch.arange(columns, device=w.device).reshape(blocks, m)
+    g_blocks = g[index.unsqueeze(2), index.unsqueeze(1)]
+    # delta[r, b, i, j] for reviving i and pruning j inside block b
+    delta = cost.unsqueeze(2) - gain.unsqueeze(3) - 2 * w3.unsqueeze(3) * w3.unsqueeze(2) * g_blocks.unsqueeze(0)
+    valid = (~kept).unsqueeze(3) & kept.unsqueeze(2)
+    delta = torch.where(valid, delta, torch.tensor(float("inf"), dtype=w.dtype, device=w.device))
+    flat = delta.reshape(rows, -1)
+    best = flat.argmin(1)
+    best_delta = flat.gather(1, best.unsqueeze(1)).squeeze(1)
+    block_index = best // (m * m)
+    within = best % (m * m)
+    revive = block_index * m + within // m
+    prune = block_index * m + within % m
+    return best_delta, revive, prune
+
+
+# --- neuron orders for N:M ---------------------------------------------------------------------------
+
+
+def spread_order(score: Tensor, m: int) -> Tensor:
+    """A permutation of the neurons (LongTensor [I]) that spreads the important ones over the N:M groups
+    along down_proj's input: sorted by score, neuron of rank r goes to group r mod (I / M), so each group of
+    M consecutive positions holds one neuron from each score band (the best M-quantile first)."""
+    neurons = score.shape[0]
+    if neurons % m:
+        raise ValueError(f"{neurons} neurons do not split into groups of {m}")
+    groups = neurons // m
+    ranked = torch.argsort(-score.to(torch.float64), stable=True)
+    # position p = group * m + band; rank r = band * groups + group
+    return ranked.reshape(m, groups).T.reshape(-1)
