@@ -19,6 +19,8 @@ MLP_METHODS = ("neuronrank_tfidf", "neuronrank_old")
 TFIDF_MODES = ("doc", "topic")
 ATTENTION_METHODS = ("wanda", "none")
 TF_KINDS = ("out_rms", "rms", "mean_abs")
+UPDATE_MASKS = ("sweep", "fixed")
+NM_ORDERS = ("spread", "none")
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,9 @@ class PruneConfig:
     qk_shift: float = 0.0  # q/k pruned at sparsity + shift, v/o at sparsity - shift
     sequential: bool = False
     update: bool = False  # OBS weight update of the kept weights, from the cached second-order statistics
+    update_mask: str = "sweep"  # with --update: masks chosen inside the OBS sweep (sweep) or the hybrid's masks kept (fixed)
+    nm_order: str = "spread"  # N:M hybrid: permute MLP neurons so down_proj's N:M groups mix neuron scores (spread) or not (none)
+    refine: int = 0  # swap-refinement steps per row of the masks under X^T X (0 = off; uses the second-order entry)
 
     def validate(self, num_layers: int | None = None) -> PruneConfig:
         """Refuse impossible combinations with one clear line naming the flag."""
@@ -83,6 +88,16 @@ class PruneConfig:
             raise UserError("--qk-shift changes per-matrix sparsity, which an N:M pattern fixes: drop one of them")
         if self.sequential and self.layer_spread:
             raise UserError("--sequential prunes layer by layer and cannot combine with --layer-spread")
+        _choice("--update-mask", self.update_mask, UPDATE_MASKS)
+        _choice("--nm-order", self.nm_order, NM_ORDERS)
+        if not 0 <= self.refine <= 100_000:
+            raise UserError(f"--refine must be a number of swap steps per row in [0, 100000], got {self.refine}")
+        if self.refine and self.sequential:
+            raise UserError("--refine works from the dense model's second-order statistics, --sequential from pruned inputs: use one of them")
+        if self.refine and pattern.kind == "structured":
+            raise UserError("--refine swaps weights inside rows; --pattern structured removes whole neurons: drop one of them")
+        if self.refine and self.update and self.update_mask == "sweep":
+            raise UserError("--refine improves fixed masks; with --update the masks are chosen inside the sweep: add --update-mask fixed or drop --refine")
         if self.sequential and self.update:
             raise UserError("--update works from the dense model's second-order statistics, --sequential from pruned inputs: use one of them")
         return self

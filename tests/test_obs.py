@@ -145,3 +145,75 @@ def test_spread_order_puts_one_neuron_of_each_band_in_every_group():
     ranks[torch.argsort(-score)] = torch.arange(32)
     bands = (ranks[order] // 8).reshape(8, 4)
     assert torch.equal(bands, torch.arange(4).expand(8, 4))
+
+
+# --- through prune_model on a tiny random LLaMA -------------------------------------------------------
+
+from pathlib import Path  # noqa: E402
+
+from hybridprune.calibration.collect import CollectionOptions, collect_statistics  # noqa: E402
+from hybridprune.config import PruneConfig  # noqa: E402
+from hybridprune.models import load_model  # noqa: E402
+from hybridprune.prune import permute_neurons, prune_model  # noqa: E402
+from hybridprune.reporting import SilentReporter  # noqa: E402
+from hybridprune.sparsity import sparsity_report  # noqa: E402
+
+
+def test_neuron_permutation_leaves_the_dense_logits_unchanged(tiny_llama_folder: Path, tiny_cache_dir: Path):
+    loaded = load_model(str(tiny_llama_folder), cache_dir=tiny_cache_dir)
+    ids = torch.randint(0, loaded.model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = loaded.model(input_ids=ids).logits
+        for index, layer in enumerate(loaded.adapter.layers(loaded.model)):
+            width = loaded.adapter.linears(layer)[loaded.adapter.mlp_output].weight.shape[1]
+            order = spread_order(torch.rand(width, generator=torch.Generator().manual_seed(index)), 4)
+            assert not torch.equal(order, torch.arange(width))
+            permute_neurons(loaded.adapter.mlp(layer), loaded.adapter, order)
+        after = loaded.model(input_ids=ids).logits
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+
+
+def _tiny_run(folder: Path, cache: Path, **fields):
+    loaded = load_model(str(folder), cache_dir=cache)
+    windows = torch.randint(0, loaded.model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    stats = collect_statistics(loaded.model, loaded.adapter, windows, CollectionOptions(topics=4), batch_size=2)
+    hessians = collect_statistics(loaded.model, loaded.adapter, windows, CollectionOptions(), batch_size=2, hessians=True)
+    config = PruneConfig(**fields).validate()
+    prune_model(loaded, stats, config, SilentReporter(), hessians)
+    return loaded, config
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        dict(update=True),  # masks chosen inside the sweep (the default)
+        dict(update=True, qk_shift=0.1),
+        dict(update=True, update_mask="fixed"),
+        dict(update=True, pattern="2:4"),
+        dict(update=True, pattern="2:4", nm_order="none"),
+        dict(pattern="2:4"),  # mask only, neurons permuted
+        dict(refine=20),
+        dict(refine=20, pattern="2:4"),
+        dict(refine=20, update=True, update_mask="fixed"),
+        dict(prune_method="wanda", update=True),
+    ],
+)
+def test_every_update_and_refine_mode_hits_the_target(tiny_llama_folder: Path, tiny_cache_dir: Path, fields: dict):
+    loaded, config = _tiny_run(tiny_llama_folder, tiny_cache_dir, **fields)
+    report = sparsity_report(loaded.model, loaded.adapter, dense_intermediate_size=loaded.model.config.intermediate_size)
+    assert report.kind("mlp").sparsity == pytest.approx(0.5, abs=1e-3)
+    assert report.total.sparsity == pytest.approx(0.5, abs=1e-3)
+    assert all(torch.isfinite(p).all() for p in loaded.model.parameters())
+    if config.pattern == "2:4":
+        for layer in loaded.adapter.layers(loaded.model):
+            for linear in loaded.adapter.linears(layer).values():
+                assert bool(((linear.weight == 0).reshape(linear.weight.shape[0], -1, 4).sum(2) >= 2).all())
+
+
+def test_refine_needs_fixed_masks_with_update():
+    from hybridprune.errors import UserError
+
+    with pytest.raises(UserError, match="--refine"):
+        PruneConfig(refine=10, update=True).validate()
+    with pytest.raises(UserError, match="--update-mask"):
+        PruneConfig(update_mask="best").validate()

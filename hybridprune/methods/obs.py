@@ -278,3 +278,14 @@ def spread_order(score: Tensor, m: int) -> Tensor:
     ranked = torch.argsort(-score.to(torch.float64), stable=True)
     # position p = group * m + band; rank r = band * groups + group
     return ranked.reshape(m, groups).T.reshape(-1)
+
+
+def permute_factor(factor: Tensor, order: Tensor) -> Tensor:
+    """The upper factor of (P H P^T)^-1 from the factor U of H^-1 (U^T U = H^-1), P taking inputs to `order`.
+
+    The sweep's order of columns matters, so a permuted input needs its own factorization (float64)."""
+    upper = factor.to(torch.float64)
+    inverse = upper.T @ upper
+    index = order.to(inverse.device)
+    permuted = inverse[index][:, index]
+    return torch.linalg.cholesky(permuted, upper=True).to(factor.dtype)

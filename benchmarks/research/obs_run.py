@@ -1,0 +1,120 @@
+"""Run named variants of the product's prune_layer from cached statistics (issue 12 research).
+
+python obs_run.py NAME [NAME ...] [--split validation] [--windows 16]
+Each variant restores the dense weights, prunes all 30 layers with hybridprune.prune.prune_layer
+(dense statistics + the second-order entry built from the same 32 x 512 calibration windows), and
+evaluates perplexity; rows go to obs_results.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from obs_common import GROUPS, ObsHarness, common
+
+from hybridprune.calibration.stats import CalibrationStats, pack_upper
+from hybridprune.methods.hybrid import LayerPlan, NeuronScoring
+from hybridprune.methods.reconstruct import inverse_hessian_factor
+from hybridprune.prune import prune_layer
+
+HESSIANS = Path("/tmp/obs/hessian_entry_32x512_s0.safetensors")
+TOPIC = NeuronScoring(mode="topic", tf_kind="out_rms", tf_exp=1.0, idf_exp=0.25, min_tokens=1, topic_rate=0.05)
+DOC = NeuronScoring(mode="doc", tf_kind="out_rms", tf_exp=1.0, idf_exp=0.25, min_tokens=1, topic_rate=0.05)
+
+H = dict(attention_method="wanda", mlp_method="neuronrank", attention_sparsity=0.5, mlp_sparsity=0.5)
+W = dict(attention_method="wanda", mlp_method="wanda", attention_sparsity=0.5, mlp_sparsity=0.5)
+Q = dict(H, qk_shift=0.1)
+VARIANTS: dict[str, dict] = {
+    "wanda": dict(W),
+    "wanda24": dict(W, pattern="2:4"),
+    "hybrid_qk": dict(Q),
+    "wanda_upd_fixed": dict(W, update=True, update_mask="fixed"),
+    "wanda_upd_sweep_row": dict(W, update=True),
+    "wanda_upd_sweep_matrix": dict(W, update=True, sweep_group="matrix"),
+    "quality_fixed": dict(Q, update=True, update_mask="fixed"),
+    "quality_sweep_row": dict(Q, update=True),
+    "quality_sweep_matrix": dict(Q, update=True, sweep_group="matrix"),
+    "hybrid_sweep_row": dict(H, update=True),
+    "hybrid24": dict(H, pattern="2:4"),
+    "hybrid24_spread": dict(H, pattern="2:4", nm_order="spread"),
+    "hybrid24_upd_fixed": dict(H, pattern="2:4", update=True, update_mask="fixed"),
+    "hybrid24_upd_sweep": dict(H, pattern="2:4", update=True),
+    "hybrid24_upd_sweep_spread": dict(H, pattern="2:4", update=True, nm_order="spread"),
+    "hybrid24_upd_fixed_spread": dict(H, pattern="2:4", update=True, update_mask="fixed", nm_order="spread"),
+    "wanda24_upd_sweep": dict(W, pattern="2:4", update=True),
+    "hybrid_qk_refine50": dict(Q, refine=50),
+    "hybrid_qk_refine200": dict(Q, refine=200),
+    "hybrid_refine200": dict(H, refine=200),
+    "wanda_refine200": dict(W, refine=200),
+    "hybrid24_refine100": dict(H, pattern="2:4", refine=100),
+    "hybrid24_spread_refine100": dict(H, pattern="2:4", nm_order="spread", refine=100),
+}
+for steps in (400, 1000):
+    VARIANTS[f"hybrid_qk_refine{steps}"] = dict(Q, refine=steps)
+
+
+def hessian_entry(h: ObsHarness) -> CalibrationStats:
+    if HESSIANS.exists():
+        return CalibrationStats(load_file(str(HESSIANS)))
+    tensors = {"tokens": torch.tensor(32.0 * 512, dtype=torch.float64)}
+    for layer in range(len(h.layers)):
+        for group in GROUPS:
+            factor, dead = inverse_hessian_factor(h.gram(layer, group))
+            tensors[f"layer.{layer}.{group}.inverse_factor"] = pack_upper(factor)
+            tensors[f"layer.{layer}.{group}.dead"] = dead
+    save_file(tensors, str(HESSIANS))
+    return CalibrationStats(tensors)
+
+
+def sparsity(h: ObsHarness) -> dict[str, float]:
+    zeros = {"attn": 0, "mlp": 0}
+    total = {"attn": 0, "mlp": 0}
+    for layer in h.layers:
+        for name, linear in h.adapter.linears(layer).items():
+            kind = "attn" if name in common.ATTN else "mlp"
+            zeros[kind] += int((linear.weight == 0).sum())
+            total[kind] += linear.weight.numel()
+    return {k: zeros[k] / total[k] for k in zeros} | {"total": sum(zeros.values()) / sum(total.values())}
+
+
+def run(h: ObsHarness, hessians: CalibrationStats, name: str, split: str, windows: int, scoring=TOPIC) -> dict:
+    cfg = VARIANTS[name]
+    plan = LayerPlan(**cfg)
+    h.restore()
+    started = time.perf_counter()
+    with torch.no_grad():
+        for index, layer in enumerate(h.layers):
+            prune_layer(layer, index, h.adapter, h.stats, plan, scoring, hessians)
+    seconds = time.perf_counter() - started
+    sp = sparsity(h)
+    ppl = h.ppl(split, windows)
+    common.record(name, split, windows, ppl, sp, {"prune_s": round(seconds, 1), "cfg": cfg})
+    return {"ppl": ppl, "prune_s": seconds}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("names", nargs="+")
+    p.add_argument("--split", default="validation")
+    p.add_argument("--windows", type=int, default=16)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    h = ObsHarness()
+    torch.set_num_threads(args.threads)
+    hessians = hessian_entry(h)
+    for name in args.names:
+        if name == "dense":
+            h.restore()
+            common.record("dense", args.split, args.windows, h.ppl(args.split, args.windows), sparsity(h))
+            continue
+        run(h, hessians, name, args.split, args.windows)
+
+
+if __name__ == "__main__":
+    main()
