@@ -191,8 +191,12 @@ def prune_layer(
             _sweep_layer(linears, adapter, plan, score, factor_of)
             return
         if hessians is not None and plan.refine > 0 and masks:
+            grams: dict[str, torch.Tensor] = {}
             for name, mask in masks.items():
-                gram = gram_from_factor(factor_of(adapter.input_group(name))[0])
+                group = adapter.input_group(name)
+                if group not in grams:  # the damped X^T X, from the cached factor of its inverse
+                    grams[group] = gram_from_factor(factor_of(group)[0])
+                gram = grams[group]
                 masks[name] = refine_swaps(
                     weights[name], mask.to(weights[name].device), gram.to(weights[name].device),
                     steps=plan.refine, nm=(pattern.n, pattern.m) if pattern.kind == "nm" else None,

@@ -71,3 +71,33 @@ class ObsHarness(Harness):
         if (layer, group) not in self._factors:
             self._factors[(layer, group)] = inverse_hessian_factor(self.gram(layer, group))
         return self._factors[(layer, group)]
+
+
+def domain_ids(h: ObsHarness, domain: str, half: str) -> torch.Tensor:
+    """Token ids of an out-of-domain half (benchmarks/domains.py of the quality branch, copied to /tmp/obs)."""
+    sys.path.insert(0, "/tmp/obs")
+    import domains  # noqa: PLC0415
+
+    from hybridprune.data.tokens import encode_text
+
+    key = f"{domain}:{half}"
+    if key not in h._ids:
+        validation, test = domains.domain_texts(domain)
+        h._ids[key] = encode_text(validation if half == "validation" else test, h.loaded.tokenizer)
+    return h._ids[key]
+
+
+@torch.no_grad()
+def domain_ppl(h: ObsHarness, domain: str, half: str, windows: int = 16, batch: int = 4) -> float:
+    import math
+
+    from hybridprune.data import eval_windows
+
+    ids = eval_windows(domain_ids(h, domain, half), 512, windows)
+    nll, count = 0.0, 0
+    for start in range(0, ids.shape[0], batch):
+        x = ids[start:start + batch]
+        logits = h.model(input_ids=x, use_cache=False).logits[:, :-1].float()
+        nll += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"))
+        count += x[:, 1:].numel()
+    return math.exp(nll / count)

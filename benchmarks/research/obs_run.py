@@ -55,6 +55,10 @@ VARIANTS: dict[str, dict] = {
     "hybrid24_refine100": dict(H, pattern="2:4", refine=100),
     "hybrid24_spread_refine100": dict(H, pattern="2:4", nm_order="spread", refine=100),
 }
+VARIANTS["quality_refine200_fixed"] = dict(Q, refine=200, update=True, update_mask="fixed")
+for shift in (0.05, 0.15, 0.2):
+    VARIANTS[f"quality_sweep_matrix_qk{int(shift * 100)}"] = dict(H, qk_shift=shift, update=True, sweep_group="matrix")
+VARIANTS["hybrid24_upd_sweep_matrix_spread"] = dict(H, pattern="2:4", update=True, nm_order="spread", sweep_group="matrix")
 for steps in (400, 1000):
     VARIANTS[f"hybrid_qk_refine{steps}"] = dict(Q, refine=steps)
 
@@ -104,10 +108,25 @@ def main() -> None:
     p.add_argument("--split", default="validation")
     p.add_argument("--windows", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--domains", nargs="*", default=None, help="out-of-domain names: evaluate these instead of wiki-vital")
     args = p.parse_args()
     h = ObsHarness()
     torch.set_num_threads(args.threads)
     hessians = hessian_entry(h)
+    if args.domains:
+        from obs_common import domain_ppl
+
+        for name in args.names:
+            h.restore()
+            if name != "dense":
+                plan = LayerPlan(**VARIANTS[name])
+                with torch.no_grad():
+                    for index, layer in enumerate(h.layers):
+                        prune_layer(layer, index, h.adapter, h.stats, plan, TOPIC, hessians)
+            for domain in args.domains:
+                ppl = domain_ppl(h, domain, args.split, args.windows)
+                common.record(name, f"{domain}:{args.split}", args.windows, ppl, sparsity(h), {"cfg": VARIANTS.get(name, {})})
+        return
     for name in args.names:
         if name == "dense":
             h.restore()

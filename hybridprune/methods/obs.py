@@ -133,10 +133,11 @@ def sweep_prune(
             chunk_scale = torch.empty_like(chunk)
         for offset in range(end - start):
             if selector is None and offset % m == 0:
-                saliency = (chunk[offset : offset + m] * inverse_d[offset : offset + m].unsqueeze(1)).pow(2).T.contiguous()
-                keep = _keep_all_but_lowest(saliency, torch.full((rows,), n, dtype=torch.long))
-                keep_all[:, start + offset : start + offset + m] = keep
-                chunk_scale[offset : offset + m] = (~keep).T.to(torch.float32) * inverse_d[offset : offset + m].unsqueeze(1)
+                saliency = (chunk[offset : offset + m] * inverse_d[offset : offset + m].unsqueeze(1)).pow(2)  # [m, rows]
+                lowest = torch.sort(saliency, dim=0, stable=True).indices[:n]  # ties: lower index first
+                pruned = torch.zeros_like(saliency).scatter_(0, lowest, 1.0)
+                keep_all[:, start + offset : start + offset + m] = (pruned == 0).T
+                chunk_scale[offset : offset + m] = pruned * inverse_d[offset : offset + m].unsqueeze(1)
             error = torch.mul(chunk[offset], chunk_scale[offset], out=errors[offset])
             chunk[offset:].addr_(local[offset, offset:], error, alpha=-1)
         updated[:, start:end] = chunk.T
@@ -289,3 +290,46 @@ def permute_factor(factor: Tensor, order: Tensor) -> Tensor:
     index = order.to(inverse.device)
     permuted = inverse[index][:, index]
     return torch.linalg.cholesky(permuted, upper=True).to(factor.dtype)
+
+
+def kept_metric(metric: Tensor, order: Tensor, n: int, m: int) -> Tensor:
+    """Sum over rows of the metric an N:M mask keeps when the inputs are taken in `order` (float64 scalar)."""
+    grouped = metric[:, order].to(torch.float64).reshape(metric.shape[0], -1, m)
+    return torch.topk(grouped, m - n, dim=2).values.sum()
+
+
+def balanced_order(metric: Tensor, score: Tensor, n: int, m: int, rounds: int = 20, seed: int = 0) -> Tensor:
+    """A neuron order for N:M along down_proj's input that keeps more of the metric than `spread_order`:
+    start from it, then in each round pair the groups at random and, in every pair, make the single
+    exchange of one neuron between the two groups that most raises the metric the N:M mask keeps
+    (summed over the rows), if any raises it (RIA-style channel permutation by local search).
+    """
+    rows, neurons = metric.shape
+    positions = spread_order(score, m).reshape(-1, m).clone()  # [groups, m] neuron ids
+    groups = positions.shape[0]
+    if groups < 2:
+        return positions.reshape(-1)
+    metric = metric.to(torch.float64)
+    generator = torch.Generator().manual_seed(seed)
+    keep = m - n
+    ii, jj = torch.meshgrid(torch.arange(m), torch.arange(m), indexing="ij")
+    ii, jj = ii.reshape(-1), jj.reshape(-1)  # candidate exchange: slot ii of group a <-> slot jj of group b
+    for _ in range(rounds):
+        shuffled = torch.randperm(groups, generator=generator)
+        pairs = groups // 2
+        a, b = shuffled[:pairs], shuffled[pairs : 2 * pairs]
+        left, right = metric[:, positions[a]], metric[:, positions[b]]  # [rows, pairs, m]
+        current = torch.topk(left, keep, dim=2).values.sum((0, 2)) + torch.topk(right, keep, dim=2).values.sum((0, 2))
+        cand_left = left.unsqueeze(2).repeat(1, 1, m * m, 1)  # [rows, pairs, m*m, m]
+        cand_right = right.unsqueeze(2).repeat(1, 1, m * m, 1)
+        slots = torch.arange(m * m)
+        cand_left[:, :, slots, ii] = right[:, :, jj]
+        cand_right[:, :, slots, jj] = left[:, :, ii]
+        value = torch.topk(cand_left, keep, dim=3).values.sum((0, 3)) + torch.topk(cand_right, keep, dim=3).values.sum((0, 3))
+        best_value, best = value.max(1)
+        better = best_value > current * (1 + 1e-12)
+        for pair in torch.nonzero(better).squeeze(1).tolist():
+            i, j = int(ii[best[pair]]), int(jj[best[pair]])
+            ga, gb = int(a[pair]), int(b[pair])
+            positions[ga, i], positions[gb, j] = positions[gb, j].clone(), positions[ga, i].clone()
+    return positions.reshape(-1)
