@@ -187,32 +187,54 @@ def refine_swaps(
     """
     rows, columns = weight.shape
     device = weight.device
-    w = weight.detach().to(torch.float64)
-    g = gram.to(device, torch.float64)
+    # float64 weights are refined in float64 (tests); float32 in float32 with the residual recomputed
+    # exactly every `RESYNC` steps and only clear improvements accepted (tolerance below).
+    dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    w_all = weight.detach().to(dtype)
+    g64 = gram.to(device, torch.float64)
+    g = g64.to(dtype)
     g_diag = g.diagonal()
-    keep = keep.clone().to(device)
-    pruned_part = w * (~keep)
-    residual = pruned_part @ g  # r = G delta per row (G symmetric)
-    row_ids = torch.arange(rows, device=device)
-    # cost of moving weight j from kept to pruned: 2 w_j r_j + w_j^2 G_jj; gain of reviving pruned i:
-    # 2 w_i r_i - w_i^2 G_ii; the pair (i revived, j pruned) also has the cross term -2 w_i w_j G_ij.
-    squared = w * w * g_diag
-    active = torch.ones(rows, dtype=torch.bool, device=device)
-    for _ in range(steps):
+    keep_all = keep.clone().to(device)
+    squared_all = w_all * w_all * g_diag
+    # accept a swap only if it lowers the error by more than rounding could explain
+    tolerance_all = squared_all.max(1).values * (1e-12 if dtype == torch.float64 else 1e-5)
+    rows_left = torch.arange(rows, device=device)
+
+    def exact_residual(row_index: Tensor) -> Tensor:
+        pruned_part = weight.detach()[row_index].to(torch.float64) * (~keep_all[row_index])
+        return (pruned_part @ g64).to(dtype)  # r = G delta per row (G symmetric)
+
+    residual = exact_residual(rows_left)
+    w, squared, tolerance = w_all, squared_all, tolerance_all
+    local_rows = torch.arange(rows, device=device)
+    for step in range(steps):
+        keep_now = keep_all[rows_left]
+        if step and step % RESYNC == 0:
+            residual = exact_residual(rows_left)
         if nm is not None:
-            delta, revive, prune = _best_nm_swap(w, keep, residual, g, squared, nm)
+            delta, revive, prune = _best_nm_swap(w, keep_now, residual, g, squared, nm)
         else:
-            delta, revive, prune = _best_swap(w, keep, residual, g, squared, candidates)
-        accept = active & (delta < -1e-12 * (1.0 + residual.abs().max(1).values * w.abs().max(1).values))
+            delta, revive, prune = _best_swap(w, keep_now, residual, g, squared, candidates)
+        accept = delta < -tolerance
         if not bool(accept.any()):
             break
-        active = accept  # a row with no improving swap stays done
-        r = row_ids[accept]
+        # cost of pruning kept j: 2 w_j r_j + w_j^2 G_jj; gain of reviving pruned i: 2 w_i r_i - w_i^2 G_ii;
+        # the pair also has the cross term -2 w_i w_j G_ij (all in _best_*). A row without an improving
+        # swap has nothing left to change, so it leaves the loop.
+        r = local_rows[accept]
         i, j = revive[accept], prune[accept]
-        keep[r, i] = True
-        keep[r, j] = False
+        rows_global = rows_left[r]
+        keep_all[rows_global, i] = True
+        keep_all[rows_global, j] = False
         residual[r] += w[r, j].unsqueeze(1) * g[j] - w[r, i].unsqueeze(1) * g[i]
-    return keep
+        if not bool(accept.all()):
+            rows_left, residual = rows_left[accept], residual[accept]
+            w, squared, tolerance = w_all[rows_left], squared_all[rows_left], tolerance_all[rows_left]
+            local_rows = torch.arange(rows_left.shape[0], device=device)
+    return keep_all
+
+
+RESYNC = 25
 
 
 def _best_swap(w: Tensor, keep: Tensor, residual: Tensor, g: Tensor, squared: Tensor, k: int):
