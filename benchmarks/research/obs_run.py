@@ -35,16 +35,16 @@ VARIANTS: dict[str, dict] = {
     "wanda24": dict(W, pattern="2:4"),
     "hybrid_qk": dict(Q),
     "wanda_upd_fixed": dict(W, update=True, update_mask="fixed"),
-    "wanda_upd_sweep_row": dict(W, update=True),
+    "wanda_upd_sweep_row": dict(W, update=True, sweep_group="row"),
     "wanda_upd_sweep_matrix": dict(W, update=True, sweep_group="matrix"),
     "quality_fixed": dict(Q, update=True, update_mask="fixed"),
-    "quality_sweep_row": dict(Q, update=True),
+    "quality_sweep_row": dict(Q, update=True, sweep_group="row"),
     "quality_sweep_matrix": dict(Q, update=True, sweep_group="matrix"),
-    "hybrid_sweep_row": dict(H, update=True),
+    "hybrid_sweep_row": dict(H, update=True, sweep_group="row"),
     "hybrid24": dict(H, pattern="2:4"),
     "hybrid24_spread": dict(H, pattern="2:4", nm_order="spread"),
     "hybrid24_upd_fixed": dict(H, pattern="2:4", update=True, update_mask="fixed"),
-    "hybrid24_upd_sweep": dict(H, pattern="2:4", update=True),
+    "hybrid24_upd_sweep": dict(H, pattern="2:4", update=True, nm_order="none"),
     "hybrid24_upd_sweep_spread": dict(H, pattern="2:4", update=True, nm_order="spread"),
     "hybrid24_upd_fixed_spread": dict(H, pattern="2:4", update=True, update_mask="fixed", nm_order="spread"),
     "wanda24_upd_sweep": dict(W, pattern="2:4", update=True),
@@ -97,8 +97,9 @@ def run(h: ObsHarness, hessians: CalibrationStats, name: str, split: str, window
             prune_layer(layer, index, h.adapter, h.stats, plan, scoring, hessians)
     seconds = time.perf_counter() - started
     sp = sparsity(h)
-    ppl = h.ppl(split, windows)
-    common.record(name, split, windows, ppl, sp, {"prune_s": round(seconds, 1), "cfg": cfg})
+    for one in split.split(","):
+        ppl = h.ppl(one, windows)
+        common.record(name, one, windows, ppl, sp, {"prune_s": round(seconds, 1), "cfg": cfg})
     return {"ppl": ppl, "prune_s": seconds}
 
 
@@ -124,13 +125,15 @@ def main() -> None:
                     for index, layer in enumerate(h.layers):
                         prune_layer(layer, index, h.adapter, h.stats, plan, TOPIC, hessians)
             for domain in args.domains:
-                ppl = domain_ppl(h, domain, args.split, args.windows)
-                common.record(name, f"{domain}:{args.split}", args.windows, ppl, sparsity(h), {"cfg": VARIANTS.get(name, {})})
+                for one in args.split.split(","):
+                    ppl = domain_ppl(h, domain, one, args.windows)
+                    common.record(name, f"{domain}:{one}", args.windows, ppl, sparsity(h), {"cfg": VARIANTS.get(name, {})})
         return
     for name in args.names:
         if name == "dense":
             h.restore()
-            common.record("dense", args.split, args.windows, h.ppl(args.split, args.windows), sparsity(h))
+            for one in args.split.split(","):
+                common.record("dense", one, args.windows, h.ppl(one, args.windows), sparsity(h))
             continue
         run(h, hessians, name, args.split, args.windows)
 
