@@ -59,6 +59,8 @@ VARIANTS["quality_refine200_fixed"] = dict(Q, refine=200, update=True, update_ma
 for shift in (0.05, 0.15, 0.2):
     VARIANTS[f"quality_sweep_matrix_qk{int(shift * 100)}"] = dict(H, qk_shift=shift, update=True, sweep_group="matrix")
 VARIANTS["hybrid24_upd_sweep_matrix_spread"] = dict(H, pattern="2:4", update=True, nm_order="spread", sweep_group="matrix")
+VARIANTS["hybrid24_spread_refine100_upd_fixed"] = dict(H, pattern="2:4", nm_order="spread", refine=100, update=True, update_mask="fixed")
+VARIANTS["wanda_upd_sweep"] = dict(W, update=True)
 for steps in (400, 1000):
     VARIANTS[f"hybrid_qk_refine{steps}"] = dict(Q, refine=steps)
 
@@ -97,9 +99,11 @@ def run(h: ObsHarness, hessians: CalibrationStats, name: str, split: str, window
             prune_layer(layer, index, h.adapter, h.stats, plan, scoring, hessians)
     seconds = time.perf_counter() - started
     sp = sparsity(h)
-    for one in split.split(","):
-        ppl = h.ppl(one, windows)
-        common.record(name, one, windows, ppl, sp, {"prune_s": round(seconds, 1), "cfg": cfg})
+    for one in split.split(","):  # "validation,test" or "validation:16,test:64"
+        one, _, count = one.partition(":")
+        count = int(count) if count else windows
+        ppl = h.ppl(one, count)
+        common.record(name, one, count, ppl, sp, {"prune_s": round(seconds, 1), "cfg": cfg})
     return {"ppl": ppl, "prune_s": seconds}
 
 
