@@ -117,16 +117,17 @@ def test_gram_from_factor_is_the_damped_gram():
     torch.testing.assert_close(gram_from_factor(factor), damped, rtol=1e-4, atol=1e-3 * float(gram.diagonal().mean()))
 
 
+@pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("nm", [None, (2, 4)])
-def test_refinement_never_increases_the_error_and_keeps_the_counts(nm, dtype):
+def test_refinement_never_increases_the_error_and_keeps_the_counts(nm, dtype, batch):
     inputs = correlated_inputs(tokens=1024, features=32, rank=6, seed=4)
     gram = inputs.T @ inputs
     weight = torch.randn(20, 32, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(dtype)
     metric = weight.abs() * gram.diagonal().sqrt()
     keep = mask_unstructured(metric, 0.5) if nm is None else mask_n_m(metric, *nm)
     before = reconstruction_error(weight, keep, gram)
-    refined = refine_swaps(weight, keep, gram, steps=50, nm=nm)
+    refined = refine_swaps(weight, keep, gram, steps=50, nm=nm, batch=batch)
     after = reconstruction_error(weight, refined, gram)
     assert bool((after <= before * (1 + 1e-9)).all())  # errors measured in float64
     assert float(after.sum()) < 0.9 * float(before.sum())  # it does find swaps
@@ -134,7 +135,7 @@ def test_refinement_never_increases_the_error_and_keeps_the_counts(nm, dtype):
     if nm is not None:
         assert bool(((~refined).reshape(20, -1, 4).sum(2) == 2).all())
     for steps in (1, 3, 10):  # and monotone in the number of steps
-        partial = reconstruction_error(weight, refine_swaps(weight, keep, gram, steps=steps, nm=nm), gram)
+        partial = reconstruction_error(weight, refine_swaps(weight, keep, gram, steps=steps, nm=nm, batch=batch), gram)
         assert bool((partial <= before * (1 + 1e-9)).all())
 
 

@@ -176,6 +176,7 @@ def refine_swaps(
     steps: int = 100,
     nm: tuple[int, int] | None = None,
     candidates: int = 16,
+    batch: int = 1,
 ) -> Tensor:
     """Improve a keep-mask row by row under the Gram matrix G: swap one kept and one pruned weight of a row
     when that lowers the row's error (w - w*keep)^T G (w - w*keep) (SparseSwaps-like, mask only).
@@ -184,6 +185,8 @@ def refine_swaps(
     At most `steps` swaps per row; each accepted swap lowers the row's error by its exact amount, so the
     error never increases. Unstructured: the `candidates` best single moves on each side are paired
     exactly (the cross term included); N:M: every pair inside every group is evaluated.
+    `batch` > 1: a step may also make several swaps at once (the best pairs of distinct weights, or of
+    distinct N:M groups), taking the prefix of them whose exact joint change, cross terms included, is lowest.
     """
     rows, columns = weight.shape
     device = weight.device
@@ -212,12 +215,28 @@ def refine_swaps(
         if step and step % RESYNC == 0:
             residual = exact_residual(rows_left)
         if nm is not None:
-            delta, revive, prune = _best_nm_swap(w, keep_now, residual, g, squared, nm)
+            delta, revive, prune = _best_nm_swap(w, keep_now, residual, g, squared, nm, batch)
         else:
-            delta, revive, prune = _best_swap(w, keep_now, residual, g, squared, candidates)
+            delta, revive, prune = _best_swap(w, keep_now, residual, g, squared, candidates, batch)
         accept = delta < -tolerance
         if not bool(accept.any()):
             break
+        if revive.dim() == 2:  # several swaps per row: revive/prune [rows, batch], -1 = none
+            r = local_rows[accept]
+            i, j = revive[accept], prune[accept]
+            used = i >= 0
+            rows_global = rows_left[r].unsqueeze(1).expand_as(i)[used]
+            keep_all[rows_global, i[used]] = True
+            keep_all[rows_global, j[used]] = False
+            idx = torch.cat([i.clamp_min(0), j.clamp_min(0)], 1)
+            coef = torch.cat([-torch.gather(w[r], 1, idx[:, : i.shape[1]]), torch.gather(w[r], 1, idx[:, i.shape[1] :])], 1)
+            coef = coef * torch.cat([used, used], 1)
+            residual[r] += torch.bmm(coef.unsqueeze(1), g[idx]).squeeze(1)
+            if not bool(accept.all()):
+                rows_left, residual = rows_left[accept], residual[accept]
+                w, squared, tolerance = w_all[rows_left], squared_all[rows_left], tolerance_all[rows_left]
+                local_rows = torch.arange(rows_left.shape[0], device=device)
+            continue
         # cost of pruning kept j: 2 w_j r_j + w_j^2 G_jj; gain of reviving pruned i: 2 w_i r_i - w_i^2 G_ii;
         # the pair also has the cross term -2 w_i w_j G_ij (all in _best_*). A row without an improving
         # swap has nothing left to change, so it leaves the loop.
@@ -237,7 +256,35 @@ def refine_swaps(
 RESYNC = 25
 
 
-def _best_swap(w: Tensor, keep: Tensor, residual: Tensor, g: Tensor, squared: Tensor, k: int):
+def _prefix_deltas(w: Tensor, residual: Tensor, g: Tensor, revive: Tensor, prune: Tensor) -> Tensor:
+    """Exact change of each row's error [rows, T] after the first t swaps (revive[:, :t], prune[:, :t]),
+    all weights distinct: 2 v^T r + v^T G v with v = -w at the revived, +w at the pruned positions."""
+    rows, count = revive.shape
+    idx = torch.stack([revive, prune], 2).reshape(rows, 2 * count)
+    sign = torch.tensor([-1.0, 1.0], dtype=w.dtype, device=w.device).repeat(count)
+    v = torch.gather(w, 1, idx) * sign
+    linear = (2 * v * torch.gather(residual, 1, idx)).cumsum(1)
+    quad = (v.unsqueeze(2) * v.unsqueeze(1) * g[idx.unsqueeze(2), idx.unsqueeze(1)]).cumsum(1).cumsum(2)
+    ends = torch.arange(1, 2 * count, 2, device=w.device)
+    return linear[:, ends] + quad[:, ends, ends]
+
+
+def _choose(single: Tensor, revive1: Tensor, prune1: Tensor, w, residual, g, revive: Tensor, prune: Tensor):
+    """The better of the best single swap and the best prefix of several: (delta, revive [rows, T], prune [rows, T])."""
+    deltas = _prefix_deltas(w, residual, g, revive, prune)
+    best_prefix, length = deltas.min(1)
+    use_prefix = best_prefix < single
+    count = torch.where(use_prefix, length + 1, torch.ones_like(length))
+    slots = torch.arange(revive.shape[1], device=w.device).unsqueeze(0)
+    chosen_revive = torch.where(use_prefix.unsqueeze(1), revive, revive1.unsqueeze(1).expand_as(revive))
+    chosen_prune = torch.where(use_prefix.unsqueeze(1), prune, prune1.unsqueeze(1).expand_as(prune))
+    unused = slots >= count.unsqueeze(1)
+    chosen_revive = chosen_revive.masked_fill(unused, -1)
+    chosen_prune = chosen_prune.masked_fill(unused, -1)
+    return torch.minimum(best_prefix, single), chosen_revive, chosen_prune
+
+
+def _best_swap(w: Tensor, keep: Tensor, residual: Tensor, g: Tensor, squared: Tensor, k: int, batch: int = 1):
     rows = w.shape[0]
     cost = 2 * w * residual + squared  # added error when a kept weight is pruned
     gain = 2 * w * residual - squared  # removed error when a pruned weight is revived
@@ -259,10 +306,14 @@ def _best_swap(w: Tensor, keep: Tensor, residual: Tensor, g: Tensor, squared: Te
     flat_delta = delta.reshape(rows, -1).gather(1, best.unsqueeze(1)).squeeze(1)
     revive = i_index.gather(1, (best // k_keep).unsqueeze(1)).squeeze(1)
     prune = j_index.gather(1, (best % k_keep).unsqueeze(1)).squeeze(1)
-    return flat_delta, revive, prune
+    count = min(batch, k_keep, k_pruned)
+    if count <= 1:
+        return flat_delta, revive, prune
+    # several at once: the t best revivals paired in order with the t cheapest prunings
+    return _choose(flat_delta, revive, prune, w, residual, g, i_index[:, :count], j_index[:, :count])
 
 
-def _best_nm_swap(w: Tensor, keep: Tensor, residual: Tensor, g: Tensor, squared: Tensor, nm: tuple[int, int]):
+def _best_nm_swap(w: Tensor, keep: Tensor, residual: Tensor, g: Tensor, squared: Tensor, nm: tuple[int, int], batch: int = 1):
     rows, columns = w.shape
     _, m = nm
     blocks = columns // m
@@ -277,14 +328,16 @@ def _best_nm_swap(w: Tensor, keep: Tensor, residual: Tensor, g: Tensor, squared:
     delta = cost.unsqueeze(2) - gain.unsqueeze(3) - 2 * w3.unsqueeze(3) * w3.unsqueeze(2) * g_blocks.unsqueeze(0)
     valid = (~kept).unsqueeze(3) & kept.unsqueeze(2)
     delta = torch.where(valid, delta, torch.tensor(float("inf"), dtype=w.dtype, device=w.device))
-    flat = delta.reshape(rows, -1)
-    best = flat.argmin(1)
-    best_delta = flat.gather(1, best.unsqueeze(1)).squeeze(1)
-    block_index = best // (m * m)
-    within = best % (m * m)
-    revive = block_index * m + within // m
-    prune = block_index * m + within % m
-    return best_delta, revive, prune
+    per_block, within = delta.reshape(rows, blocks, m * m).min(2)  # the best swap of each group
+    count = min(batch, blocks)
+    block_delta, block_index = torch.topk(per_block, count, dim=1, largest=False)
+    chosen = within.gather(1, block_index)
+    revive = block_index * m + chosen // m
+    prune = block_index * m + chosen % m
+    if count <= 1:
+        return block_delta[:, 0], revive[:, 0], prune[:, 0]
+    # several groups at once (distinct groups: distinct weights), best prefix by the exact joint change
+    return _choose(block_delta[:, 0], revive[:, 0], prune[:, 0], w, residual, g, revive, prune)
 
 
 # --- neuron orders for N:M ---------------------------------------------------------------------------
