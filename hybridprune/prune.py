@@ -47,6 +47,7 @@ from hybridprune.sparsity import (
 
 METADATA_FILE = "hybridprune.json"
 SWEEP_BLOCK = 128  # columns per block of the OBS sweep (SparseGPT's)
+REFINE_BATCH_NM = 8  # N:M refinement: up to 8 swaps (in distinct groups) per row and step (faster, as good)
 
 
 def neuron_scoring(config: PruneConfig) -> NeuronScoring:
@@ -200,6 +201,7 @@ def prune_layer(
                 masks[name] = refine_swaps(
                     weights[name], mask.to(weights[name].device), gram.to(weights[name].device),
                     steps=plan.refine, nm=(pattern.n, pattern.m) if pattern.kind == "nm" else None,
+                    batch=REFINE_BATCH_NM if pattern.kind == "nm" else 1,
                 )
         if hessians is None or not plan.update:
             for name, mask in masks.items():
