@@ -54,6 +54,7 @@ VARIANTS: dict[str, dict] = {
     "wanda_refine200": dict(W, refine=200),
     "hybrid24_refine100": dict(H, pattern="2:4", refine=100),
     "hybrid24_spread_refine100": dict(H, pattern="2:4", nm_order="spread", refine=100),
+    "hybrid24_spread_refine100b8": dict(H, pattern="2:4", nm_order="spread", refine=100),  # after REFINE_BATCH_NM = 8
 }
 VARIANTS["quality_refine200_fixed"] = dict(Q, refine=200, update=True, update_mask="fixed")
 for shift in (0.05, 0.15, 0.2):
