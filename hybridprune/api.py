@@ -451,6 +451,9 @@ def prune(
     qk_shift: float | None = None,
     sequential: bool | None = None,
     update: bool | None = None,
+    update_mask: str | None = None,
+    nm_order: str | None = None,
+    refine: int | None = None,
     heads_sparsity: float | None = None,
     drop_layers: int | None = None,
     target_speedup: float | None = None,
@@ -507,6 +510,7 @@ def prune(
         attention_method=attention_method, pruning_last=pruning_last, preserve_first=preserve_first,
         weight_exp=weight_exp, tf_exp=tf_exp, idf_exp=idf_exp, tf_kind=tf_kind, nr_min_tokens=nr_min_tokens,
         nr_topic_rate=nr_topic_rate, layer_spread=layer_spread, qk_shift=qk_shift, sequential=sequential, update=update,
+        update_mask=update_mask, nm_order=nm_order, refine=refine,
         heads_sparsity=heads_sparsity, drop_layers=drop_layers, target_speedup=target_speedup,
     )
     if pruning_last is not None and pruning_last < 1:
@@ -548,7 +552,7 @@ def prune(
         out_path = check_output_folder(out_path, loaded.folder, overwrite)
     if pre_calibrate:
         dense_stats = calibrated_statistics(loaded, request, cache, reporter, force=force)
-        if any(config.update for config in configs):
+        if any(config.update or config.refine for config in configs):
             second_order = calibrated_statistics(loaded, request, cache, reporter, force=force, mode=HESSIAN_MODE)
         if loaded.stream is not None:  # it streamed: now the whole model, to prune in memory
             del loaded
@@ -574,7 +578,7 @@ def prune(
             if dense_stats is None:
                 dense_stats = calibrated_statistics(loaded, request, cache, reporter, force=force)
             calibration = dense_stats
-            if config.update:
+            if config.update or config.refine:
                 if second_order is None:
                     second_order = calibrated_statistics(loaded, request, cache, reporter, force=force, mode=HESSIAN_MODE)
                 hessians = second_order.stats

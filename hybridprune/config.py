@@ -70,6 +70,9 @@ def window_length(seqlen: int | None, model: Any) -> int:
         raise UserError(f"--seqlen {seqlen} exceeds the model's max_position_embeddings ({limit})")
     return seqlen
 
+UPDATE_MASKS = {"sweep": "masks chosen inside the OBS sweep from already-updated weights", "fixed": "the hybrid's masks kept, only the kept weights updated"}
+NM_ORDERS = {"spread": "MLP neurons permuted so each N:M group of down_proj mixes neuron scores", "none": "neurons in their order"}
+
 
 @dataclass(frozen=True)
 class PruneConfig:
@@ -96,6 +99,9 @@ class PruneConfig:
     heads_sparsity: float = 0.0  # structured: this share of the query heads removed in every layer (GQA-aware)
     drop_layers: int = 0  # structured: this many whole decoder layers removed (lowest block influence)
     target_speedup: float = 0.0  # structured: plan neurons / heads / layers for this prefill speed-up (0 = off)
+    update_mask: str = "sweep"  # with --update: masks chosen inside the OBS sweep (sweep) or the hybrid's masks kept (fixed)
+    nm_order: str = "spread"  # N:M hybrid: permute MLP neurons so down_proj's N:M groups mix neuron scores (spread) or not (none)
+    refine: int = 0  # swap-refinement steps per row of the masks under X^T X (0 = off; uses the second-order entry)
 
     def validate(self, num_layers: int | None = None) -> PruneConfig:
         """Refuse impossible combinations with one clear line naming the flag."""
@@ -162,6 +168,16 @@ class PruneConfig:
         if structural and (self.sequential or self.pruning_last or self.preserve_first):
             raise UserError("structured heads / layers / --target-speedup apply to every layer of the dense statistics: "
                             "drop --sequential, --pruning-last and --preserve-first")
+        _choice("--update-mask", self.update_mask, UPDATE_MASKS)
+        _choice("--nm-order", self.nm_order, NM_ORDERS)
+        if not 0 <= self.refine <= 100_000:
+            raise UserError(f"--refine must be a number of swap steps per row in [0, 100000], got {self.refine}")
+        if self.refine and self.sequential:
+            raise UserError("--refine works from the dense model's second-order statistics, --sequential from pruned inputs: use one of them")
+        if self.refine and pattern.kind == "structured":
+            raise UserError("--refine swaps weights inside rows; --pattern structured removes whole neurons: drop one of them")
+        if self.refine and self.update and self.update_mask == "sweep":
+            raise UserError("--refine improves fixed masks; with --update the masks are chosen inside the sweep: add --update-mask fixed or drop --refine")
         if self.sequential and self.update:
             raise UserError("--update works from the dense model's second-order statistics, --sequential from pruned inputs: use one of them")
         return self

@@ -24,7 +24,9 @@ from hybridprune.methods.hybrid import (
     NeuronScoring,
     layer_masks,
     score_neurons,
+    sweep_specs,
 )
+from hybridprune.methods.obs import gram_from_factor, permute_factor, refine_swaps, spread_order, sweep_counts, sweep_prune
 from hybridprune.methods.reconstruct import reconstruct_with_factor
 from hybridprune.models.adapters import FamilyAdapter
 from hybridprune.models.loading import LoadedModel
@@ -48,6 +50,8 @@ METADATA_FILE = "hybridprune.json"
 SAVE_FORMATS = {"dense": None, "compressed": "auto"}
 """--save-format: the `compress` argument of save_pruned (None: plain safetensors with the zeros stored;
 "auto": compressed-tensors' sparse bitmask, its 2:4 variant when every weight follows 2:4)."""
+SWEEP_BLOCK = 128  # columns per block of the OBS sweep (SparseGPT's)
+REFINE_BATCH_NM = 8  # N:M refinement: up to 8 swaps (in distinct groups) per row and step (faster, as good)
 
 
 def neuron_scoring(config: PruneConfig) -> NeuronScoring:
@@ -107,6 +111,10 @@ def plan_layers(
             pattern=config.pattern,
             weight_exp=config.weight_exp,
             qk_shift=config.qk_shift,
+            update=config.update,
+            update_mask=config.update_mask,
+            nm_order=config.nm_order,
+            refine=config.refine,
         )
     return plans
 
@@ -122,9 +130,13 @@ def prune_layer(
 ) -> None:
     """Compute and apply one layer's masks (in place; structured pruning shrinks the MLP).
 
-    With `hessians` (the second-order entry: per input group, the factor of (x x^T)^-1) the kept weights are
-    updated to compensate for the pruned ones (methods/reconstruct.py); the Linears that read the
-    same inputs (q/k/v, gate/up) are updated together, as one matrix with one factorization.
+    With `hessians` (the second-order entry: per input group, the factor of (x x^T)^-1) and plan.update the kept
+    weights are updated to compensate for the pruned ones; the Linears that read the same inputs (q/k/v,
+    gate/up) are updated together, as one matrix with one factorization. plan.update_mask "sweep" (default)
+    chooses the masks inside that sweep on the already-updated weights (methods/obs.py), "fixed" applies the
+    hybrid's masks and updates around them (methods/reconstruct.py). plan.refine > 0 (needs `hessians`, the
+    Gram comes from the cached factor) improves the hybrid's masks by swaps before they are applied.
+    plan.nm_order "spread" (N:M with NeuronRank) permutes the MLP neurons first (the same function).
     """
     linears = adapter.linears(layer)
     weights = {name: linear.weight.detach() for name, linear in linears.items()}
@@ -140,16 +152,52 @@ def prune_layer(
         if plan.mlp_method == registry.NEURONRANK
         else None
     )
-    masks = layer_masks(weights, sumsq, adapter.attention_names, adapter.mlp_names, plan, score)
+    pattern = parse_pattern(plan.pattern)
+    if pattern.kind == "nm" and plan.nm_order == "spread" and score is not None:
+        # MLP neurons are interchangeable (gate/up rows with down_proj columns): spread the high-score ones over
+        # down_proj's N:M groups. The layer computes the same function; the saved model is the permuted one.
+        order = spread_order(score, pattern.m)
+        permute_neurons(adapter.mlp(layer), adapter, order)
+        linears = adapter.linears(layer)
+        weights = {name: linear.weight.detach() for name, linear in linears.items()}
+        score = score[order.to(score.device)]
+        sumsq[adapter.mlp_output] = sumsq[adapter.mlp_output][order.to(sumsq[adapter.mlp_output].device)]
+    else:
+        order = None
+
+    def factor_of(group: str) -> tuple[torch.Tensor, torch.Tensor]:
+        assert hessians is not None
+        factor, dead = hessians.inverse_factor(index, group)
+        if order is not None and group == adapter.input_group(adapter.mlp_output):
+            factor, dead = permute_factor(factor, order), dead[order.to(dead.device)]
+        return factor, dead
+
+    sweep = hessians is not None and plan.update and plan.update_mask == "sweep" and pattern.kind != "structured"
+    masks = {} if sweep else layer_masks(weights, sumsq, adapter.attention_names, adapter.mlp_names, plan, score)
     with torch.no_grad():
         if "neurons" in masks:
             keep = masks.pop("neurons")
-            if hessians is not None:  # compensate the removed neurons in down_proj's remaining columns
+            if hessians is not None and plan.update:  # compensate the removed neurons in down_proj's remaining columns
                 down = linears[adapter.mlp_output]
                 columns = keep.unsqueeze(0).expand_as(down.weight).to(down.weight.device)
-                down.weight.copy_(reconstruct_with_factor(down.weight, columns, *hessians.inverse_factor(index, adapter.input_group(adapter.mlp_output))))
+                down.weight.copy_(reconstruct_with_factor(down.weight, columns, *factor_of(adapter.input_group(adapter.mlp_output))))
             shrink_mlp(adapter.mlp(layer), adapter, keep)
-        if hessians is None:
+        if sweep:
+            _sweep_layer(linears, adapter, plan, score, factor_of)
+            return
+        if hessians is not None and plan.refine > 0 and masks:
+            grams: dict[str, torch.Tensor] = {}
+            for name, mask in masks.items():
+                group = adapter.input_group(name)
+                if group not in grams:  # the damped X^T X, from the cached factor of its inverse
+                    grams[group] = gram_from_factor(factor_of(group)[0])
+                gram = grams[group]
+                masks[name] = refine_swaps(
+                    weights[name], mask.to(weights[name].device), gram.to(weights[name].device),
+                    steps=plan.refine, nm=(pattern.n, pattern.m) if pattern.kind == "nm" else None,
+                    batch=REFINE_BATCH_NM if pattern.kind == "nm" else 1,
+                )
+        if hessians is None or not plan.update:
             for name, mask in masks.items():
                 linears[name].weight.mul_(mask.to(linears[name].weight.device))
             return
@@ -158,9 +206,53 @@ def prune_layer(
             stacked = [linears[name].weight for name in names]
             device = stacked[0].device
             keep = torch.cat([masks[name].to(device) for name in names])
-            updated = reconstruct_with_factor(torch.cat(stacked), keep, *hessians.inverse_factor(index, group))
+            updated = reconstruct_with_factor(torch.cat(stacked), keep, *factor_of(group))
             for weight, rows in zip(stacked, updated.split([weight.shape[0] for weight in stacked])):
                 weight.copy_(rows)
+
+
+def _sweep_layer(linears, adapter: FamilyAdapter, plan: LayerPlan, score, factor_of) -> None:
+    """Masks chosen inside the OBS sweep, per input group (q/k/v together, gate/up together)."""
+    pattern = parse_pattern(plan.pattern)
+    specs = sweep_specs(adapter.attention_names, adapter.mlp_names, plan, score)
+    for group in dict.fromkeys(adapter.input_group(name) for name in specs):
+        names = [name for name in specs if adapter.input_group(name) == group]
+        stacked = [linears[name].weight for name in names]
+        device = stacked[0].device
+        columns = stacked[0].shape[1]
+        groups, counts, scales, offset = [], [], [], 0
+        for name, weight in zip(names, stacked):
+            spec = specs[name]
+            rows = weight.shape[0]
+            ids = torch.arange(rows) if spec.group == "row" else torch.zeros(rows, dtype=torch.long)
+            counts.append(sweep_counts(torch.full((rows,), spec.sparsity, dtype=torch.float64), ids, columns, SWEEP_BLOCK))
+            groups.append(ids + offset)
+            offset += int(ids.max()) + 1
+            scales.append(spec.row_scale.to(device, torch.float32) if spec.row_scale is not None else torch.ones(rows, device=device))
+        updated, _ = sweep_prune(
+            torch.cat(stacked),
+            *factor_of(group),
+            groups=torch.cat(groups),
+            counts=torch.cat(counts),
+            row_scale=torch.cat(scales),
+            nm=(pattern.n, pattern.m) if pattern.kind == "nm" else None,
+            block=SWEEP_BLOCK,
+        )
+        for weight, rows in zip(stacked, updated.split([weight.shape[0] for weight in stacked])):
+            weight.copy_(rows)
+
+
+def permute_neurons(mlp: nn.Module, adapter: FamilyAdapter, order: torch.Tensor) -> None:
+    """Reorder the MLP's neurons in place: gate/up rows and down_proj columns (the same function)."""
+    with torch.no_grad():
+        for name in adapter.mlp_inputs:
+            linear = getattr(mlp, name)
+            index = order.to(linear.weight.device)
+            linear.weight.copy_(linear.weight.index_select(0, index))
+            if linear.bias is not None:
+                linear.bias.copy_(linear.bias.index_select(0, index))
+        down = getattr(mlp, adapter.mlp_output)
+        down.weight.copy_(down.weight.index_select(1, order.to(down.weight.device)))
 
 
 def shrink_mlp(mlp: nn.Module, adapter: FamilyAdapter, keep: torch.Tensor) -> None:
@@ -284,7 +376,7 @@ def sequential_pruner(loaded: LoadedModel, config: PruneConfig):
     pruned = set(config.pruned_layers(loaded.num_layers))
     attention_method, mlp_method = config.module_methods()
     plan = LayerPlan(attention_method, mlp_method, config.sparsity if attention_method != registry.NONE else 0.0,
-                     config.sparsity, config.pattern, config.weight_exp, config.qk_shift)
+                     config.sparsity, config.pattern, config.weight_exp, config.qk_shift, nm_order=config.nm_order)
 
     def prune_now(index: int, layer: nn.Module, stats: CalibrationStats) -> None:
         if index in pruned:

@@ -40,7 +40,7 @@ from hybridprune.cli.common import (
     handle_errors,
 )
 from hybridprune.cli.output import Output
-from hybridprune.config import DEFAULT_EVAL_WINDOWS, default_of
+from hybridprune.config import DEFAULT_EVAL_WINDOWS, NM_ORDERS, UPDATE_MASKS, default_of
 from hybridprune.methods import registry
 
 
@@ -76,6 +76,18 @@ def prune(
     update: Annotated[
         bool | None,
         typer.Option("--update/--no-update", help="Update kept weights to compensate, from second-order statistics (collected once, then cached)."),
+    ] = None,
+    update_mask: Annotated[
+        OptStr, typer.Option("--update-mask", help=f"With --update: {'; '.join(f'{k}: {v}' for k, v in UPDATE_MASKS.items())} "
+                             f"(default {default_of('update_mask')}).")
+    ] = None,
+    nm_order: Annotated[
+        OptStr, typer.Option("--nm-order", help=f"N:M hybrid: {'; '.join(f'{k}: {v}' for k, v in NM_ORDERS.items())} "
+                             f"(default {default_of('nm_order')}; the saved model is the permuted one, the same function).")
+    ] = None,
+    refine: Annotated[
+        int | None, typer.Option("--refine", help="Improve the masks by up to N weight swaps per row that lower the layer's output "
+                                 "error on the calibration inputs (second-order entry; minutes on CPU; with --update add --update-mask fixed).")
     ] = None,
     heads_sparsity: Annotated[
         OptFloat, typer.Option("--heads-sparsity", help="With --pattern structured: remove this share of the query heads in every layer.")

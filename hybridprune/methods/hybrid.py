@@ -71,6 +71,11 @@ class LayerPlan:
     pattern: str = "unstructured"
     weight_exp: float = 1.0
     qk_shift: float = 0.0  # q/k pruned at +shift, v/o at -shift (attention total unchanged)
+    update: bool = False  # OBS weight update of the kept weights (needs the second-order entry)
+    update_mask: str = "sweep"  # sweep: masks chosen inside the OBS sweep; fixed: the masks below, then the update
+    sweep_group: str = "matrix"  # in the sweep, Wanda-pruned matrices compare per row ("row") or over a block of the matrix ("matrix")
+    nm_order: str = "none"  # spread: N:M hybrid permutes MLP neurons so down_proj's groups mix scores
+    refine: int = 0  # swap-refinement steps per row of every mask (0 = off; needs the second-order entry)
 
 
 def module_metric(method: str, weight: Tensor, input_sumsq: Tensor, weight_exp: float = 1.0) -> Tensor:
@@ -89,6 +94,47 @@ def _row_masks(metric: Tensor, sparsity: float, pattern: str, row_sparsity: Tens
     if row_sparsity is None:
         row_sparsity = torch.full((metric.shape[0],), sparsity, dtype=torch.float64)
     return mask_rows(metric, row_sparsity)
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """How the OBS sweep chooses one matrix's mask: its target, its comparison groups, a per-row scale."""
+
+    sparsity: float
+    group: str  # row: each row prunes its share (Wanda); matrix: one group per block of columns
+    row_scale: Tensor | None = None  # multiplies each row's saliency (the neuron score for gate/up)
+
+
+def sweep_specs(
+    attention_names: tuple[str, ...],
+    mlp_names: tuple[str, str, str],
+    plan: LayerPlan,
+    neuron_score: Tensor | None,
+) -> dict[str, SweepSpec]:
+    """The masks-inside-the-sweep counterpart of `layer_masks` (unstructured and N:M; the same targets).
+
+    Attention and down_proj: rows (Wanda's groups), or one group per block of the matrix with plan.sweep_group "matrix"
+    (SparseGPT's). gate/up under NeuronRank: one group per block of the matrix with the saliency times
+    (s_i / mean s)^2, as the hybrid's mask scales |W| ||x|| by s_i/mean s. Under N:M every row picks N of M.
+    """
+    specs: dict[str, SweepSpec] = {}
+    if plan.attention_method != registry.NONE and plan.attention_sparsity > 0:
+        for position, name in enumerate(attention_names):
+            shift = plan.qk_shift if position < 2 else -plan.qk_shift
+            specs[name] = SweepSpec(plan.attention_sparsity + shift, plan.sweep_group)
+    if plan.mlp_sparsity <= 0:
+        return specs
+    gate, up, down = mlp_names
+    relative = None
+    if plan.mlp_method == registry.NEURONRANK and neuron_score is not None:
+        relative = (neuron_score / neuron_score.mean()).float()
+    for name in (gate, up):
+        if relative is not None:
+            specs[name] = SweepSpec(plan.mlp_sparsity, "matrix", relative)
+        else:
+            specs[name] = SweepSpec(plan.mlp_sparsity, plan.sweep_group)
+    specs[down] = SweepSpec(plan.mlp_sparsity, plan.sweep_group)
+    return specs
 
 
 def layer_masks(

@@ -1,0 +1,410 @@
+"""Masks chosen inside the OBS sweep, swap refinement of masks, and N:M-friendly neuron orders.
+
+Pure tensor code (tensors in, tensors out). The weight update itself is SparseGPT's column sweep
+(methods/reconstruct.py): column j's pruned weights are compensated on the later columns through
+the upper Cholesky factor U of H^-1 (H = X^T X + damping). Here the mask is not fixed in advance:
+each block of columns chooses its own mask on the weights already updated by the earlier blocks,
+with SparseGPT's saliency w_ij^2 / U_jj^2 (the OBS error of pruning w_ij given the columns left),
+optionally times a per-row scale (the NeuronRank score for gate/up rows), in comparison groups of
+rows given by the caller (one row each = Wanda-like rows; several rows = one group over the block).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from hybridprune.masks import _keep_all_but_lowest, prune_counts
+
+
+def block_bounds(columns: int, block: int) -> list[tuple[int, int]]:
+    return [(start, min(start + block, columns)) for start in range(0, columns, block)]
+
+
+def sweep_counts(row_sparsity: Tensor, groups: Tensor, columns: int, block: int = 128) -> Tensor:
+    """How many weights each comparison group prunes in each block of columns (LongTensor [G, blocks]).
+
+    `row_sparsity` [rows] is every row's target; `groups` [rows] (0..G-1) the comparison group of each row
+    (rows of one group share a target). A group of one row prunes exactly its Wanda-style per-row count
+    (prune_counts over the rows of that target, so a matrix total stays exact to one weight); a group of
+    several rows prunes round(rows * columns * sparsity). Either way the group's count is spread over the
+    blocks in proportion to their widths (floor or ceiling, prune_counts), so the total is exact.
+    """
+    groups = groups.to(torch.long).cpu()
+    row_sparsity = row_sparsity.to(torch.float64).cpu()
+    n_groups = int(groups.max()) + 1 if groups.numel() else 0
+    sizes = torch.bincount(groups, minlength=n_groups)
+    widths = torch.tensor([end - start for start, end in block_bounds(columns, block)], dtype=torch.long)
+    totals = torch.zeros(n_groups, dtype=torch.long)
+    single = sizes[groups] == 1
+    # single-row groups: per target value, the rows' counts as Wanda's per-row groups would have them
+    for value in row_sparsity[single].unique().tolist():
+        rows = single & (row_sparsity == value)
+        totals[groups[rows]] = prune_counts(torch.full((int(rows.sum()),), columns, dtype=torch.long), value)
+    for group in torch.nonzero(sizes > 1).squeeze(1).tolist():
+        members = groups == group
+        rates = row_sparsity[members]
+        if not bool((rates == rates[0]).all()):
+            raise ValueError(f"rows of comparison group {group} have different sparsities")
+        totals[group] = prune_counts(torch.tensor([int(sizes[group]) * columns]), float(rates[0]))[0]
+    counts = torch.zeros(n_groups, widths.shape[0], dtype=torch.long)
+    for group in range(n_groups):
+        if totals[group] > 0:
+            share = float(totals[group]) / (int(sizes[group]) * columns)
+            counts[group] = prune_counts(widths * int(sizes[group]), share)
+    return counts
+
+
+class _BlockSelector:
+    """Per-block selection of the lowest metrics in each comparison group (ties: lower index first)."""
+
+    def __init__(self, groups: Tensor, device: torch.device) -> None:
+        groups = groups.to(torch.long).to(device)
+        sizes = torch.bincount(groups)
+        self.groups = groups
+        self.single_rows = torch.nonzero(sizes[groups] == 1).squeeze(1)
+        self.single_groups = groups[self.single_rows]
+        self.multi = [(int(g), torch.nonzero(groups == g).squeeze(1)) for g in torch.nonzero(sizes > 1).squeeze(1).tolist()]
+
+    def keep(self, metric: Tensor, counts: Tensor) -> Tensor:
+        """Keep-mask [rows, width] for one block; `counts` [G] is what each group prunes in it."""
+        keep = torch.ones(metric.shape, dtype=torch.bool, device=metric.device)
+        counts = counts.to(metric.device)
+        if self.single_rows.numel():
+            keep[self.single_rows] = _keep_all_but_lowest(metric[self.single_rows], counts[self.single_groups])
+        for group, rows in self.multi:
+            flat = metric[rows].reshape(1, -1)
+            keep[rows] = _keep_all_but_lowest(flat, counts[group : group + 1]).reshape(rows.shape[0], -1)
+        return keep
+
+
+def sweep_prune(
+    weight: Tensor,
+    factor: Tensor,
+    dead: Tensor,
+    *,
+    groups: Tensor | None = None,
+    counts: Tensor | None = None,
+    row_scale: Tensor | None = None,
+    nm: tuple[int, int] | None = None,
+    block: int = 128,
+) -> tuple[Tensor, Tensor]:
+    """SparseGPT's sweep with the mask chosen inside it: (updated weight, keep-mask), zeros exactly at ~keep.
+
+    Unstructured (`nm` None): at the start of each block of columns, the saliency
+    w_ij^2 / U_jj^2 * row_scale_i^2 of the already-updated weights picks, in each comparison group
+    (`groups` [rows], ids 0..G-1), the `counts[g, block]` lowest (see `sweep_counts`) to prune.
+    N:M: at every M-th column, the N lowest saliencies of each row among the next M (already updated
+    by the columns before them) are pruned; `block` is rounded down to a multiple of M.
+    Dead input channels (never non-zero) are zeroed first, so they are pruned first.
+    """
+    rows, columns = weight.shape
+    device = weight.device
+    factor = factor.to(device, torch.float32)
+    updated = weight.detach().to(torch.float32).clone()
+    updated[:, dead.to(device)] = 0.0
+    diagonal = factor.diagonal()
+    keep_all = torch.ones(rows, columns, dtype=torch.bool, device=device)
+    if nm is not None:
+        n, m = nm
+        if columns % m:
+            raise ValueError(f"N:M with M={m} needs the input size to be a multiple of {m}, got {columns}")
+        block = max(m, block - block % m)
+        selector = None
+    else:
+        if groups is None or counts is None:
+            raise ValueError("unstructured selection needs groups and counts (see sweep_counts)")
+        selector = _BlockSelector(groups, device)
+        scale2 = None if row_scale is None else row_scale.to(device, torch.float32).pow(2).unsqueeze(1)
+    bounds = block_bounds(columns, block)
+    for index, (start, end) in enumerate(bounds):
+        chunk = updated[:, start:end].T.contiguous()  # [width, rows]: a column is a contiguous row
+        local = factor[start:end, start:end]
+        inverse_d = 1.0 / diagonal[start:end]
+        errors = torch.empty_like(chunk)
+        if selector is not None:
+            metric = (chunk * inverse_d.unsqueeze(1)).pow(2).T
+            if scale2 is not None:
+                metric = metric * scale2
+            keep = selector.keep(metric.contiguous(), counts[:, index])  # type: ignore[index]
+            keep_all[:, start:end] = keep
+            chunk_scale = (~keep).T.to(torch.float32) * inverse_d.unsqueeze(1)
+        else:
+            chunk_scale = torch.empty_like(chunk)
+        for offset in range(end - start):
+            if selector is None and offset % m == 0:
+                saliency = (chunk[offset : offset + m] * inverse_d[offset : offset + m].unsqueeze(1)).pow(2)  # [m, rows]
+                lowest = torch.sort(saliency, dim=0, stable=True).indices[:n]  # ties: lower index first
+                pruned = torch.zeros_like(saliency).scatter_(0, lowest, 1.0)
+                keep_all[:, start + offset : start + offset + m] = (pruned == 0).T
+                chunk_scale[offset : offset + m] = pruned * inverse_d[offset : offset + m].unsqueeze(1)
+            error = torch.mul(chunk[offset], chunk_scale[offset], out=errors[offset])
+            chunk[offset:].addr_(local[offset, offset:], error, alpha=-1)
+        updated[:, start:end] = chunk.T
+        if end < columns:
+            updated[:, end:].addmm_(errors.T, factor[start:end, end:], alpha=-1)
+    updated[~keep_all] = 0.0
+    return updated.to(weight.dtype), keep_all
+
+
+# --- the Gram matrix from the cached factor, and swap refinement of a mask ---------------------------
+
+
+def gram_from_factor(factor: Tensor) -> Tensor:
+    """H + damping (float64) from the upper factor U of its inverse: (U^T U)^-1 = U^-1 U^-T.
+
+    The cached second-order entry keeps only U; the damped Gram it gives is what `refine_swaps` needs
+    (the 1% damping adds lambda * ||pruned part||^2 to its objective: a mild magnitude term).
+    """
+    upper = factor.to(torch.float64)
+    identity = torch.eye(upper.shape[0], dtype=torch.float64, device=upper.device)
+    inverse = torch.linalg.solve_triangular(upper, identity, upper=True)
+    return inverse @ inverse.T
+
+
+def reconstruction_error(weight: Tensor, keep: Tensor, gram: Tensor) -> Tensor:
+    """Per row, (w - w*keep)^T G (w - w*keep) = ||(W - W_masked) x||^2 summed over the calibration tokens."""
+    pruned = (weight.to(torch.float64) * (~keep))
+    return ((pruned @ gram.to(torch.float64)) * pruned).sum(1)
+
+
+def refine_swaps(
+    weight: Tensor,
+    keep: Tensor,
+    gram: Tensor,
+    *,
+    steps: int = 100,
+    nm: tuple[int, int] | None = None,
+    candidates: int = 16,
+    batch: int = 1,
+) -> Tensor:
+    """Improve a keep-mask row by row under the Gram matrix G: swap one kept and one pruned weight of a row
+    when that lowers the row's error (w - w*keep)^T G (w - w*keep) (SparseSwaps-like, mask only).
+
+    Every row keeps its count (and, with `nm`, every group of M its N:M count: swaps stay inside a group).
+    At most `steps` swaps per row; each accepted swap lowers the row's error by its exact amount, so the
+    error never increases. Unstructured: the `candidates` best single moves on each side are paired
+    exactly (the cross term included); N:M: every pair inside every group is evaluated.
+    `batch` > 1: a step may also make several swaps at once (the best pairs of distinct weights, or of
+    distinct N:M groups), taking the prefix of them whose exact joint change, cross terms included, is lowest.
+    """
+    rows, columns = weight.shape
+    device = weight.device
+    # float64 weights are refined in float64 (tests); float32 in float32 with the residual recomputed
+    # exactly every `RESYNC` steps and only clear improvements accepted (tolerance below).
+    dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    w_all = weight.detach().to(dtype)
+    g64 = gram.to(device, torch.float64)
+    g = g64.to(dtype)
+    g_diag = g.diagonal()
+    keep_all = keep.clone().to(device)
+    squared_all = w_all * w_all * g_diag
+    # accept a swap only if it lowers the error by more than rounding could explain
+    tolerance_all = squared_all.max(1).values * (1e-12 if dtype == torch.float64 else 1e-5)
+    rows_left = torch.arange(rows, device=device)
+
+    def exact_residual(row_index: Tensor) -> Tensor:
+        pruned_part = weight.detach()[row_index].to(torch.float64) * (~keep_all[row_index])
+        return (pruned_part @ g64).to(dtype)  # r = G delta per row (G symmetric)
+
+    residual = exact_residual(rows_left)
+    w, squared, tolerance = w_all, squared_all, tolerance_all
+    local_rows = torch.arange(rows, device=device)
+    for step in range(steps):
+        keep_now = keep_all[rows_left]
+        if step and step % RESYNC == 0:
+            residual = exact_residual(rows_left)
+        if nm is not None:
+            delta, revive, prune = _best_nm_swap(w, keep_now, residual, g, squared, nm, batch)
+        else:
+            delta, revive, prune = _best_swap(w, keep_now, residual, g, squared, candidates, batch)
+        accept = delta < -tolerance
+        if not bool(accept.any()):
+            break
+        if revive.dim() == 2:  # several swaps per row: revive/prune [rows, batch], -1 = none
+            r = local_rows[accept]
+            i, j = revive[accept], prune[accept]
+            used = i >= 0
+            rows_global = rows_left[r].unsqueeze(1).expand_as(i)[used]
+            keep_all[rows_global, i[used]] = True
+            keep_all[rows_global, j[used]] = False
+            idx = torch.cat([i.clamp_min(0), j.clamp_min(0)], 1)
+            coef = torch.cat([-torch.gather(w[r], 1, idx[:, : i.shape[1]]), torch.gather(w[r], 1, idx[:, i.shape[1] :])], 1)
+            coef = coef * torch.cat([used, used], 1)
+            residual[r] += torch.bmm(coef.unsqueeze(1), g[idx]).squeeze(1)
+            if not bool(accept.all()):
+                rows_left, residual = rows_left[accept], residual[accept]
+                w, squared, tolerance = w_all[rows_left], squared_all[rows_left], tolerance_all[rows_left]
+                local_rows = torch.arange(rows_left.shape[0], device=device)
+            continue
+        # cost of pruning kept j: 2 w_j r_j + w_j^2 G_jj; gain of reviving pruned i: 2 w_i r_i - w_i^2 G_ii;
+        # the pair also has the cross term -2 w_i w_j G_ij (all in _best_*). A row without an improving
+        # swap has nothing left to change, so it leaves the loop.
+        r = local_rows[accept]
+        i, j = revive[accept], prune[accept]
+        rows_global = rows_left[r]
+        keep_all[rows_global, i] = True
+        keep_all[rows_global, j] = False
+        residual[r] += w[r, j].unsqueeze(1) * g[j] - w[r, i].unsqueeze(1) * g[i]
+        if not bool(accept.all()):
+            rows_left, residual = rows_left[accept], residual[accept]
+            w, squared, tolerance = w_all[rows_left], squared_all[rows_left], tolerance_all[rows_left]
+            local_rows = torch.arange(rows_left.shape[0], device=device)
+    return keep_all
+
+
+RESYNC = 25
+
+
+def _prefix_deltas(w: Tensor, residual: Tensor, g: Tensor, revive: Tensor, prune: Tensor) -> Tensor:
+    """Exact change of each row's error [rows, T] after the first t swaps (revive[:, :t], prune[:, :t]),
+    all weights distinct: 2 v^T r + v^T G v with v = -w at the revived, +w at the pruned positions."""
+    rows, count = revive.shape
+    idx = torch.stack([revive, prune], 2).reshape(rows, 2 * count)
+    sign = torch.tensor([-1.0, 1.0], dtype=w.dtype, device=w.device).repeat(count)
+    v = torch.gather(w, 1, idx) * sign
+    linear = (2 * v * torch.gather(residual, 1, idx)).cumsum(1)
+    quad = (v.unsqueeze(2) * v.unsqueeze(1) * g[idx.unsqueeze(2), idx.unsqueeze(1)]).cumsum(1).cumsum(2)
+    ends = torch.arange(1, 2 * count, 2, device=w.device)
+    return linear[:, ends] + quad[:, ends, ends]
+
+
+def _choose(single: Tensor, revive1: Tensor, prune1: Tensor, w, residual, g, revive: Tensor, prune: Tensor):
+    """The better of the best single swap and the best prefix of several: (delta, revive [rows, T], prune [rows, T])."""
+    deltas = _prefix_deltas(w, residual, g, revive, prune)
+    best_prefix, length = deltas.min(1)
+    use_prefix = best_prefix < single
+    count = torch.where(use_prefix, length + 1, torch.ones_like(length))
+    slots = torch.arange(revive.shape[1], device=w.device).unsqueeze(0)
+    chosen_revive = torch.where(use_prefix.unsqueeze(1), revive, revive1.unsqueeze(1).expand_as(revive))
+    chosen_prune = torch.where(use_prefix.unsqueeze(1), prune, prune1.unsqueeze(1).expand_as(prune))
+    unused = slots >= count.unsqueeze(1)
+    chosen_revive = chosen_revive.masked_fill(unused, -1)
+    chosen_prune = chosen_prune.masked_fill(unused, -1)
+    return torch.minimum(best_prefix, single), chosen_revive, chosen_prune
+
+
+def _best_swap(w: Tensor, keep: Tensor, residual: Tensor, g: Tensor, squared: Tensor, k: int, batch: int = 1):
+    rows = w.shape[0]
+    cost = 2 * w * residual + squared  # added error when a kept weight is pruned
+    gain = 2 * w * residual - squared  # removed error when a pruned weight is revived
+    inf = torch.tensor(float("inf"), dtype=w.dtype, device=w.device)
+    cost = torch.where(keep, cost, inf)
+    gain = torch.where(keep, -inf, gain)
+    k_keep = min(k, int(keep.sum(1).min()))
+    k_pruned = min(k, int((~keep).sum(1).min()))
+    if k_keep == 0 or k_pruned == 0:
+        empty = torch.zeros(rows, dtype=torch.long, device=w.device)
+        return torch.zeros(rows, dtype=w.dtype, device=w.device), empty, empty
+    j_cost, j_index = torch.topk(cost, k_keep, dim=1, largest=False)
+    i_gain, i_index = torch.topk(gain, k_pruned, dim=1)
+    cross = g[i_index.unsqueeze(2), j_index.unsqueeze(1)]  # [rows, k_pruned, k_keep]
+    w_i = torch.gather(w, 1, i_index).unsqueeze(2)
+    w_j = torch.gather(w, 1, j_index).unsqueeze(1)
+    delta = j_cost.unsqueeze(1) - i_gain.unsqueeze(2) - 2 * w_i * w_j * cross
+    best = delta.reshape(rows, -1).argmin(1)
+    flat_delta = delta.reshape(rows, -1).gather(1, best.unsqueeze(1)).squeeze(1)
+    revive = i_index.gather(1, (best // k_keep).unsqueeze(1)).squeeze(1)
+    prune = j_index.gather(1, (best % k_keep).unsqueeze(1)).squeeze(1)
+    count = min(batch, k_keep, k_pruned)
+    if count <= 1:
+        return flat_delta, revive, prune
+    # several at once: the t best revivals paired in order with the t cheapest prunings
+    return _choose(flat_delta, revive, prune, w, residual, g, i_index[:, :count], j_index[:, :count])
+
+
+def _best_nm_swap(w: Tensor, keep: Tensor, residual: Tensor, g: Tensor, squared: Tensor, nm: tuple[int, int], batch: int = 1):
+    rows, columns = w.shape
+    _, m = nm
+    blocks = columns // m
+    cost = (2 * w * residual + squared).reshape(rows, blocks, m)
+    gain = (2 * w * residual - squared).reshape(rows, blocks, m)
+    kept = keep.reshape(rows, blocks, m)
+    w3 = w.reshape(rows, blocks, m)
+    # G restricted to each block: [blocks, m, m]
+    index = torch.arange(columns, device=w.device).reshape(blocks, m)
+    g_blocks = g[index.unsqueeze(2), index.unsqueeze(1)]
+    # delta[r, b, i, j] for reviving i and pruning j inside block b
+    delta = cost.unsqueeze(2) - gain.unsqueeze(3) - 2 * w3.unsqueeze(3) * w3.unsqueeze(2) * g_blocks.unsqueeze(0)
+    valid = (~kept).unsqueeze(3) & kept.unsqueeze(2)
+    delta = torch.where(valid, delta, torch.tensor(float("inf"), dtype=w.dtype, device=w.device))
+    per_block, within = delta.reshape(rows, blocks, m * m).min(2)  # the best swap of each group
+    count = min(batch, blocks)
+    block_delta, block_index = torch.topk(per_block, count, dim=1, largest=False)
+    chosen = within.gather(1, block_index)
+    revive = block_index * m + chosen // m
+    prune = block_index * m + chosen % m
+    if count <= 1:
+        return block_delta[:, 0], revive[:, 0], prune[:, 0]
+    # several groups at once (distinct groups: distinct weights), best prefix by the exact joint change
+    return _choose(block_delta[:, 0], revive[:, 0], prune[:, 0], w, residual, g, revive, prune)
+
+
+# --- neuron orders for N:M ---------------------------------------------------------------------------
+
+
+def spread_order(score: Tensor, m: int) -> Tensor:
+    """A permutation of the neurons (LongTensor [I]) that spreads the important ones over the N:M groups
+    along down_proj's input: sorted by score, neuron of rank r goes to group r mod (I / M), so each group of
+    M consecutive positions holds one neuron from each score band (the best M-quantile first)."""
+    neurons = score.shape[0]
+    if neurons % m:
+        raise ValueError(f"{neurons} neurons do not split into groups of {m}")
+    groups = neurons // m
+    ranked = torch.argsort(-score.to(torch.float64), stable=True)
+    # position p = group * m + band; rank r = band * groups + group
+    return ranked.reshape(m, groups).T.reshape(-1)
+
+
+def permute_factor(factor: Tensor, order: Tensor) -> Tensor:
+    """The upper factor of (P H P^T)^-1 from the factor U of H^-1 (U^T U = H^-1), P taking inputs to `order`.
+
+    The sweep's order of columns matters, so a permuted input needs its own factorization (float64)."""
+    upper = factor.to(torch.float64)
+    inverse = upper.T @ upper
+    index = order.to(inverse.device)
+    permuted = inverse[index][:, index]
+    return torch.linalg.cholesky(permuted, upper=True).to(factor.dtype)
+
+
+def kept_metric(metric: Tensor, order: Tensor, n: int, m: int) -> Tensor:
+    """Sum over rows of the metric an N:M mask keeps when the inputs are taken in `order` (float64 scalar)."""
+    grouped = metric[:, order].to(torch.float64).reshape(metric.shape[0], -1, m)
+    return torch.topk(grouped, m - n, dim=2).values.sum()
+
+
+def balanced_order(metric: Tensor, score: Tensor, n: int, m: int, rounds: int = 20, seed: int = 0) -> Tensor:
+    """A neuron order for N:M along down_proj's input that keeps more of the metric than `spread_order`:
+    start from it, then in each round pair the groups at random and, in every pair, make the single
+    exchange of one neuron between the two groups that most raises the metric the N:M mask keeps
+    (summed over the rows), if any raises it (RIA-style channel permutation by local search).
+    """
+    rows, neurons = metric.shape
+    positions = spread_order(score, m).reshape(-1, m).clone()  # [groups, m] neuron ids
+    groups = positions.shape[0]
+    if groups < 2:
+        return positions.reshape(-1)
+    metric = metric.to(torch.float64)
+    generator = torch.Generator().manual_seed(seed)
+    keep = m - n
+    ii, jj = torch.meshgrid(torch.arange(m), torch.arange(m), indexing="ij")
+    ii, jj = ii.reshape(-1), jj.reshape(-1)  # candidate exchange: slot ii of group a <-> slot jj of group b
+    for _ in range(rounds):
+        shuffled = torch.randperm(groups, generator=generator)
+        pairs = groups // 2
+        a, b = shuffled[:pairs], shuffled[pairs : 2 * pairs]
+        left, right = metric[:, positions[a]], metric[:, positions[b]]  # [rows, pairs, m]
+        current = torch.topk(left, keep, dim=2).values.sum((0, 2)) + torch.topk(right, keep, dim=2).values.sum((0, 2))
+        cand_left = left.unsqueeze(2).repeat(1, 1, m * m, 1)  # [rows, pairs, m*m, m]
+        cand_right = right.unsqueeze(2).repeat(1, 1, m * m, 1)
+        slots = torch.arange(m * m)
+        cand_left[:, :, slots, ii] = right[:, :, jj]
+        cand_right[:, :, slots, jj] = left[:, :, ii]
+        value = torch.topk(cand_left, keep, dim=3).values.sum((0, 3)) + torch.topk(cand_right, keep, dim=3).values.sum((0, 3))
+        best_value, best = value.max(1)
+        better = best_value > current * (1 + 1e-12)
+        for pair in torch.nonzero(better).squeeze(1).tolist():
+            i, j = int(ii[best[pair]]), int(jj[best[pair]])
+            ga, gb = int(a[pair]), int(b[pair])
+            positions[ga, i], positions[gb, j] = positions[gb, j].clone(), positions[ga, i].clone()
+    return positions.reshape(-1)

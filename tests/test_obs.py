@@ -1,0 +1,221 @@
+"""Masks chosen inside the OBS sweep, swap refinement, and the neuron order for N:M."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hybridprune.masks import mask_n_m, mask_unstructured
+from hybridprune.methods.obs import (
+    gram_from_factor,
+    reconstruction_error,
+    refine_swaps,
+    spread_order,
+    sweep_counts,
+    sweep_prune,
+)
+from hybridprune.methods.reconstruct import inverse_hessian_factor
+
+
+def correlated_inputs(tokens: int = 512, features: int = 24, rank: int = 6, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(tokens, rank, generator=generator) @ torch.randn(rank, features, generator=generator)
+            + 0.1 * torch.randn(tokens, features, generator=generator)).double()
+
+
+def lowest(values: torch.Tensor, count: int) -> torch.Tensor:
+    """Flat indices of the `count` lowest values, ties to the lower index (a stable sort)."""
+    return torch.argsort(values.reshape(-1), stable=True)[:count]
+
+
+def reference_sweep(weight, factor, groups, counts, row_scale, nm, block):
+    """SparseGPT's algorithm written plainly: one column at a time, every update applied at once (float64)."""
+    w = weight.clone().double()
+    u = factor.double()
+    rows, columns = w.shape
+    keep = torch.ones(rows, columns, dtype=torch.bool)
+    for index, start in enumerate(range(0, columns, block)):
+        end = min(start + block, columns)
+        if nm is None:
+            saliency = w[:, start:end] ** 2 / u.diagonal()[start:end] ** 2 * row_scale.double().unsqueeze(1) ** 2
+            for group in range(counts.shape[0]):
+                members = torch.nonzero(groups == group).squeeze(1)
+                flat = lowest(saliency[members], int(counts[group, index]))
+                width = end - start
+                keep[members[flat // width], start + flat % width] = False
+        for j in range(start, end):
+            if nm is not None and (j - start) % nm[1] == 0:
+                for r in range(rows):
+                    saliency = w[r, j : j + nm[1]] ** 2 / u.diagonal()[j : j + nm[1]] ** 2
+                    keep[r, j + lowest(saliency, nm[0])] = False
+            for r in range(rows):
+                if not keep[r, j]:
+                    error = w[r, j] / u[j, j]
+                    w[r, j:] -= error * u[j, j:]
+    w[~keep] = 0
+    return w, keep
+
+
+@pytest.mark.parametrize("kind", ["rows", "groups", "2:4", "4:8"])
+def test_sweep_selection_equals_a_plain_reference(kind: str):
+    inputs = correlated_inputs()
+    generator = torch.Generator().manual_seed(1)
+    weight = torch.randn(12, 24, generator=generator, dtype=torch.float64)
+    factor, dead = inverse_hessian_factor(inputs.T @ inputs)
+    factor = factor.double()
+    row_scale = torch.rand(12, generator=generator, dtype=torch.float64) + 0.5
+    block, nm = 8, None
+    if kind == "rows":
+        groups = torch.arange(12)
+        sparsity = torch.tensor([0.5] * 4 + [0.6] * 4 + [0.4] * 4, dtype=torch.float64)
+        row_scale = torch.ones(12, dtype=torch.float64)
+    elif kind == "groups":
+        groups = torch.tensor([0] * 6 + [1] * 6)
+        sparsity = torch.full((12,), 0.5, dtype=torch.float64)
+    else:
+        nm = (2, 4) if kind == "2:4" else (4, 8)
+        groups, sparsity = torch.arange(12), torch.full((12,), 0.5, dtype=torch.float64)
+    counts = sweep_counts(sparsity, groups, 24, block)
+    expected, expected_keep = reference_sweep(weight, factor, groups, counts, row_scale, nm, block)
+    updated, keep = sweep_prune(weight, factor, dead, groups=groups, counts=counts, row_scale=row_scale, nm=nm, block=block)
+    assert torch.equal(keep, expected_keep)
+    assert torch.equal(updated != 0, keep)
+    torch.testing.assert_close(updated, expected, rtol=1e-4, atol=1e-4)  # float32 sweep vs float64 reference
+    # exact counts: per row (Wanda's rows), per group, or N:M
+    if kind == "rows":
+        pruned = (~keep).sum(1)  # each row floor or ceiling of its share, each target's rows exact in total
+        assert bool(((pruned - sparsity * 24).abs() < 1).all())
+        assert [int(pruned[i : i + 4].sum()) for i in (0, 4, 8)] == [48, 58, 38]
+    elif kind == "groups":
+        assert [int((~keep[groups == g]).sum()) for g in (0, 1)] == [72, 72]
+    else:
+        assert bool(((~keep).reshape(12, -1, nm[1]).sum(2) == nm[0]).all())
+
+
+def test_sweep_mask_beats_the_fixed_mask_update():
+    """Choosing the mask on updated weights lowers the output error below the Wanda mask + update."""
+    from hybridprune.methods.reconstruct import reconstruct_with_factor
+
+    inputs = correlated_inputs(tokens=2048, features=64, rank=8)
+    weight = torch.randn(32, 64, generator=torch.Generator().manual_seed(3))
+    gram = inputs.T @ inputs
+    factor, dead = inverse_hessian_factor(gram)
+    fixed = reconstruct_with_factor(weight, mask_unstructured(weight.abs() * gram.diag().sqrt().float(), 0.5), factor, dead)
+    groups = torch.arange(32)
+    counts = sweep_counts(torch.full((32,), 0.5, dtype=torch.float64), groups, 64, 16)
+    swept, keep = sweep_prune(weight, factor, dead, groups=groups, counts=counts, block=16)
+    error = lambda w: float(((inputs.float() @ (w - weight).T) ** 2).sum())  # noqa: E731
+    assert int((~keep).sum()) == 32 * 32
+    assert error(swept) < error(fixed)
+
+
+def test_gram_from_factor_is_the_damped_gram():
+    inputs = correlated_inputs(features=32)
+    gram = inputs.T @ inputs
+    factor, _ = inverse_hessian_factor(gram)
+    damped = gram + 0.01 * gram.diagonal().mean() * torch.eye(32, dtype=torch.float64)
+    torch.testing.assert_close(gram_from_factor(factor), damped, rtol=1e-4, atol=1e-3 * float(gram.diagonal().mean()))
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+def test_refinement_never_increases_the_error_and_keeps_the_counts(nm, dtype, batch):
+    inputs = correlated_inputs(tokens=1024, features=32, rank=6, seed=4)
+    gram = inputs.T @ inputs
+    weight = torch.randn(20, 32, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(dtype)
+    metric = weight.abs() * gram.diagonal().sqrt()
+    keep = mask_unstructured(metric, 0.5) if nm is None else mask_n_m(metric, *nm)
+    before = reconstruction_error(weight, keep, gram)
+    refined = refine_swaps(weight, keep, gram, steps=50, nm=nm, batch=batch)
+    after = reconstruction_error(weight, refined, gram)
+    assert bool((after <= before * (1 + 1e-9)).all())  # errors measured in float64
+    assert float(after.sum()) < 0.9 * float(before.sum())  # it does find swaps
+    assert torch.equal(refined.sum(1), keep.sum(1))
+    if nm is not None:
+        assert bool(((~refined).reshape(20, -1, 4).sum(2) == 2).all())
+    for steps in (1, 3, 10):  # and monotone in the number of steps
+        partial = reconstruction_error(weight, refine_swaps(weight, keep, gram, steps=steps, nm=nm, batch=batch), gram)
+        assert bool((partial <= before * (1 + 1e-9)).all())
+
+
+def test_spread_order_puts_one_neuron_of_each_band_in_every_group():
+    score = torch.rand(32, generator=torch.Generator().manual_seed(6))
+    order = spread_order(score, 4)
+    assert torch.equal(order.sort().values, torch.arange(32))
+    ranks = torch.empty(32, dtype=torch.long)
+    ranks[torch.argsort(-score)] = torch.arange(32)
+    bands = (ranks[order] // 8).reshape(8, 4)
+    assert torch.equal(bands, torch.arange(4).expand(8, 4))
+
+
+# --- through prune_model on a tiny random LLaMA -------------------------------------------------------
+
+from pathlib import Path  # noqa: E402
+
+from hybridprune.calibration.collect import CollectionOptions, collect_statistics  # noqa: E402
+from hybridprune.config import PruneConfig  # noqa: E402
+from hybridprune.models import load_model  # noqa: E402
+from hybridprune.pruning import permute_neurons, prune_model  # noqa: E402
+from hybridprune.reporting import SilentReporter  # noqa: E402
+from hybridprune.sparsity import sparsity_report  # noqa: E402
+
+
+def test_neuron_permutation_leaves_the_dense_logits_unchanged(tiny_llama_folder: Path, tiny_cache_dir: Path):
+    loaded = load_model(str(tiny_llama_folder), cache_dir=tiny_cache_dir)
+    ids = torch.randint(0, loaded.model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = loaded.model(input_ids=ids).logits
+        for index, layer in enumerate(loaded.adapter.layers(loaded.model)):
+            width = loaded.adapter.linears(layer)[loaded.adapter.mlp_output].weight.shape[1]
+            order = spread_order(torch.rand(width, generator=torch.Generator().manual_seed(index)), 4)
+            assert not torch.equal(order, torch.arange(width))
+            permute_neurons(loaded.adapter.mlp(layer), loaded.adapter, order)
+        after = loaded.model(input_ids=ids).logits
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+
+
+def _tiny_run(folder: Path, cache: Path, **fields):
+    loaded = load_model(str(folder), cache_dir=cache)
+    windows = torch.randint(0, loaded.model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    stats = collect_statistics(loaded.model, loaded.adapter, windows, CollectionOptions(topics=4), batch_size=2)
+    hessians = collect_statistics(loaded.model, loaded.adapter, windows, CollectionOptions(), batch_size=2, hessians=True)
+    config = PruneConfig(**fields).validate()
+    prune_model(loaded, stats, config, SilentReporter(), hessians)
+    return loaded, config
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        dict(update=True),  # masks chosen inside the sweep (the default)
+        dict(update=True, qk_shift=0.1),
+        dict(update=True, update_mask="fixed"),
+        dict(update=True, pattern="2:4"),
+        dict(update=True, pattern="2:4", nm_order="none"),
+        dict(pattern="2:4"),  # mask only, neurons permuted
+        dict(refine=20),
+        dict(refine=20, pattern="2:4"),
+        dict(refine=20, update=True, update_mask="fixed"),
+        dict(prune_method="wanda", update=True),
+    ],
+)
+def test_every_update_and_refine_mode_hits_the_target(tiny_llama_folder: Path, tiny_cache_dir: Path, fields: dict):
+    loaded, config = _tiny_run(tiny_llama_folder, tiny_cache_dir, **fields)
+    report = sparsity_report(loaded.model, loaded.adapter, dense_intermediate_size=loaded.model.config.intermediate_size)
+    assert report.kind("mlp").sparsity == pytest.approx(0.5, abs=1e-3)
+    assert report.total.sparsity == pytest.approx(0.5, abs=1e-3)
+    assert all(torch.isfinite(p).all() for p in loaded.model.parameters())
+    if config.pattern == "2:4":
+        for layer in loaded.adapter.layers(loaded.model):
+            for linear in loaded.adapter.linears(layer).values():
+                assert bool(((linear.weight == 0).reshape(linear.weight.shape[0], -1, 4).sum(2) >= 2).all())
+
+
+def test_refine_needs_fixed_masks_with_update():
+    from hybridprune.errors import UserError
+
+    with pytest.raises(UserError, match="--refine"):
+        PruneConfig(refine=10, update=True).validate()
+    with pytest.raises(UserError, match="--update-mask"):
+        PruneConfig(update_mask="best").validate()
