@@ -273,6 +273,7 @@ def probe_scales(
     windows: Tensor,
     neuron_share: float = 0.375,
     layer_share: float = 1 / 6,
+    hessians: CalibrationStats | None = None,
 ) -> dict[str, float]:
     """Measured loss (mean NLL increase on `windows`) per unit of estimated loss, for each kind.
 
@@ -280,6 +281,7 @@ def probe_scales(
     (a layer's output energy relative to a residual stream dominated by a few massive dimensions
     says little about the loss), so one probe per kind puts them on the measured scale: a share of
     the neurons of every layer, one query head per KV group, a share of the layers (lowest estimate).
+    With `hessians` the probes compensate as the final model will (--update), so the scales match it.
     """
     from hybridprune.evaluation import perplexity
 
@@ -290,11 +292,11 @@ def probe_scales(
     scales = {}
     k = int(width * neuron_share)
     probe = copy.deepcopy(model)
-    remove_neurons(probe, adapter, scores, k)
+    remove_neurons(probe, adapter, scores, k, hessians=hessians)
     scales["neurons"] = (perplexity(probe, windows).nll - base) / max(sum(float(e[k]) for e in estimates.neurons), 1e-12)
     if shape.group > 1:
         probe = copy.deepcopy(model)
-        remove_heads(probe, adapter, stats, 1 / shape.group, mode="query")
+        remove_heads(probe, adapter, stats, 1 / shape.group, mode="query", hessians=hessians)
         scales["heads"] = (perplexity(probe, windows).nll - base) / max(sum(float(e[1]) for e in estimates.heads), 1e-12)
     count = max(1, round(layers * layer_share))
     drop = sorted(range(1, layers - 1), key=lambda i: float(estimates.layer[i]))[:count]
@@ -349,7 +351,7 @@ def target_speedup(
     scores = neuron_rank_scores(model, adapter, stats, scoring)
     estimates = layer_costs(model, adapter, stats, scores)
     if scales is None and probe_windows is not None and len(kinds) > 1:
-        scales = probe_scales(model, adapter, stats, scores, estimates, probe_windows)
+        scales = probe_scales(model, adapter, stats, scores, estimates, probe_windows, hessians=hessians)
     aim, history = target, []
     for round_number in range(1, max_rounds + 1):
         plan = plan_speedup(costs, estimates, aim, kinds=kinds, scales=scales)
