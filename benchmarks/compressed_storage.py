@@ -1,13 +1,22 @@
+# ruff: noqa: E402, E701, E702  (a measurement script kept as it was run for the README figures)
 """Usage: PYTHONPATH=. python benchmarks/compressed_storage.py
 
 Sizes, load times and logits of compressed vs dense-format folders, embedded SmolLM2, 50% per-row magnitude."""
-import sys, time, shutil, statistics, json, torch
+import json
+import shutil
+import statistics
+import time
 from pathlib import Path
+
+import torch
+
 torch.set_num_threads(2)
-from hybridprune.models import load_model
-from hybridprune.export import save_compressed
-from hybridprune.evaluate import folder_size
 import os
+
+from hybridprune.evaluation import folder_size
+from hybridprune.export import save_compressed
+from hybridprune.models import load_model
+
 root = Path(os.environ.get("OUT", "/tmp/hybridprune-export-bench"))
 def prune(model, pattern):
     with torch.no_grad():

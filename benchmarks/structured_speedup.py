@@ -1,16 +1,25 @@
+# ruff: noqa: E402, E701, E702  (a measurement script kept as it was run for the README figures)
 """Usage: PYTHONPATH=. python benchmarks/structured_speedup.py 1.5
 
 Planner on the embedded SmolLM2 (target 1.5x prefill) vs neurons-only at the same estimated latency; validation ppl 8x512."""
-import json, sys, time, torch, os
+import json
+import os
+import sys
+
+import torch
+
 torch.set_num_threads(2)
-from hybridprune.models import load_model
-from hybridprune.data import load_text, tokenize, sample_windows, eval_windows
-from hybridprune.calibration.stats import CalibrationStats
-from hybridprune.evaluate import perplexity
-from hybridprune.planner import target_speedup, flop_costs, plan_speedup, apply_plan, neuron_rank_scores, layer_costs, probe_scales
-from hybridprune.latency import paired_prefill_ratios, measure_latency, latency_ratios
-from hybridprune.methods.hybrid import NeuronScoring
 import copy
+
+from hybridprune.calibration.stats import CalibrationStats
+from hybridprune.config import PruneConfig
+from hybridprune.data import eval_windows, load_text, sample_windows, tokenize
+from hybridprune.evaluation import perplexity
+from hybridprune.latency import measure_latency, paired_prefill_ratios
+from hybridprune.models import load_model
+from hybridprune.planner import apply_plan, flop_costs, layer_costs, neuron_rank_scores, plan_speedup, probe_scales
+from hybridprune.pruning import neuron_scoring
+
 target = float(sys.argv[1]) if len(sys.argv) > 1 else 1.5
 loaded = load_model(None)
 model, adapter = loaded.model, loaded.adapter
@@ -27,7 +36,7 @@ else:  # 32 x 512 calibration windows, collection defaults (the block-influence 
 dense_ppl = perplexity(model, val).ppl
 dense_s = paired_prefill_ratios(model, {"same": model}, 512, runs=3, statistic="min")[0]
 costs = flop_costs(model, adapter, dense_s, 512)
-scores = neuron_rank_scores(model, adapter, stats, NeuronScoring())
+scores = neuron_rank_scores(model, adapter, stats, neuron_scoring(PruneConfig()))
 est = layer_costs(model, adapter, stats, scores)
 scales = probe_scales(model, adapter, stats, scores, est, cal[:4])
 print("scales", scales, flush=True)
