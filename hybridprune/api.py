@@ -528,6 +528,9 @@ def prune(
         raise UserError(f"--save-format {save_format} is how --out is written: pass --out FOLDER")
     root = _root(cache_dir)
     out_path = _path(out)
+    if save_format == "compressed":
+        reporter.note("compressed folders load in hybridprune (eval) and vLLM; transformers 5.x cannot decompress them "
+                      "itself: `hybridprune decompress FOLDER --out DENSE` makes a plain copy")
     streaming = choose_streaming(offload, model, dtype, device, root, reporter)
     if streaming and out_path is None:
         raise UserError("with --offload the model is pruned and written layer by layer: pass --out FOLDER")
@@ -825,3 +828,25 @@ def _evaluate_one(
     del loaded
     gc.collect()  # the next model of a comparison should not have to share memory with this one
     return evaluation
+
+
+# --- decompress -------------------------------------------------------------------------------
+
+
+def decompress(folder: PathLike, out: PathLike, *, overwrite: bool = False) -> int:
+    """A `--save-format compressed` folder rewritten as plain safetensors (bytes written), atomically.
+
+    transformers 5.x needs compressed-tensors >= 0.15, which dropped the sparse bitmask decompressors,
+    so it cannot read such a folder itself; hybridprune's loader and vLLM can, and this makes a copy that
+    anything loads.
+    """
+    from hybridprune.export import compression_format, decompress_folder
+    from hybridprune.fsutil import atomic_folder
+    from hybridprune.pruning import check_output_folder
+
+    source = Path(folder).expanduser()
+    if not source.is_dir() or compression_format(source) is None:
+        raise UserError(f"'{source}' is not a compressed model folder (written with `prune --save-format compressed`)")
+    target = check_output_folder(Path(out), source, overwrite)
+    with atomic_folder(target, replace=overwrite) as staging:
+        return decompress_folder(source, staging)

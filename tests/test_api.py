@@ -176,3 +176,21 @@ def test_compressed_save_format_through_the_api(world):
     assert config["quantization_config"]["format"] == "sparse-bitmask"
     evaluated = api.evaluate(str(out), data=str(world["text"]), split="all", windows=2, seqlen=32, cache_dir=world["cache"])
     assert abs(evaluated.model.sparsity.total.sparsity - result.runs[0].report.total.sparsity) < 1e-6
+
+
+def test_decompress_gives_a_folder_plain_transformers_loads(world):
+    from transformers import AutoModelForCausalLM
+
+    compressed = world["work"] / "compressed"
+    if not compressed.exists():
+        pytest.skip("needs test_compressed_save_format_through_the_api")
+    dense = world["work"] / "decompressed"
+    cli = CliRunner().invoke(app, ["decompress", str(compressed), "--out", str(dense), "--json"])
+    assert cli.exit_code == 0, cli.output
+    model = AutoModelForCausalLM.from_pretrained(dense)
+    ours = api.evaluate(str(compressed), data=str(world["text"]), split="all", windows=2, seqlen=32, cache_dir=world["cache"])
+    assert "quantization_config" not in json.loads((dense / "config.json").read_text())
+    zeros = sum(int((p == 0).sum()) for n, p in model.named_parameters() if n.endswith("proj.weight"))
+    assert zeros == ours.model.sparsity.total.zeros
+    refused = CliRunner().invoke(app, ["decompress", str(world["model"]), "--out", str(world["work"] / "nope")])
+    assert refused.exit_code == 2 and "not a compressed model folder" in refused.output

@@ -9,6 +9,7 @@ import typer
 
 from hybridprune.cli import cache_cmd
 from hybridprune.cli.calibrate import calibrate
+from hybridprune.cli.decompress_cmd import decompress
 from hybridprune.cli.eval_cmd import eval_command
 from hybridprune.cli.presets_cmd import presets
 from hybridprune.cli.prune_cmd import prune
@@ -27,6 +28,7 @@ app.command("eval")(eval_command)
 app.command()(score)
 app.command()(prune)
 app.command()(presets)
+app.command()(decompress)
 app.command("wizard")(wizard_command)
 app.add_typer(cache_cmd.app, name="cache")
 
