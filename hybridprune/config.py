@@ -43,6 +43,9 @@ class PruneConfig:
     qk_shift: float = 0.0  # q/k pruned at sparsity + shift, v/o at sparsity - shift
     sequential: bool = False
     update: bool = False  # OBS weight update of the kept weights, from the cached second-order statistics
+    nr_doc_rate: float = 0.0  # doc mode: a neuron is in a window when active on >= this fraction of its tokens
+    nr_row_bound: float = 1.0  # gate/up: each neuron's row sparsity kept within target +- this (1 = unbounded)
+    update_shrink: float = 1.0  # --update: step toward the OBS-updated weights (1 = full update, 0 = none)
 
     def validate(self, num_layers: int | None = None) -> PruneConfig:
         """Refuse impossible combinations with one clear line naming the flag."""
@@ -75,6 +78,12 @@ class PruneConfig:
             raise UserError(f"--nr-min-tokens must be >= 1, got {self.nr_min_tokens}")
         if not 0.0 < self.nr_topic_rate <= 1.0:
             raise UserError(f"--nr-topic-rate must be in (0, 1], got {self.nr_topic_rate}")
+        if not 0.0 <= self.nr_doc_rate <= 1.0:
+            raise UserError(f"--nr-doc-rate must be in [0, 1], got {self.nr_doc_rate}")
+        if not 0.0 <= self.nr_row_bound <= 1.0:
+            raise UserError(f"--nr-row-bound must be in [0, 1], got {self.nr_row_bound}")
+        if not 0.0 <= self.update_shrink <= 1.0:
+            raise UserError(f"--update-shrink must be in [0, 1], got {self.update_shrink}")
         if not 0.0 <= self.layer_spread < 0.5:
             raise UserError(f"--layer-spread must be in [0, 0.5), got {self.layer_spread}")
         if not (0.0 <= self.sparsity - abs(self.qk_shift) and self.sparsity + abs(self.qk_shift) < 1.0):

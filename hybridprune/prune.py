@@ -24,7 +24,7 @@ from hybridprune.methods.hybrid import (
     layer_masks,
     score_neurons,
 )
-from hybridprune.methods.reconstruct import reconstruct_with_factor
+from hybridprune.methods.reconstruct import reconstruct_with_factor, shrink_update
 from hybridprune.models.adapters import FamilyAdapter
 from hybridprune.models.loading import LoadedModel
 from hybridprune.models.streaming import (
@@ -55,6 +55,7 @@ def neuron_scoring(config: PruneConfig) -> NeuronScoring:
         idf_exp=config.idf_exp,
         min_tokens=config.nr_min_tokens,
         topic_rate=config.nr_topic_rate,
+        doc_rate=config.nr_doc_rate,
     )
 
 
@@ -113,6 +114,7 @@ def plan_layers(
             pattern=config.pattern,
             weight_exp=config.weight_exp,
             qk_shift=config.qk_shift,
+            row_bound=config.nr_row_bound,
         )
     return plans
 
@@ -125,6 +127,7 @@ def prune_layer(
     plan: LayerPlan,
     scoring: NeuronScoring,
     hessians: CalibrationStats | None = None,
+    update_shrink: float = 1.0,
 ) -> None:
     """Compute and apply one layer's masks (in place; structured pruning shrinks the MLP).
 
@@ -153,7 +156,8 @@ def prune_layer(
             if hessians is not None:  # compensate the removed neurons in down_proj's remaining columns
                 down = linears[adapter.mlp_output]
                 columns = keep.unsqueeze(0).expand_as(down.weight).to(down.weight.device)
-                down.weight.copy_(reconstruct_with_factor(down.weight, columns, *hessians.inverse_factor(index, "down_in")))
+                updated = reconstruct_with_factor(down.weight, columns, *hessians.inverse_factor(index, "down_in"))
+                down.weight.copy_(shrink_update(down.weight * columns, updated, update_shrink))
             shrink_mlp(adapter.mlp(layer), adapter, keep)
         if hessians is None:
             for name, mask in masks.items():
@@ -164,7 +168,9 @@ def prune_layer(
             stacked = [linears[name].weight for name in names]
             device = stacked[0].device
             keep = torch.cat([masks[name].to(device) for name in names])
-            updated = reconstruct_with_factor(torch.cat(stacked), keep, *hessians.inverse_factor(index, group))
+            dense = torch.cat(stacked)
+            updated = reconstruct_with_factor(dense, keep, *hessians.inverse_factor(index, group))
+            updated = shrink_update(dense * keep, updated, update_shrink)
             for weight, rows in zip(stacked, updated.split([weight.shape[0] for weight in stacked])):
                 weight.copy_(rows)
 
@@ -218,7 +224,7 @@ def prune_model(
     with reporter.progress("applying pruning" + (" + weight update" if hessians is not None else ""), len(layers)) as advance:
         for index in range(len(layers)):
             if index in plans:
-                prune_layer(layers[index], index, adapter, stats, plans[index], scoring, hessians)
+                prune_layer(layers[index], index, adapter, stats, plans[index], scoring, hessians, config.update_shrink)
             advance(1)
     finish_structured(loaded, config)
     return PruneOutcome(plans, time.perf_counter() - started)
@@ -262,7 +268,7 @@ def prune_streaming(
         for index in range(loaded.num_layers):
             with stream.resident(index) as layer:
                 if index in plans:
-                    prune_layer(layer, index, adapter, stats, plans[index], scoring, hessians)
+                    prune_layer(layer, index, adapter, stats, plans[index], scoring, hessians, config.update_shrink)
                 advance(1)
                 counts.extend(layer_counts(index, layer, adapter, dense_width))
                 writer.write({f"{adapter.layers_path}.{index}.{name}": tensor for name, tensor in layer.state_dict().items()})
@@ -290,7 +296,7 @@ def sequential_pruner(loaded: LoadedModel, config: PruneConfig):
     pruned = set(config.pruned_layers(loaded.num_layers))
     attention_method, mlp_method = module_methods(config)
     plan = LayerPlan(attention_method, mlp_method, config.sparsity if attention_method != "none" else 0.0,
-                     config.sparsity, config.pattern, config.weight_exp, config.qk_shift)
+                     config.sparsity, config.pattern, config.weight_exp, config.qk_shift, config.nr_row_bound)
 
     def prune_now(index: int, layer: nn.Module, stats: CalibrationStats) -> None:
         if index in pruned:
