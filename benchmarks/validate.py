@@ -49,7 +49,7 @@ DOCS = ROOT / "docs"
 
 # Protocol per model. Qwen on 2 CPU cores: bf16, 256-token windows, few windows (see docs/validation.md).
 MODELS = {
-    "smollm2": {"spec": None, "dtype": "float32", "nsamples": 32, "seqlen": 512, "windows": 16, "batch": 4},
+    "smollm2": {"spec": None, "dtype": "float32", "nsamples": 32, "seqlen": 512, "windows": 8, "batch": 4},
     "qwen": {"spec": "/work/models/qwen-coder-1.5b", "dtype": "bfloat16", "nsamples": 16, "seqlen": 256,
              "windows": 4, "batch": 4},
 }
@@ -339,6 +339,8 @@ def report() -> None:
     md = md.replace("{{TEST_TABLE}}", fmt_table(out["test"], HEADLINE, models))
     md = md.replace("{{HEADLINE}}", headline(out["test"], HEADLINE, models))
     md = md.replace("{{GOALS}}", goals)
+    choices = ROOT / "benchmarks" / "validation_choices.md"
+    md = md.replace("{{CHOICES}}", choices.read_text().strip() if choices.exists() else "(not written yet)")
     md = md.replace("{{VALIDATION_TABLE}}", fmt_table(out["validation"], names_val, models))
     md = md.replace("{{DOMAINS}}", "\n".join(f"| `{d}` | {len(domain_texts(d)[0]):,} | {len(domain_texts(d)[1]):,} | `{fingerprint(d)}` |" for d in DOMAINS))
     (DOCS / "validation.md").write_text(md)
