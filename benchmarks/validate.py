@@ -87,17 +87,27 @@ def configs() -> dict[str, PruneConfig]:
     for tf in (0.25, 0.5):
         c[f"hyb:idf0:tf{tf}"] = PruneConfig(idf_exp=0.0, tf_exp=tf)
     c["hyb:idf0"] = PruneConfig(idf_exp=0.0)
+    for g in (0.5, 1.0):
+        c[f"hyb:bound0.1:qk0.1:topic:idf{g}"] = PruneConfig(nr_tfidf_mode="topic", idf_exp=g, nr_row_bound=0.1, qk_shift=0.1)
+    c["hyb:bound0.1:qk0.1:tf0.5"] = PruneConfig(idf_exp=0.0, tf_exp=0.5, nr_row_bound=0.1, qk_shift=0.1)
     c["hyb:idf0:qk0.1"] = PruneConfig(idf_exp=0.0, qk_shift=0.1)
     for rate in (0.05, 0.1, 0.2):
         for g in (0.25, 0.5):
             c[f"hyb:docrate{rate}:idf{g}"] = PruneConfig(idf_exp=g, nr_doc_rate=rate)
-    for bound in (0.1, 0.2):
-        for shrink in (1.0, 0.75, 0.5):
+    for bound in (0.05, 0.1):
+        for rate in (0.1, 0.2):
+            for g in (0.25, 0.5, 1.0):
+                c[f"hyb:bound{bound}:qk0.1:docrate{rate}:idf{g}"] = PruneConfig(
+                    idf_exp=g, nr_doc_rate=rate, nr_row_bound=bound, qk_shift=0.1)
+    for bound in (0.05, 0.1, 0.2):
+        for shrink in (1.0, 0.75, 0.5, 0.25):
             c[f"hyb:bound{bound}:qk0.1:upd{shrink}"] = PruneConfig(idf_exp=0.0, nr_row_bound=bound, qk_shift=0.1,
                                                                   update=True, update_shrink=shrink)
             c[f"hyb:topic:bound{bound}:qk0.1:upd{shrink}"] = PruneConfig(
                 nr_tfidf_mode="topic", idf_exp=0.0, nr_row_bound=bound, qk_shift=0.1, update=True, update_shrink=shrink)
-    for shrink in (0.75, 0.5):
+            c[f"hyb:bound{bound}:qk0.1:docrate0.1:idf1.0:upd{shrink}"] = PruneConfig(
+                idf_exp=1.0, nr_doc_rate=0.1, nr_row_bound=bound, qk_shift=0.1, update=True, update_shrink=shrink)
+    for shrink in (0.75, 0.5, 0.25):
         c[f"wanda+update{shrink}"] = PruneConfig(prune_method="wanda", update=True, update_shrink=shrink)
     # ablations
     c["abl:nr-constant-score"] = PruneConfig(idf_exp=0.0, tf_exp=0.0)  # gate/up matrix groups, every s_i equal
