@@ -64,13 +64,23 @@ def preset(name: str, **overrides) -> PruneConfig:
     return PruneConfig(**values)
 
 
+# The product defaults of the new fields before this work, and idf_exp's old default: every
+# configuration below except the presets spells them out, so that its digest (and its measured rows)
+# does not change when the product defaults do. None of them changes Wanda's masks.
+OLD_DEFAULTS = dict(idf_exp=0.25, nr_doc_rate=0.0, nr_row_bound=1.0, update_shrink=1.0, qk_shift=0.0)
+
+
+def P(**overrides) -> PruneConfig:
+    return PruneConfig(**{**OLD_DEFAULTS, **overrides})
+
+
 def configs() -> dict[str, PruneConfig]:
     """Every named configuration the harness knows (the report and the ablations pick from these)."""
     c: dict[str, PruneConfig] = {
-        "wanda": PruneConfig(prune_method="wanda"),
-        "wanda+update": PruneConfig(prune_method="wanda", update=True),
-        "wanda+qk0.1": PruneConfig(prune_method="wanda", qk_shift=0.1),
-        "wanda+qk0.1+update": PruneConfig(prune_method="wanda", qk_shift=0.1, update=True),
+        "wanda": P(prune_method="wanda"),
+        "wanda+update": P(prune_method="wanda", update=True),
+        "wanda+qk0.1": P(prune_method="wanda", qk_shift=0.1),
+        "wanda+qk0.1+update": P(prune_method="wanda", qk_shift=0.1, update=True),
         "balanced": preset("balanced"),
         "quality": preset("quality"),
         "conservative": preset("conservative"),
@@ -78,46 +88,46 @@ def configs() -> dict[str, PruneConfig]:
     }
     # the defaults and presets before this work (explicit, so they do not follow later changes)
     old = dict(nr_doc_rate=0.0, nr_row_bound=1.0, update_shrink=1.0, idf_exp=0.25, tf_exp=1.0, tf_kind="out_rms")
-    c["balanced@old"] = PruneConfig(nr_tfidf_mode="doc", **old)
-    c["quality@old"] = PruneConfig(nr_tfidf_mode="topic", qk_shift=0.1, update=True, **old)
+    c["balanced@old"] = P(nr_tfidf_mode="doc", **old)
+    c["quality@old"] = P(nr_tfidf_mode="topic", qk_shift=0.1, update=True, **old)
     # candidates (chosen on validation halves)
     for bound in (0.05, 0.1, 0.15, 0.2, 0.3):
-        c[f"hyb:idf0:bound{bound}"] = PruneConfig(idf_exp=0.0, nr_row_bound=bound)
-        c[f"hyb:idf0:bound{bound}:qk0.1"] = PruneConfig(idf_exp=0.0, nr_row_bound=bound, qk_shift=0.1)
+        c[f"hyb:idf0:bound{bound}"] = P(idf_exp=0.0, nr_row_bound=bound)
+        c[f"hyb:idf0:bound{bound}:qk0.1"] = P(idf_exp=0.0, nr_row_bound=bound, qk_shift=0.1)
     for tf in (0.25, 0.5):
-        c[f"hyb:idf0:tf{tf}"] = PruneConfig(idf_exp=0.0, tf_exp=tf)
-    c["hyb:idf0"] = PruneConfig(idf_exp=0.0)
+        c[f"hyb:idf0:tf{tf}"] = P(idf_exp=0.0, tf_exp=tf)
+    c["hyb:idf0"] = P(idf_exp=0.0)
     for g in (0.5, 1.0):
-        c[f"hyb:bound0.1:qk0.1:topic:idf{g}"] = PruneConfig(nr_tfidf_mode="topic", idf_exp=g, nr_row_bound=0.1, qk_shift=0.1)
-    c["hyb:bound0.1:qk0.1:tf0.5"] = PruneConfig(idf_exp=0.0, tf_exp=0.5, nr_row_bound=0.1, qk_shift=0.1)
-    c["hyb:idf0:qk0.1"] = PruneConfig(idf_exp=0.0, qk_shift=0.1)
+        c[f"hyb:bound0.1:qk0.1:topic:idf{g}"] = P(nr_tfidf_mode="topic", idf_exp=g, nr_row_bound=0.1, qk_shift=0.1)
+    c["hyb:bound0.1:qk0.1:tf0.5"] = P(idf_exp=0.0, tf_exp=0.5, nr_row_bound=0.1, qk_shift=0.1)
+    c["hyb:idf0:qk0.1"] = P(idf_exp=0.0, qk_shift=0.1)
     for rate in (0.05, 0.1, 0.2):
         for g in (0.25, 0.5):
-            c[f"hyb:docrate{rate}:idf{g}"] = PruneConfig(idf_exp=g, nr_doc_rate=rate)
+            c[f"hyb:docrate{rate}:idf{g}"] = P(idf_exp=g, nr_doc_rate=rate)
     for bound in (0.05, 0.1):
         for rate in (0.1, 0.2):
             for g in (0.25, 0.5, 1.0):
-                c[f"hyb:bound{bound}:qk0.1:docrate{rate}:idf{g}"] = PruneConfig(
+                c[f"hyb:bound{bound}:qk0.1:docrate{rate}:idf{g}"] = P(
                     idf_exp=g, nr_doc_rate=rate, nr_row_bound=bound, qk_shift=0.1)
     for bound in (0.05, 0.1, 0.2):
         for shrink in (1.0, 0.75, 0.5, 0.25):
-            c[f"hyb:bound{bound}:qk0.1:upd{shrink}"] = PruneConfig(idf_exp=0.0, nr_row_bound=bound, qk_shift=0.1,
+            c[f"hyb:bound{bound}:qk0.1:upd{shrink}"] = P(idf_exp=0.0, nr_row_bound=bound, qk_shift=0.1,
                                                                   update=True, update_shrink=shrink)
-            c[f"hyb:topic:bound{bound}:qk0.1:upd{shrink}"] = PruneConfig(
+            c[f"hyb:topic:bound{bound}:qk0.1:upd{shrink}"] = P(
                 nr_tfidf_mode="topic", idf_exp=0.0, nr_row_bound=bound, qk_shift=0.1, update=True, update_shrink=shrink)
-            c[f"hyb:bound{bound}:qk0.1:docrate0.1:idf1.0:upd{shrink}"] = PruneConfig(
+            c[f"hyb:bound{bound}:qk0.1:docrate0.1:idf1.0:upd{shrink}"] = P(
                 idf_exp=1.0, nr_doc_rate=0.1, nr_row_bound=bound, qk_shift=0.1, update=True, update_shrink=shrink)
     for shrink in (0.75, 0.5, 0.25):
-        c[f"wanda+update{shrink}"] = PruneConfig(prune_method="wanda", update=True, update_shrink=shrink)
+        c[f"wanda+update{shrink}"] = P(prune_method="wanda", update=True, update_shrink=shrink)
     # ablations
-    c["abl:nr-constant-score"] = PruneConfig(idf_exp=0.0, tf_exp=0.0)  # gate/up matrix groups, every s_i equal
+    c["abl:nr-constant-score"] = P(idf_exp=0.0, tf_exp=0.0)  # gate/up matrix groups, every s_i equal
     for mode in ("doc", "topic"):
         for g in (0.0, 0.25, 1.0):
-            c[f"abl:{mode}:idf{g}"] = PruneConfig(nr_tfidf_mode=mode, idf_exp=g)
+            c[f"abl:{mode}:idf{g}"] = P(nr_tfidf_mode=mode, idf_exp=g)
     for g in (0.0, 0.25, 1.0):
-        c[f"abl:old:idf{g}"] = PruneConfig(hybrid_mlp_method="neuronrank_old", idf_exp=g)
+        c[f"abl:old:idf{g}"] = P(hybrid_mlp_method="neuronrank_old", idf_exp=g)
     for kind in ("out_rms", "rms", "mean_abs"):
-        c[f"abl:tf-kind:{kind}"] = PruneConfig(tf_kind=kind)
+        c[f"abl:tf-kind:{kind}"] = P(tf_kind=kind)
     return c
 
 

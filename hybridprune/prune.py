@@ -85,6 +85,12 @@ def layer_importance(
     return torch.tensor(ratios, dtype=torch.float64)
 
 
+def clamp_shift(shift: float, target: float) -> float:
+    """--qk-shift limited so that q/k (target + shift) and v/o (target - shift) stay in [0, 1)."""
+    limit = max(0.0, min(target, 1.0 - target - 1e-9))
+    return max(-limit, min(limit, shift))
+
+
 def plan_layers(
     model: nn.Module, adapter: FamilyAdapter, stats: CalibrationStats, config: PruneConfig, stream: LayerStream | None = None
 ) -> dict[int, LayerPlan]:
@@ -113,7 +119,7 @@ def plan_layers(
             mlp_sparsity=target,
             pattern=config.pattern,
             weight_exp=config.weight_exp,
-            qk_shift=config.qk_shift,
+            qk_shift=clamp_shift(config.qk_shift, target),
             row_bound=config.nr_row_bound,
         )
     return plans
@@ -296,7 +302,8 @@ def sequential_pruner(loaded: LoadedModel, config: PruneConfig):
     pruned = set(config.pruned_layers(loaded.num_layers))
     attention_method, mlp_method = module_methods(config)
     plan = LayerPlan(attention_method, mlp_method, config.sparsity if attention_method != "none" else 0.0,
-                     config.sparsity, config.pattern, config.weight_exp, config.qk_shift, config.nr_row_bound)
+                     config.sparsity, config.pattern, config.weight_exp, clamp_shift(config.qk_shift, config.sparsity),
+                     config.nr_row_bound)
 
     def prune_now(index: int, layer: nn.Module, stats: CalibrationStats) -> None:
         if index in pruned:
