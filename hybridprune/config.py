@@ -45,7 +45,7 @@ class PruneConfig:
     update: bool = False  # OBS weight update of the kept weights, from the cached second-order statistics
     nr_doc_rate: float = 0.1  # doc mode: a neuron is in a window when active on >= this fraction of its tokens
     nr_row_bound: float = 0.05  # gate/up: each neuron's row sparsity kept within target +- this (1 = unbounded)
-    update_shrink: float = 0.5  # --update: step toward the OBS-updated weights (1 = full update, 0 = none)
+    update_shrink: float = 0.25  # --update: step toward the OBS-updated weights (1 = full update, 0 = none)
 
     def validate(self, num_layers: int | None = None) -> PruneConfig:
         """Refuse impossible combinations with one clear line naming the flag."""
