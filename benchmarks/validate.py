@@ -385,6 +385,8 @@ def goal_lines(s: dict, models: list[str]) -> str:
     out = []
     for m in models:
         for name, limit in (("balanced", 0.85), ("quality", 0.70)):
+            if name not in s or m not in s[name]:
+                out.append(f"- {m}: `{name}`: **not measured** in this session")
             if name in s and m in s[name]:
                 worst = s[name][m]["worst"]
                 out.append(f"- {m}: `{name}` worst ratio {worst:.3f} vs goal <= {limit}: "
