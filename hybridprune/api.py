@@ -363,6 +363,7 @@ def score(
     tf_kind: str | None = None,
     nr_min_tokens: int | None = None,
     nr_topic_rate: float | None = None,
+    nr_doc_rate: float | None = None,
     sparsity: float = 0.5,
     data: str | None = None,
     text_field: str | None = None,
@@ -393,7 +394,7 @@ def score(
     chosen = get_preset(preset or DEFAULT_PRESET, _path(presets_file))
     config = resolve(
         dict(hybrid_mlp_method=hybrid_mlp_method, nr_tfidf_mode=nr_tfidf_mode, tf_exp=tf_exp, idf_exp=idf_exp,
-             tf_kind=tf_kind, nr_min_tokens=nr_min_tokens, nr_topic_rate=nr_topic_rate, sparsity=sparsity),
+             tf_kind=tf_kind, nr_min_tokens=nr_min_tokens, nr_topic_rate=nr_topic_rate, nr_doc_rate=nr_doc_rate, sparsity=sparsity),
         chosen,
     ).validate()
     request = calibration_request(
@@ -447,10 +448,13 @@ def prune(
     tf_kind: str | None = None,
     nr_min_tokens: int | None = None,
     nr_topic_rate: float | None = None,
+    nr_doc_rate: float | None = None,
+    nr_row_bound: float | None = None,
     layer_spread: float | None = None,
     qk_shift: float | None = None,
     sequential: bool | None = None,
     update: bool | None = None,
+    update_shrink: float | None = None,
     update_mask: str | None = None,
     nm_order: str | None = None,
     refine: int | None = None,
@@ -510,6 +514,7 @@ def prune(
         attention_method=attention_method, pruning_last=pruning_last, preserve_first=preserve_first,
         weight_exp=weight_exp, tf_exp=tf_exp, idf_exp=idf_exp, tf_kind=tf_kind, nr_min_tokens=nr_min_tokens,
         nr_topic_rate=nr_topic_rate, layer_spread=layer_spread, qk_shift=qk_shift, sequential=sequential, update=update,
+        nr_doc_rate=nr_doc_rate, nr_row_bound=nr_row_bound, update_shrink=update_shrink,
         update_mask=update_mask, nm_order=nm_order, refine=refine,
         heads_sparsity=heads_sparsity, drop_layers=drop_layers, target_speedup=target_speedup,
     )

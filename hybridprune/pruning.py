@@ -27,7 +27,7 @@ from hybridprune.methods.hybrid import (
     sweep_specs,
 )
 from hybridprune.methods.obs import gram_from_factor, permute_factor, refine_swaps, spread_order, sweep_counts, sweep_prune
-from hybridprune.methods.reconstruct import reconstruct_with_factor
+from hybridprune.methods.reconstruct import reconstruct_with_factor, shrink_update
 from hybridprune.models.adapters import FamilyAdapter
 from hybridprune.models.loading import LoadedModel
 from hybridprune.models.streaming import (
@@ -63,6 +63,7 @@ def neuron_scoring(config: PruneConfig) -> NeuronScoring:
         idf_exp=config.idf_exp,
         min_tokens=config.nr_min_tokens,
         topic_rate=config.nr_topic_rate,
+        doc_rate=config.nr_doc_rate,
     )
 
 
@@ -80,6 +81,12 @@ def layer_importance(
                 total += metric.numel()
         ratios.append(outliers / total)
     return torch.tensor(ratios, dtype=torch.float64)
+
+
+def clamp_shift(shift: float, target: float) -> float:
+    """--qk-shift limited so that q/k (target + shift) and v/o (target - shift) stay in [0, 1)."""
+    limit = max(0.0, min(target, 1.0 - target - 1e-9))
+    return max(-limit, min(limit, shift))
 
 
 def plan_layers(
@@ -110,7 +117,8 @@ def plan_layers(
             mlp_sparsity=target,
             pattern=config.pattern,
             weight_exp=config.weight_exp,
-            qk_shift=config.qk_shift,
+            qk_shift=clamp_shift(config.qk_shift, target),
+            row_bound=config.nr_row_bound,
             update=config.update,
             update_mask=config.update_mask,
             nm_order=config.nm_order,
@@ -127,6 +135,7 @@ def prune_layer(
     plan: LayerPlan,
     scoring: NeuronScoring,
     hessians: CalibrationStats | None = None,
+    update_shrink: float = 1.0,
 ) -> None:
     """Compute and apply one layer's masks (in place; structured pruning shrinks the MLP).
 
@@ -180,10 +189,11 @@ def prune_layer(
             if hessians is not None and plan.update:  # compensate the removed neurons in down_proj's remaining columns
                 down = linears[adapter.mlp_output]
                 columns = keep.unsqueeze(0).expand_as(down.weight).to(down.weight.device)
-                down.weight.copy_(reconstruct_with_factor(down.weight, columns, *factor_of(adapter.input_group(adapter.mlp_output))))
+                updated = reconstruct_with_factor(down.weight, columns, *factor_of(adapter.input_group(adapter.mlp_output)))
+                down.weight.copy_(shrink_update(down.weight * columns, updated, update_shrink))
             shrink_mlp(adapter.mlp(layer), adapter, keep)
         if sweep:
-            _sweep_layer(linears, adapter, plan, score, factor_of)
+            _sweep_layer(linears, adapter, plan, score, factor_of, update_shrink)
             return
         if hessians is not None and plan.refine > 0 and masks:
             grams: dict[str, torch.Tensor] = {}
@@ -206,13 +216,16 @@ def prune_layer(
             stacked = [linears[name].weight for name in names]
             device = stacked[0].device
             keep = torch.cat([masks[name].to(device) for name in names])
-            updated = reconstruct_with_factor(torch.cat(stacked), keep, *factor_of(group))
+            dense = torch.cat(stacked)
+            updated = reconstruct_with_factor(dense, keep, *factor_of(group))
+            updated = shrink_update(dense * keep, updated, update_shrink)
             for weight, rows in zip(stacked, updated.split([weight.shape[0] for weight in stacked])):
                 weight.copy_(rows)
 
 
-def _sweep_layer(linears, adapter: FamilyAdapter, plan: LayerPlan, score, factor_of) -> None:
-    """Masks chosen inside the OBS sweep, per input group (q/k/v together, gate/up together)."""
+def _sweep_layer(linears, adapter: FamilyAdapter, plan: LayerPlan, score, factor_of, update_shrink: float = 1.0) -> None:
+    """Masks chosen inside the OBS sweep, per input group (q/k/v together, gate/up together); with update_shrink < 1
+    the kept weights move only that far from their dense values toward the update (the sweep's masks kept)."""
     pattern = parse_pattern(plan.pattern)
     specs = sweep_specs(adapter.attention_names, adapter.mlp_names, plan, score)
     for group in dict.fromkeys(adapter.input_group(name) for name in specs):
@@ -238,6 +251,9 @@ def _sweep_layer(linears, adapter: FamilyAdapter, plan: LayerPlan, score, factor
             nm=(pattern.n, pattern.m) if pattern.kind == "nm" else None,
             block=SWEEP_BLOCK,
         )
+        if update_shrink < 1.0:
+            dense = torch.cat(stacked)
+            updated = shrink_update(dense * (updated != 0), updated, update_shrink)
         for weight, rows in zip(stacked, updated.split([weight.shape[0] for weight in stacked])):
             weight.copy_(rows)
 
@@ -304,7 +320,7 @@ def prune_model(
     with reporter.progress("applying pruning" + (" + weight update" if hessians is not None else ""), len(layers)) as advance:
         for index in range(len(layers)):
             if index in plans:
-                prune_layer(layers[index], index, adapter, stats, plans[index], scoring, hessians)
+                prune_layer(layers[index], index, adapter, stats, plans[index], scoring, hessians, config.update_shrink)
             advance(1)
     finish_structured(loaded, config)
     return PruneOutcome(plans, time.perf_counter() - started)
@@ -348,7 +364,7 @@ def prune_streaming(
         for index in range(loaded.num_layers):
             with stream.resident(index) as layer:
                 if index in plans:
-                    prune_layer(layer, index, adapter, stats, plans[index], scoring, hessians)
+                    prune_layer(layer, index, adapter, stats, plans[index], scoring, hessians, config.update_shrink)
                 advance(1)
                 counts.extend(layer_counts(index, layer, adapter, dense_width))
                 writer.write({f"{adapter.layers_path}.{index}.{name}": tensor for name, tensor in layer.state_dict().items()})
@@ -376,7 +392,8 @@ def sequential_pruner(loaded: LoadedModel, config: PruneConfig):
     pruned = set(config.pruned_layers(loaded.num_layers))
     attention_method, mlp_method = config.module_methods()
     plan = LayerPlan(attention_method, mlp_method, config.sparsity if attention_method != registry.NONE else 0.0,
-                     config.sparsity, config.pattern, config.weight_exp, config.qk_shift, nm_order=config.nm_order)
+                     config.sparsity, config.pattern, config.weight_exp, clamp_shift(config.qk_shift, config.sparsity),
+                     row_bound=config.nr_row_bound, nm_order=config.nm_order)
 
     def prune_now(index: int, layer: nn.Module, stats: CalibrationStats) -> None:
         if index in pruned:

@@ -188,11 +188,11 @@ def _tiny_run(folder: Path, cache: Path, **fields):
 @pytest.mark.parametrize(
     "fields",
     [
-        dict(update=True),  # masks chosen inside the sweep (the default)
-        dict(update=True, qk_shift=0.1),
-        dict(update=True, update_mask="fixed"),
-        dict(update=True, pattern="2:4"),
-        dict(update=True, pattern="2:4", nm_order="none"),
+        dict(update=True),  # the hybrid's masks kept, the update shrunk (the defaults)
+        dict(update=True, update_mask="sweep"),  # masks chosen inside the sweep
+        dict(update=True, update_mask="sweep", qk_shift=0.1, update_shrink=1.0),
+        dict(update=True, update_mask="sweep", pattern="2:4"),
+        dict(update=True, update_mask="sweep", pattern="2:4", nm_order="none"),
         dict(pattern="2:4"),  # mask only, neurons permuted
         dict(refine=20),
         dict(refine=20, pattern="2:4"),
@@ -216,6 +216,6 @@ def test_refine_needs_fixed_masks_with_update():
     from hybridprune.errors import UserError
 
     with pytest.raises(UserError, match="--refine"):
-        PruneConfig(refine=10, update=True).validate()
+        PruneConfig(refine=10, update=True, update_mask="sweep").validate()
     with pytest.raises(UserError, match="--update-mask"):
         PruneConfig(update_mask="best").validate()

@@ -48,6 +48,9 @@ def kind_sparsity(folder: Path, cache_dir: Path, stats, **config) -> dict[str, f
         dict(prune_method="hybrid", tf_kind="rms"),
         dict(prune_method="hybrid", layer_spread=0.1),
         dict(prune_method="hybrid", qk_shift=0.1),
+        dict(prune_method="hybrid", nr_row_bound=0.05),
+        dict(prune_method="hybrid", nr_row_bound=1.0),
+        dict(prune_method="hybrid", nr_doc_rate=0.2),
     ],
 )
 def test_every_method_hits_the_target_exactly(calibrated, config):
@@ -58,11 +61,13 @@ def test_every_method_hits_the_target_exactly(calibrated, config):
         assert achieved["mlp"] == pytest.approx(0.5, abs=1e-3)  # topic mode prunes the MLPs too
 
 
-@pytest.mark.parametrize("knob", ["idf_exp", "tf_exp", "weight_exp", "tf_kind", "nr_min_tokens", "layer_spread", "qk_shift"])
+@pytest.mark.parametrize(
+    "knob", ["idf_exp", "tf_exp", "weight_exp", "tf_kind", "nr_min_tokens", "layer_spread", "qk_shift", "nr_row_bound", "nr_doc_rate"]
+)
 def test_every_knob_changes_the_masks(calibrated, knob):
-    base = dict(prune_method="hybrid", idf_exp=1.0)
+    base = dict(prune_method="hybrid", idf_exp=1.0, nr_doc_rate=0.0)  # rate 0: the token count decides
     changed = {"idf_exp": 3.0, "tf_exp": 0.0, "weight_exp": 2.0, "tf_kind": "mean_abs", "nr_min_tokens": 3,
-               "layer_spread": 0.1, "qk_shift": 0.1}[knob]
+               "layer_spread": 0.1, "qk_shift": 0.1, "nr_row_bound": 0.02, "nr_doc_rate": 0.1}[knob]
     first = masks_of(*calibrated, sparsity=0.5, **base)
     second = masks_of(*calibrated, sparsity=0.5, **{**base, knob: changed})
     assert any(not torch.equal(first[name], second[name]) for name in first)

@@ -24,8 +24,8 @@ from hybridprune.methods.reconstruct import inverse_hessian_factor
 from hybridprune.pruning import prune_layer
 
 HESSIANS = Path("/tmp/obs/hessian_entry_32x512_s0.safetensors")
-TOPIC = NeuronScoring(mode="topic", tf_kind="out_rms", tf_exp=1.0, idf_exp=0.25, min_tokens=1, topic_rate=0.05)
-DOC = NeuronScoring(mode="doc", tf_kind="out_rms", tf_exp=1.0, idf_exp=0.25, min_tokens=1, topic_rate=0.05)
+TOPIC = NeuronScoring(mode="topic", tf_kind="out_rms", tf_exp=1.0, idf_exp=0.25, min_tokens=1, topic_rate=0.05, doc_rate=0.0)
+DOC = NeuronScoring(mode="doc", tf_kind="out_rms", tf_exp=1.0, idf_exp=0.25, min_tokens=1, topic_rate=0.05, doc_rate=0.0)
 
 H = dict(attention_method="wanda", mlp_method="neuronrank", attention_sparsity=0.5, mlp_sparsity=0.5)
 W = dict(attention_method="wanda", mlp_method="wanda", attention_sparsity=0.5, mlp_sparsity=0.5)

@@ -76,6 +76,14 @@ MinTokensOpt = Annotated[
 TopicRateOpt = Annotated[
     float | None, typer.Option("--nr-topic-rate", help=f"Topic mode: activity rate for a topic to count ({_default('nr_topic_rate')}).")
 ]
+DocRateOpt = Annotated[
+    float | None,
+    typer.Option("--nr-doc-rate", help=f"Doc mode: share of a window's tokens a neuron must be active on for the window to count ({_default('nr_doc_rate')}).")
+]
+RowBoundOpt = Annotated[
+    float | None,
+    typer.Option("--nr-row-bound", help=f"gate/up: each neuron's row sparsity stays within target +- this (1 = unbounded; {_default('nr_row_bound')}).")
+]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Windows per forward batch (memory vs speed; never changes the statistics).")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Recompute even when a cached entry exists.")]
 OffloadOpt = Annotated[

@@ -13,6 +13,7 @@ from hybridprune.cli.common import (
     CacheDirOpt,
     DataOpt,
     DeviceOpt,
+    DocRateOpt,
     DtypeOpt,
     ForceOpt,
     IdfExpOpt,
@@ -28,6 +29,7 @@ from hybridprune.cli.common import (
     PresetsFileOpt,
     QActiveOpt,
     QuietOpt,
+    RowBoundOpt,
     SeedOpt,
     SeqlenOpt,
     TextFieldOpt,
@@ -68,6 +70,8 @@ def prune(
     tf_kind: TfKindOpt = None,
     nr_min_tokens: MinTokensOpt = None,
     nr_topic_rate: TopicRateOpt = None,
+    nr_doc_rate: DocRateOpt = None,
+    nr_row_bound: RowBoundOpt = None,
     layer_spread: Annotated[OptFloat, typer.Option("--layer-spread", help="Non-uniform sparsity across layers (OWL outliers).")] = None,
     qk_shift: Annotated[OptFloat, typer.Option("--qk-shift", help="q/k pruned at target+shift, v/o at target-shift.")] = None,
     sequential: Annotated[
@@ -76,6 +80,10 @@ def prune(
     update: Annotated[
         bool | None,
         typer.Option("--update/--no-update", help="Update kept weights to compensate, from second-order statistics (collected once, then cached)."),
+    ] = None,
+    update_shrink: Annotated[
+        OptFloat, typer.Option("--update-shrink", help="With --update: how far the kept weights move toward the OBS update "
+                               f"(1 = the full update, 0 = none; default {default_of('update_shrink')}, chosen across domains).")
     ] = None,
     update_mask: Annotated[
         OptStr, typer.Option("--update-mask", help=f"With --update: {'; '.join(f'{k}: {v}' for k, v in UPDATE_MASKS.items())} "

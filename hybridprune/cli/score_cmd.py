@@ -12,6 +12,7 @@ from hybridprune.cli.common import (
     CacheDirOpt,
     DataOpt,
     DeviceOpt,
+    DocRateOpt,
     DtypeOpt,
     ForceOpt,
     IdfExpOpt,
@@ -50,6 +51,7 @@ def score(
     tf_kind: TfKindOpt = None,
     nr_min_tokens: MinTokensOpt = None,
     nr_topic_rate: TopicRateOpt = None,
+    nr_doc_rate: DocRateOpt = None,
     sparsity: Annotated[float, typer.Option("--sparsity", "--sparsity-ratio", help="For the structured-removal column.")] = 0.5,
     data: DataOpt = None,
     text_field: TextFieldOpt = None,
@@ -72,7 +74,7 @@ def score(
     result = api.score(
         model=model, preset=preset, presets_file=presets_file, hybrid_mlp_method=hybrid_mlp_method,
         nr_tfidf_mode=nr_tfidf_mode, tf_exp=tf_exp, idf_exp=idf_exp, tf_kind=tf_kind, nr_min_tokens=nr_min_tokens,
-        nr_topic_rate=nr_topic_rate, sparsity=sparsity, data=data, text_field=text_field, nsamples=nsamples,
+        nr_topic_rate=nr_topic_rate, nr_doc_rate=nr_doc_rate, sparsity=sparsity, data=data, text_field=text_field, nsamples=nsamples,
         seqlen=seqlen, seed=seed, topics=topics, q_active=q_active, batch_size=batch_size, dtype=dtype, device=device,
         cache_dir=cache_dir, force=force, trust_remote_code=trust_remote_code, reporter=output.reporter,
     )

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from hybridprune.masks import mask_n_m, mask_rows, mask_unstructured, neuron_keep_mask, parse_pattern
 from hybridprune.methods import registry
+from hybridprune.methods.allocation import bound_row_sparsity, row_sparsity_of
 from hybridprune.methods.neuronrank import (
     NeuronStats,
     idf_doc,
@@ -35,11 +36,12 @@ class NeuronScoring:
     idf_exp: float
     min_tokens: int
     topic_rate: float
+    doc_rate: float  # doc mode: active in a window on at least this fraction of its tokens
 
 
 def neuron_idf(stats: NeuronStats, scoring: NeuronScoring) -> Tensor:
     if scoring.mode == "doc":
-        return idf_doc(stats, scoring.min_tokens)
+        return idf_doc(stats, scoring.min_tokens, scoring.doc_rate)
     if scoring.mode == "topic":
         return idf_topic(stats, scoring.topic_rate)
     if scoring.mode == "old":
@@ -76,6 +78,7 @@ class LayerPlan:
     sweep_group: str = "matrix"  # in the sweep, Wanda-pruned matrices compare per row ("row") or over a block of the matrix ("matrix")
     nm_order: str = "none"  # spread: N:M hybrid permutes MLP neurons so down_proj's groups mix scores
     refine: int = 0  # swap-refinement steps per row of every mask (0 = off; needs the second-order entry)
+    row_bound: float = 1.0  # gate/up: each neuron's row sparsity within target +- row_bound (1 = unbounded)
 
 
 def module_metric(method: str, weight: Tensor, input_sumsq: Tensor, weight_exp: float = 1.0) -> Tensor:
@@ -180,6 +183,9 @@ def layer_masks(
             masks[name] = _row_masks(metric, plan.mlp_sparsity, plan.pattern)  # N:M blocks lie inside a row
         else:
             masks[name] = mask_unstructured(metric, plan.mlp_sparsity, group="matrix")
+            if plan.row_bound < 1.0:
+                rates = bound_row_sparsity(row_sparsity_of(masks[name]), plan.mlp_sparsity, plan.row_bound)
+                masks[name] = mask_rows(metric, rates)
     # down_proj rows already span all neurons through ||a_i||: plain Wanda measured best there.
     metric = module_metric("wanda", weights[down], sumsq[down], plan.weight_exp)
     masks[down] = _row_masks(metric, plan.mlp_sparsity, plan.pattern)

@@ -88,19 +88,25 @@ def term_frequency(stats: NeuronStats, kind: TermFrequencyKind) -> Tensor:
     raise ValueError(f"unknown term frequency kind {kind!r}; use 'mean_abs' or 'rms'")
 
 
-def idf_doc(stats: NeuronStats, min_tokens: int = 1) -> Tensor:
+def idf_doc(stats: NeuronStats, min_tokens: int = 1, min_rate: float = 0.0) -> Tensor:
     """IDF with calibration windows as documents.
 
     A neuron appears in a window when it is active on at least ``min_tokens`` of its
-    tokens. Only windows that saw tokens count as documents.
+    tokens and on at least ``min_rate`` of them (a rate, so that the window length does not
+    decide: at q_active 0.9 nearly every neuron clears one token in every 512-token window,
+    which makes a count of 1 a constant IDF). Only windows that saw tokens count as documents.
     """
     if min_tokens < 1:
         raise ValueError(f"min_tokens must be >= 1, got {min_tokens}")
+    if not 0.0 <= min_rate <= 1.0:
+        raise ValueError(f"min_rate must be in [0, 1], got {min_rate}")
     documents = stats.window_tokens > 0
     document_count = int(documents.sum())
     if document_count == 0:
         raise ValueError("doc-mode IDF needs at least one calibration window with tokens")
-    frequency = (stats.window_active[documents] >= min_tokens).sum(dim=0)
+    counts = stats.window_active[documents].to(torch.float64)
+    needed = (stats.window_tokens[documents].to(torch.float64) * min_rate).clamp_min(min_tokens).unsqueeze(1)
+    frequency = (counts >= needed).sum(dim=0)
     return _smoothed_idf(document_count, frequency)
 
 

@@ -58,3 +58,18 @@ def reconstruct_with_factor(weight: Tensor, keep: Tensor, factor: Tensor, dead: 
         updated[:, end:].addmm_(errors.T, factor[start:end, end:], alpha=-1)
     updated[~keep] = 0.0
     return updated.to(weight.dtype)
+
+
+def shrink_update(pruned: Tensor, updated: Tensor, shrink: float) -> Tensor:
+    """pruned + shrink * (updated - pruned): the OBS update scaled toward the mask-only weights.
+
+    `pruned` is the dense weight times the mask, `updated` the reconstructed weight (same zeros);
+    shrink 1 is the full update, 0 none. The update is fitted to the calibration text's X^T X, so a
+    partial step trades in-domain error for robustness on other text.
+    """
+    if pruned.shape != updated.shape:
+        raise ValueError(f"shapes differ: {tuple(pruned.shape)} vs {tuple(updated.shape)}")
+    if shrink == 1.0:
+        return updated
+    result = pruned.to(torch.float32) + shrink * (updated.to(torch.float32) - pruned.to(torch.float32))
+    return result.to(updated.dtype)

@@ -1,0 +1,427 @@
+"""Validation beyond one text and one model: every configuration on five domains and two models.
+
+    python benchmarks/validate.py                      # the standard run (test halves, both models) + docs
+    python benchmarks/validate.py run --model smollm2 --half validation --configs wanda,balanced
+    python benchmarks/validate.py report               # docs/validation.md + docs/validation.json from the rows
+    python benchmarks/validate.py ablations            # the ablation rows (test halves) + docs/ablations.md
+
+Loads each model once, calibrates once per (model, seed) on the wiki-vital calibration split, and
+applies every configuration in-process with the product's own pruning code
+(hybridprune.pruning.plan_layers / prune_layer), restoring the dense weights in between. Perplexity
+uses hybridprune.evaluation.perplexity on the first W non-overlapping windows of each domain half
+(benchmarks/domains.py). Rows are appended to benchmarks/validation_results.jsonl and a row that is
+already there (same model, configuration digest, seed, domain, half, windows) is not measured again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from domains import DOMAINS, domain_texts, fingerprint  # noqa: E402
+
+from hybridprune.calibration.collect import CollectionOptions, collect_statistics  # noqa: E402
+from hybridprune.calibration.stats import CalibrationStats  # noqa: E402
+from hybridprune.config import PRUNE_FIELDS, PruneConfig  # noqa: E402
+from hybridprune.data import eval_windows, load_text, sample_windows, tokenize  # noqa: E402
+from hybridprune.data.tokens import encode_text  # noqa: E402
+from hybridprune.evaluation import perplexity  # noqa: E402
+from hybridprune.models import load_model  # noqa: E402
+from hybridprune.pruning import neuron_scoring, plan_layers, prune_layer  # noqa: E402
+
+CACHE = Path(os.environ.get("HYBRIDPRUNE_VALIDATE_CACHE", "/tmp/hpcache/validate"))
+RESULTS = ROOT / "benchmarks" / "validation_results.jsonl"
+DOCS = ROOT / "docs"
+
+# Protocol per model. Qwen on 2 CPU cores: bf16, 256-token windows, few windows (see docs/validation.md).
+MODELS = {
+    "smollm2": {"spec": None, "dtype": "float32", "nsamples": 32, "seqlen": 512, "windows": 8, "batch": 4},
+    "qwen": {"spec": "/work/models/qwen-coder-1.5b", "dtype": "bfloat16", "nsamples": 16, "seqlen": 256,
+             "windows": 4, "batch": 4},
+}
+TOPICS, Q_ACTIVE = 128, 0.9
+
+
+def preset(name: str, **overrides) -> PruneConfig:
+    """A preset from this worktree's presets.toml (PruneConfig fields only) plus overrides."""
+    table = tomllib.loads((ROOT / "presets.toml").read_text())[name]
+    values = {k: v for k, v in table.items() if k in PRUNE_FIELDS}
+    values.update(overrides)
+    return PruneConfig(**values)
+
+
+# The product defaults of the new fields before this work, and idf_exp's old default: every
+# configuration below except the presets spells them out, so that its digest (and its measured rows)
+# does not change when the product defaults do. None of them changes Wanda's masks.
+OLD_DEFAULTS = dict(idf_exp=0.25, nr_doc_rate=0.0, nr_row_bound=1.0, update_shrink=1.0, qk_shift=0.0)
+
+
+def P(**overrides) -> PruneConfig:
+    return PruneConfig(**{**OLD_DEFAULTS, **overrides})
+
+
+def configs() -> dict[str, PruneConfig]:
+    """Every named configuration the harness knows (the report and the ablations pick from these)."""
+    c: dict[str, PruneConfig] = {
+        "wanda": P(prune_method="wanda"),
+        "wanda+update": P(prune_method="wanda", update=True),
+        "wanda+qk0.1": P(prune_method="wanda", qk_shift=0.1),
+        "wanda+qk0.1+update": P(prune_method="wanda", qk_shift=0.1, update=True),
+        "balanced": preset("balanced"),
+        "quality": preset("quality"),
+        "conservative": preset("conservative"),
+        "fast": preset("fast"),
+    }
+    # the defaults and presets before this work (explicit, so they do not follow later changes)
+    old = dict(nr_doc_rate=0.0, nr_row_bound=1.0, update_shrink=1.0, idf_exp=0.25, tf_exp=1.0, tf_kind="out_rms")
+    c["balanced@old"] = P(nr_tfidf_mode="doc", **old)
+    c["quality@old"] = P(nr_tfidf_mode="topic", qk_shift=0.1, update=True, **old)
+    # candidates (chosen on validation halves)
+    for bound in (0.05, 0.1, 0.15, 0.2, 0.3):
+        c[f"hyb:idf0:bound{bound}"] = P(idf_exp=0.0, nr_row_bound=bound)
+        c[f"hyb:idf0:bound{bound}:qk0.1"] = P(idf_exp=0.0, nr_row_bound=bound, qk_shift=0.1)
+    for tf in (0.25, 0.5):
+        c[f"hyb:idf0:tf{tf}"] = P(idf_exp=0.0, tf_exp=tf)
+    c["hyb:idf0"] = P(idf_exp=0.0)
+    for g in (0.5, 1.0):
+        c[f"hyb:bound0.1:qk0.1:topic:idf{g}"] = P(nr_tfidf_mode="topic", idf_exp=g, nr_row_bound=0.1, qk_shift=0.1)
+    c["hyb:bound0.1:qk0.1:tf0.5"] = P(idf_exp=0.0, tf_exp=0.5, nr_row_bound=0.1, qk_shift=0.1)
+    c["hyb:idf0:qk0.1"] = P(idf_exp=0.0, qk_shift=0.1)
+    for rate in (0.05, 0.1, 0.2):
+        for g in (0.25, 0.5):
+            c[f"hyb:docrate{rate}:idf{g}"] = P(idf_exp=g, nr_doc_rate=rate)
+    for bound in (0.05, 0.1):
+        for rate in (0.1, 0.2):
+            for g in (0.25, 0.5, 1.0):
+                c[f"hyb:bound{bound}:qk0.1:docrate{rate}:idf{g}"] = P(
+                    idf_exp=g, nr_doc_rate=rate, nr_row_bound=bound, qk_shift=0.1)
+    for bound in (0.05, 0.1, 0.2):
+        for shrink in (1.0, 0.75, 0.5, 0.25):
+            c[f"hyb:bound{bound}:qk0.1:upd{shrink}"] = P(idf_exp=0.0, nr_row_bound=bound, qk_shift=0.1,
+                                                                  update=True, update_shrink=shrink)
+            c[f"hyb:topic:bound{bound}:qk0.1:upd{shrink}"] = P(
+                nr_tfidf_mode="topic", idf_exp=0.0, nr_row_bound=bound, qk_shift=0.1, update=True, update_shrink=shrink)
+            c[f"hyb:bound{bound}:qk0.1:docrate0.1:idf1.0:upd{shrink}"] = P(
+                idf_exp=1.0, nr_doc_rate=0.1, nr_row_bound=bound, qk_shift=0.1, update=True, update_shrink=shrink)
+    for shrink in (0.75, 0.5, 0.25):
+        c[f"wanda+update{shrink}"] = P(prune_method="wanda", update=True, update_shrink=shrink)
+    # ablations
+    c["abl:nr-constant-score"] = P(idf_exp=0.0, tf_exp=0.0)  # gate/up matrix groups, every s_i equal
+    for mode in ("doc", "topic"):
+        for g in (0.0, 0.25, 1.0):
+            c[f"abl:{mode}:idf{g}"] = P(nr_tfidf_mode=mode, idf_exp=g)
+    for g in (0.0, 0.25, 1.0):
+        c[f"abl:old:idf{g}"] = P(hybrid_mlp_method="neuronrank_old", idf_exp=g)
+    for kind in ("out_rms", "rms", "mean_abs"):
+        c[f"abl:tf-kind:{kind}"] = P(tf_kind=kind)
+    return c
+
+
+class Bench:
+    def __init__(self, model: str, threads: int) -> None:
+        torch.set_num_threads(threads)
+        torch.manual_seed(0)
+        self.name, self.spec = model, MODELS[model]
+        self.loaded = load_model(self.spec["spec"], dtype=self.spec["dtype"], cache_dir=Path.home() / ".cache" / "hybridprune")
+        self.model, self.adapter = self.loaded.model, self.loaded.adapter
+        self.model.eval()
+        self.layers = self.adapter.layers(self.model)
+        self.dense = {(i, n): lin.weight.detach().clone() for i, layer in enumerate(self.layers)
+                      for n, lin in self.adapter.linears(layer).items()}
+        self._stats: dict[int, CalibrationStats] = {}
+        self._hessians: CalibrationStats | None = None
+
+    def _file(self, what: str, seed: int) -> Path:
+        s = self.spec
+        return CACHE / f"{self.name}-{what}-{s['nsamples']}x{s['seqlen']}-s{seed}.safetensors"
+
+    def calibration_windows(self, seed: int) -> torch.Tensor:
+        ids = tokenize(load_text("wiki-vital", "calibration"), self.loaded.tokenizer, CACHE)
+        return sample_windows(ids, self.spec["nsamples"], self.spec["seqlen"], seed)
+
+    def stats(self, seed: int = 0) -> CalibrationStats:
+        from safetensors.torch import load_file, save_file
+
+        if seed not in self._stats:
+            path = self._file("stats", seed)
+            if path.exists():
+                self._stats[seed] = CalibrationStats(load_file(str(path)))
+            else:
+                t = time.time()
+                with torch.no_grad():
+                    stats = collect_statistics(self.model, self.adapter, self.calibration_windows(seed),
+                                               CollectionOptions(topics=TOPICS, q_active=Q_ACTIVE, seed=seed))
+                log(f"[{self.name}] calibration seed {seed}: {time.time() - t:.0f}s")
+                path.parent.mkdir(parents=True, exist_ok=True)
+                save_file({k: v.contiguous() for k, v in stats.tensors.items()}, str(path))
+                self._stats[seed] = stats
+        return self._stats[seed]
+
+    def hessians(self, seed: int = 0) -> CalibrationStats:
+        from safetensors.torch import load_file, save_file
+
+        if self._hessians is None:
+            path = self._file("hessians", seed)
+            if path.exists():
+                self._hessians = CalibrationStats(load_file(str(path)))
+            else:
+                t = time.time()
+                with torch.no_grad():
+                    h = collect_statistics(self.model, self.adapter, self.calibration_windows(seed),
+                                           CollectionOptions(topics=TOPICS, q_active=Q_ACTIVE, seed=seed), hessians=True)
+                log(f"[{self.name}] second-order statistics: {time.time() - t:.0f}s")
+                save_file({k: v.contiguous() for k, v in h.tensors.items()}, str(path))
+                self._hessians = h
+        return self._hessians
+
+    def eval_ids(self, domain: str, half: str) -> torch.Tensor:
+        from safetensors.torch import load_file, save_file
+
+        path = CACHE / f"tokens-{self.name}-{domain}-{half}-{fingerprint(domain)}.safetensors"
+        if path.exists():
+            ids = load_file(str(path))["ids"]
+        else:
+            text = domain_texts(domain)[0 if half == "validation" else 1]
+            # only the start is evaluated: tokenize a generous prefix
+            need_chars = self.spec["windows"] * self.spec["seqlen"] * 12
+            ids = encode_text(text[: max(need_chars, 200_000)], self.loaded.tokenizer)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file({"ids": ids}, str(path))
+        return eval_windows(ids, self.spec["seqlen"], self.spec["windows"])
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for (i, n), w in self.dense.items():
+            self.adapter.linears(self.layers[i])[n].weight.copy_(w)
+
+    @torch.no_grad()
+    def apply(self, config: PruneConfig | None, seed: int) -> None:
+        self.restore()
+        if config is None:
+            return
+        stats = self.stats(seed)
+        hessians = self.hessians() if config.update else None
+        plans = plan_layers(self.model, self.adapter, stats, config)
+        scoring = neuron_scoring(config)
+        for index, layer in enumerate(self.layers):
+            if index in plans:
+                prune_layer(layer, index, self.adapter, stats, plans[index], scoring, hessians, config.update_shrink)
+
+    def ppl(self, domain: str, half: str) -> float:
+        with torch.no_grad():
+            return perplexity(self.model, self.eval_ids(domain, half), batch_size=self.spec["batch"]).ppl
+
+
+def log(message: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {message}", flush=True)
+
+
+def digest(config: PruneConfig | None) -> str:
+    return "dense" if config is None else config.digest
+
+
+def load_rows() -> list[dict]:
+    if not RESULTS.exists():
+        return []
+    return [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
+
+
+def run(model: str, names: list[str], half: str, domains: list[str], seeds: list[int], threads: int) -> None:
+    known = configs()
+    unknown = [n for n in names if n != "dense" and n not in known]
+    if unknown:
+        raise SystemExit(f"unknown configurations: {unknown}")
+    bench: Bench | None = None
+    for seed in seeds:
+        for name in names:
+            config = None if name == "dense" else known[name]
+            rows = load_rows()
+            have = {(r["model"], r["digest"], r["seed"], r["domain"], r["half"], r["windows"]) for r in rows}
+            dseed = 0 if config is None else seed
+            todo = [d for d in domains if (model, digest(config), dseed, d, half, MODELS[model]["windows"]) not in have]
+            if not todo:
+                continue
+            bench = bench or Bench(model, threads)
+            t = time.time()
+            bench.apply(config, dseed)
+            prune_s = time.time() - t
+            for domain in todo:
+                t = time.time()
+                ppl = bench.ppl(domain, half)
+                row = {"model": model, "config": name, "digest": digest(config), "seed": dseed, "domain": domain,
+                       "half": half, "windows": MODELS[model]["windows"], "seqlen": MODELS[model]["seqlen"],
+                       "ppl": round(ppl, 4), "domain_fingerprint": fingerprint(domain),
+                       "prune_s": round(prune_s, 1), "eval_s": round(time.time() - t, 1),
+                       "settings": None if config is None else config.to_dict()}
+                with RESULTS.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                log(f"[{model}] {name:40s} seed {dseed} {domain:7s} {half:10s} ppl {ppl:9.3f}")
+
+
+# ---------------------------------------------------------------- reporting
+
+def table(rows: list[dict], model: str, half: str, seed: int = 0) -> dict[tuple[str, str], float]:
+    """(config name, domain) -> ppl, for one model / half / seed; the latest row of a config digest wins."""
+    known = configs()
+    out: dict[tuple[str, str], float] = {}
+    for r in rows:
+        if r["model"] != model or r["half"] != half or r["windows"] != MODELS[model]["windows"]:
+            continue
+        if r["config"] == "dense" or r["seed"] == seed:
+            name = r["config"]
+            if name != "dense" and (name not in known or known[name].digest != r["digest"]):
+                continue  # a configuration whose definition changed since: stale
+            out[(name, r["domain"])] = r["ppl"]
+    return out
+
+
+def ratios(t: dict, name: str, domains: list[str]) -> dict[str, float] | None:
+    """Loss ratio vs Wanda per domain: (ppl - dense) / (ppl_wanda - dense)."""
+    out = {}
+    for d in domains:
+        if (name, d) not in t or ("dense", d) not in t or ("wanda", d) not in t:
+            return None
+        out[d] = (t[(name, d)] - t[("dense", d)]) / (t[("wanda", d)] - t[("dense", d)])
+    return out
+
+
+def summary(rows: list[dict], names: list[str], half: str, models: list[str], domains: tuple[str, ...] = tuple(DOMAINS)) -> dict:
+    result: dict = {}
+    for model in models:
+        t = table(rows, model, half)
+        for name in names:
+            r = ratios(t, name, domains)
+            if r is None:
+                continue
+            result.setdefault(name, {})[model] = {
+                "ppl": {d: t[(name, d)] for d in domains},
+                "dense": {d: t[("dense", d)] for d in domains},
+                "ratio": {d: round(v, 4) for d, v in r.items()},
+                "mean": round(statistics.mean(r.values()), 4),
+                "worst": round(max(r.values()), 4),
+                "worst_domain": max(r, key=r.get),
+            }
+    for per_model in result.values():
+        allr = [v for m in per_model.values() for v in m["ratio"].values()]
+        per_model["_all"] = {"mean": round(statistics.mean(allr), 4), "worst": round(max(allr), 4),
+                             "models": sorted(k for k in per_model if not k.startswith("_"))}
+    return result
+
+
+def fmt_table(s: dict, names: list[str], models: list[str], domains: tuple[str, ...] = tuple(DOMAINS)) -> str:
+    lines = []
+    for model in models:
+        present = [n for n in names if n in s and model in s[n]]
+        if not present:
+            continue
+        lines += [f"**{model}** (perplexity per domain; ratio = loss vs Wanda's loss)", "",
+                  "| config | " + " | ".join(domains) + " | mean ratio | worst ratio |",
+                  "|---|" + "---|" * (len(domains) + 2)]
+        first = s[present[0]][model]
+        lines.append("| dense | " + " | ".join(f"{first['dense'][d]:.2f}" for d in domains) + " | - | - |")
+        for n in present:
+            m = s[n][model]
+            cells = " | ".join(f"{m['ppl'][d]:.2f} ({m['ratio'][d]:.2f})" for d in domains)
+            lines.append(f"| {n} | {cells} | {m['mean']:.3f} | {m['worst']:.3f} ({m['worst_domain']}) |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+HEADLINE = ["wanda", "wanda+update", "wanda+qk0.1", "balanced@old", "quality@old", "balanced", "quality",
+            "conservative", "fast"]
+
+
+def report() -> None:
+    rows = load_rows()
+    models = [m for m in MODELS if any(r["model"] == m for r in rows)]
+    out = {"protocol": {m: MODELS[m] for m in models}, "domains": {d: fingerprint(d) for d in DOMAINS},
+           "test": summary(rows, HEADLINE, "test", models), "validation": {}}
+    names_val = sorted({r["config"] for r in rows if r["half"] == "validation" and r["config"] != "dense"})
+    out["validation"] = summary(rows, names_val, "validation", models)
+    DOCS.mkdir(exist_ok=True)
+    (DOCS / "validation.json").write_text(json.dumps(out, indent=1) + "\n")
+    md = (ROOT / "benchmarks" / "validation_template.md").read_text()
+    goals = goal_lines(out["test"], models)
+    md = md.replace("{{TEST_TABLE}}", fmt_table(out["test"], HEADLINE, models))
+    md = md.replace("{{HEADLINE}}", headline(out["test"], HEADLINE, models))
+    md = md.replace("{{GOALS}}", goals)
+    choices = ROOT / "benchmarks" / "validation_choices.md"
+    md = md.replace("{{CHOICES}}", choices.read_text().strip() if choices.exists() else "(not written yet)")
+    md = md.replace("{{VALIDATION_TABLE}}", fmt_table(out["validation"], names_val, models))
+    md = md.replace("{{DOMAINS}}", "\n".join(f"| `{d}` | {len(domain_texts(d)[0]):,} | {len(domain_texts(d)[1]):,} | `{fingerprint(d)}` |" for d in DOMAINS))
+    (DOCS / "validation.md").write_text(md)
+    log("wrote docs/validation.md and docs/validation.json")
+
+
+def headline(s: dict, names: list[str], models: list[str]) -> str:
+    lines = ["| config | " + " | ".join(f"{m} mean | {m} worst" for m in models) + " | all mean | all worst |",
+             "|---|" + "---|---|" * len(models) + "---|---|"]
+    for n in names:
+        if n not in s:
+            continue
+        cells = []
+        for m in models:
+            cells += [f"{s[n][m]['mean']:.3f}", f"{s[n][m]['worst']:.3f}"] if m in s[n] else ["-", "-"]
+        a = s[n]["_all"]
+        lines.append(f"| {n} | " + " | ".join(cells) + f" | {a['mean']:.3f} | {a['worst']:.3f} |")
+    return "\n".join(lines)
+
+
+def goal_lines(s: dict, models: list[str]) -> str:
+    out = []
+    for m in models:
+        for name, limit in (("balanced", 0.85), ("quality", 0.70)):
+            if name not in s or m not in s[name]:
+                out.append(f"- {m}: `{name}`: **not measured** in this session")
+            if name in s and m in s[name]:
+                worst = s[name][m]["worst"]
+                out.append(f"- {m}: `{name}` worst ratio {worst:.3f} vs goal <= {limit}: "
+                           f"**{'met' if worst <= limit else 'MISSED'}** ({s[name][m]['worst_domain']})")
+        if "quality" in s and "wanda+update" in s and m in s["quality"] and m in s["wanda+update"]:
+            q, w = s["quality"][m]["ppl"], s["wanda+update"][m]["ppl"]
+            below = [d for d in q if q[d] < w[d]]
+            out.append(f"- {m}: `quality` below Wanda+update on {len(below)}/{len(q)} domains: "
+                       f"**{'met' if len(below) == len(q) else 'MISSED'}**"
+                       + ("" if len(below) == len(q) else f" (not on {', '.join(d for d in q if d not in below)})"))
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", nargs="?", default="all", choices=("all", "run", "report", "ablations"))
+    parser.add_argument("--model", default="smollm2", choices=tuple(MODELS))
+    parser.add_argument("--half", default="test", choices=("validation", "test"))
+    parser.add_argument("--configs", default="dense," + ",".join(HEADLINE))
+    parser.add_argument("--domains", default=",".join(DOMAINS))
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if args.command == "run":
+        run(args.model, args.configs.split(","), args.half, args.domains.split(","), seeds, args.threads)
+    elif args.command == "report":
+        report()
+    elif args.command == "ablations":
+        import ablations
+
+        ablations.main(args.threads)
+    else:
+        for model in MODELS:
+            run(model, ["dense", *HEADLINE], "test", list(DOMAINS), [0], args.threads)
+        report()
+
+
+if __name__ == "__main__":
+    main()
