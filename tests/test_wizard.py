@@ -85,11 +85,11 @@ def test_enter_through_everything_gives_balanced_at_half_on_the_embedded_model(s
     assert_same_run(answers)
 
 
-def test_quality_branch_picks_topic_mode(script):
+def test_quality_branch_picks_the_update(script):
     answers = wizard.ask_answers(script(ENTER, DOWN + ENTER, *[ENTER] * 5))
     assert answers.preset == "quality" and answers.out == "./pruned-quality-s0.5"
     config = resolve({}, get_preset(answers.preset))
-    assert (config.hybrid_mlp_method, config.nr_tfidf_mode) == ("neuronrank_tfidf", "topic")
+    assert config.hybrid_mlp_method == "neuronrank_tfidf" and config.update and 0 < config.update_shrink < 1
     assert wizard.command_text(answers) == "hybridprune prune --preset quality --sparsity 0.5 --out ./pruned-quality-s0.5"
 
 
