@@ -83,28 +83,15 @@ def perplexity(
     )
 
 
-@torch.inference_mode()
 def latency(model: nn.Module, seqlen: int, runs: int = 5, warmup: int = 1) -> float:
-    """Median seconds of one batch-1 forward over `seqlen` tokens, after `warmup` untimed runs."""
+    """Median seconds of one batch-1 forward over `seqlen` tokens, after `warmup` untimed runs
+    (latency.time_prefill, the one prefill timer; latency.measure_latency adds decode)."""
+    from hybridprune.latency import time_prefill  # latency.py imports this module
+
     if runs <= 0 or seqlen <= 0:
         raise UserError(f"latency needs at least one run of at least one token (got {runs} x {seqlen})")
-    device = model_device(model)
-    vocab = model.get_input_embeddings().num_embeddings
-    ids = torch.randint(0, vocab, (1, seqlen), generator=torch.Generator().manual_seed(0)).to(device)
-    timings = []
-    for step in range(warmup + runs):
-        _synchronize(device)
-        start = time.perf_counter()
-        model(input_ids=ids, use_cache=False)
-        _synchronize(device)
-        if step >= warmup:
-            timings.append(time.perf_counter() - start)
-    return statistics.median(timings)
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    timings = [time_prefill(model, seqlen) for _ in range(warmup + runs)]
+    return statistics.median(timings[warmup:])
 
 
 def parameter_count(model: nn.Module) -> int:

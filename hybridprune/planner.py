@@ -33,7 +33,7 @@ from hybridprune.calibration.stats import CalibrationStats
 from hybridprune.errors import UserError
 from hybridprune.latency import paired_prefill_ratios
 from hybridprune.methods.hybrid import NeuronScoring, score_neurons
-from hybridprune.models.adapters import FamilyAdapter
+from hybridprune.models.adapters import DOWN_IN, O_IN, FamilyAdapter
 from hybridprune.structured import (
     attention_shape,
     drop_layers,
@@ -176,11 +176,11 @@ def layer_costs(model: nn.Module, adapter: FamilyAdapter, stats: CalibrationStat
     neurons, heads = [], []
     for index, layer in enumerate(layers):
         down = getattr(adapter.mlp(layer), adapter.mlp_output)
-        energy = neuron_energy(down.weight, stats.sumsq(index, "down_in")) / residual[index]
+        energy = neuron_energy(down.weight, stats.sumsq(index, DOWN_IN)) / residual[index]
         order = scores[index].argsort()  # lowest score first: removed first
         neurons.append(torch.cat([torch.zeros(1, dtype=torch.float64), energy[order].cumsum(0)]))
         o_proj = getattr(adapter.attention(layer), adapter.attention_output)
-        grouped = (head_scores(o_proj.weight, stats.sumsq(index, "o_in"), shape) / residual[index]).view(shape.kv_heads, shape.group)
+        grouped = (head_scores(o_proj.weight, stats.sumsq(index, O_IN), shape) / residual[index]).view(shape.kv_heads, shape.group)
         per_r = grouped.sort(dim=1).values.cumsum(1).sum(0)  # removing r heads of every group: the r smallest
         heads.append(torch.cat([torch.zeros(1, dtype=torch.float64), per_r]))
     return LayerCosts(neurons, heads, layer_energy(stats, len(layers)) / residual)

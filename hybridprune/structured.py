@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from hybridprune.calibration.stats import CalibrationStats
 from hybridprune.errors import UserError
 from hybridprune.methods.reconstruct import reconstruct_with_factor
-from hybridprune.models.adapters import FamilyAdapter
+from hybridprune.models.adapters import DOWN_IN, O_IN, FamilyAdapter
 from hybridprune.pruning import _select
 
 RECALIBRATE = "the cached statistics predate block-influence scores (cache schema 2): recalibrate with --force"
@@ -210,9 +210,9 @@ def remove_heads(
     for layer, index in zip(layers, indices):
         attention = adapter.attention(layer)
         o_proj = getattr(attention, adapter.attention_output)
-        scores = head_scores(o_proj.weight, stats.sumsq(index, "o_in"), shape)
+        scores = head_scores(o_proj.weight, stats.sumsq(index, O_IN), shape)
         keep_query, keep_kv = head_keep(scores, shape, mode, count)
-        factor = hessians.inverse_factor(index, "o_in") if hessians is not None else None
+        factor = hessians.inverse_factor(index, O_IN) if hessians is not None else None
         shrink_attention(attention, adapter, keep_query, keep_kv, shape, factor)
         removal.kept[index] = keep_query.tolist()
     removal.heads, removal.kv_heads = len(keep_query), len(keep_kv)
@@ -302,7 +302,7 @@ def remove_neurons(
             down = getattr(mlp, adapter.mlp_output)
             with torch.no_grad():
                 columns = keep.unsqueeze(0).expand_as(down.weight).to(down.weight.device)
-                down.weight.copy_(reconstruct_with_factor(down.weight, columns, *hessians.inverse_factor(index, "down_in")))
+                down.weight.copy_(reconstruct_with_factor(down.weight, columns, *hessians.inverse_factor(index, DOWN_IN)))
         shrink_mlp(mlp, adapter, keep)
     setattr(model.config, adapter.intermediate_size_key, width - count)
     return width - count

@@ -124,10 +124,24 @@ def test_eval_seqlen_defaults_to_the_model_context(world, tmp_path):
         api.evaluate(str(small), data=str(world["text"]), split="all", windows=2, seqlen=64, cache_dir=world["cache"])
 
 
-def test_baseline_deltas_are_joined_by_name(world):
-    pruned = world["work"] / "api-out"
-    if not pruned.exists():
-        pytest.skip("needs test_api_and_cli_write_identical_weights")
+@pytest.fixture(scope="module")
+def pruned_folder(world) -> Path:
+    out = world["work"] / "pruned-wanda"
+    api.prune(model=str(world["model"]), data=str(world["text"]), cache_dir=world["cache"], sparsity=0.5,
+              prune_method="wanda", out=out, overwrite=True, **SMALL)
+    return out
+
+
+@pytest.fixture(scope="module")
+def compressed_folder(world) -> tuple[Path, api.PruneResult]:
+    out = world["work"] / "compressed"
+    result = api.prune(model=str(world["model"]), data=str(world["text"]), cache_dir=world["cache"], sparsity=0.5,
+                       prune_method="wanda", save_format="compressed", out=out, overwrite=True, **SMALL)
+    return out, result
+
+
+def test_baseline_deltas_are_joined_by_name(world, pruned_folder):
+    pruned = pruned_folder
     result = api.evaluate(str(pruned), baseline=str(world["model"]), data=str(world["text"]), split="all", windows=2,
                           seqlen=32, cache_dir=world["cache"])
     delta = result.delta()
@@ -170,22 +184,18 @@ def test_structured_options_need_the_structured_pattern(world):
         api.prune(model=str(world["model"]), data=str(world["text"]), cache_dir=world["cache"], heads_sparsity=0.5, **SMALL)
 
 
-def test_compressed_save_format_through_the_api(world):
-    out = world["work"] / "compressed"
-    result = api.prune(model=str(world["model"]), data=str(world["text"]), cache_dir=world["cache"], sparsity=0.5,
-                       prune_method="wanda", save_format="compressed", out=out, **SMALL)
+def test_compressed_save_format_through_the_api(world, compressed_folder):
+    out, result = compressed_folder
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["format"] == "sparse-bitmask"
     evaluated = api.evaluate(str(out), data=str(world["text"]), split="all", windows=2, seqlen=32, cache_dir=world["cache"])
     assert abs(evaluated.model.sparsity.total.sparsity - result.runs[0].report.total.sparsity) < 1e-6
 
 
-def test_decompress_gives_a_folder_plain_transformers_loads(world):
+def test_decompress_gives_a_folder_plain_transformers_loads(world, compressed_folder):
     from transformers import AutoModelForCausalLM
 
-    compressed = world["work"] / "compressed"
-    if not compressed.exists():
-        pytest.skip("needs test_compressed_save_format_through_the_api")
+    compressed = compressed_folder[0]
     dense = world["work"] / "decompressed"
     cli = CliRunner().invoke(app, ["decompress", str(compressed), "--out", str(dense), "--json"])
     assert cli.exit_code == 0, cli.output
