@@ -117,6 +117,11 @@ def configs() -> dict[str, PruneConfig]:
                 idf_exp=1.0, nr_doc_rate=0.1, nr_row_bound=bound, qk_shift=0.1, update=True, update_shrink=shrink)
     for shrink in (0.75, 0.5, 0.25):
         c[f"wanda+update{shrink}"] = P(prune_method="wanda", update=True, update_shrink=shrink)
+    # swap refinement of the masks under the calibration Gram (mask only, or before the shrunk update)
+    for steps in (50, 200):
+        c[f"balanced+refine{steps}"] = preset("balanced", refine=steps)
+        c[f"quality+refine{steps}"] = preset("quality", refine=steps)
+        c[f"wanda+refine{steps}"] = P(prune_method="wanda", refine=steps)
     # ablations
     c["abl:nr-constant-score"] = P(idf_exp=0.0, tf_exp=0.0)  # gate/up matrix groups, every s_i equal
     for mode in ("doc", "topic"):
@@ -212,7 +217,7 @@ class Bench:
         if config is None:
             return
         stats = self.stats(seed)
-        hessians = self.hessians() if config.update else None
+        hessians = self.hessians() if config.update or config.refine else None
         plans = plan_layers(self.model, self.adapter, stats, config)
         scoring = neuron_scoring(config)
         for index, layer in enumerate(self.layers):

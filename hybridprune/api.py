@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hybridprune.config import DEFAULT_DATA, DEFAULT_EVAL_WINDOWS, CalibrationRequest, PruneConfig, window_length
+from hybridprune.config import DEFAULT_DATA, DEFAULT_EVAL_WINDOWS, PRUNE_FIELDS, CalibrationRequest, PruneConfig, window_length
 from hybridprune.errors import UserError
 from hybridprune.presets import DEFAULT_PRESET, Preset, get_preset, resolve
 from hybridprune.reporting import Reporter, SilentReporter
@@ -458,6 +458,7 @@ def prune(
     update_mask: str | None = None,
     nm_order: str | None = None,
     refine: int | None = None,
+    gram_offdiag: float | None = None,
     heads_sparsity: float | None = None,
     drop_layers: int | None = None,
     target_speedup: float | None = None,
@@ -489,6 +490,8 @@ def prune(
     (and the dense model's; a sweep also plots). `on_run` is called after each point, so a
     caller can show results while a sweep goes on.
     """
+    # the PruneConfig knobs, by the same names (None = from the preset, else the default)
+    explicit = {name: value for name, value in locals().items() if name in PRUNE_FIELDS and name != "sparsity"}
     from hybridprune.cache import StatsCache
     from hybridprune.calibration.session import HESSIAN_MODE, calibrated_statistics
     from hybridprune.export import compress_folder
@@ -509,15 +512,6 @@ def prune(
     reporter = reporter or SilentReporter()
     configure_torch()
     chosen = get_preset(preset or DEFAULT_PRESET, _path(presets_file))
-    explicit = dict(
-        prune_method=prune_method, hybrid_mlp_method=hybrid_mlp_method, nr_tfidf_mode=nr_tfidf_mode, pattern=pattern,
-        attention_method=attention_method, pruning_last=pruning_last, preserve_first=preserve_first,
-        weight_exp=weight_exp, tf_exp=tf_exp, idf_exp=idf_exp, tf_kind=tf_kind, nr_min_tokens=nr_min_tokens,
-        nr_topic_rate=nr_topic_rate, layer_spread=layer_spread, qk_shift=qk_shift, sequential=sequential, update=update,
-        nr_doc_rate=nr_doc_rate, nr_row_bound=nr_row_bound, update_shrink=update_shrink,
-        update_mask=update_mask, nm_order=nm_order, refine=refine,
-        heads_sparsity=heads_sparsity, drop_layers=drop_layers, target_speedup=target_speedup,
-    )
     if pruning_last is not None and pruning_last < 1:
         raise UserError(f"--pruning-last must be a number of layers >= 1, got {pruning_last}")
     configs = [resolve({**explicit, "sparsity": value}, chosen).validate() for value in parse_sparsities(sparsity)]

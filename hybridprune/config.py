@@ -105,6 +105,7 @@ class PruneConfig:
     nr_doc_rate: float = 0.1  # doc mode: a neuron is in a window when active on >= this fraction of its tokens
     nr_row_bound: float = 0.05  # gate/up: each neuron's row sparsity kept within target +- this (1 = unbounded)
     update_shrink: float = 0.25  # --update: step toward the OBS-updated weights (1 = full update, 0 = none)
+    gram_offdiag: float = 1.0  # --refine / --update: weight of X^T X's off-diagonal (1 = as calibrated, 0 = diagonal only)
 
     def validate(self, num_layers: int | None = None) -> PruneConfig:
         """Refuse impossible combinations with one clear line naming the flag."""
@@ -172,6 +173,8 @@ class PruneConfig:
                             "drop --sequential, --pruning-last and --preserve-first")
         _choice("--update-mask", self.update_mask, UPDATE_MASKS)
         _choice("--nm-order", self.nm_order, NM_ORDERS)
+        if not 0.0 <= self.gram_offdiag <= 1.0:
+            raise UserError(f"--gram-offdiag must be in [0, 1] (1 = the calibration Gram as it is), got {self.gram_offdiag}")
         if not 0 <= self.refine <= 100_000:
             raise UserError(f"--refine must be a number of swap steps per row in [0, 100000], got {self.refine}")
         if self.refine and self.sequential:

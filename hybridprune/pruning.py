@@ -26,7 +26,15 @@ from hybridprune.methods.hybrid import (
     score_neurons,
     sweep_specs,
 )
-from hybridprune.methods.obs import gram_from_factor, permute_factor, refine_swaps, spread_order, sweep_counts, sweep_prune
+from hybridprune.methods.obs import (
+    gram_from_factor,
+    permute_factor,
+    refine_swaps,
+    shrink_offdiagonal,
+    spread_order,
+    sweep_counts,
+    sweep_prune,
+)
 from hybridprune.methods.reconstruct import reconstruct_with_factor, shrink_update
 from hybridprune.models.adapters import FamilyAdapter
 from hybridprune.models.loading import LoadedModel
@@ -123,6 +131,7 @@ def plan_layers(
             update_mask=config.update_mask,
             nm_order=config.nm_order,
             refine=config.refine,
+            gram_offdiag=config.gram_offdiag,
         )
     return plans
 
@@ -174,12 +183,29 @@ def prune_layer(
     else:
         order = None
 
+    second_order: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
+
+    def second_order_of(group: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(factor of H^-1, dead channels, damped H or None) of an input group, once per layer; with
+        plan.gram_offdiag < 1 both come from H shrunk toward its diagonal."""
+        if group not in second_order:
+            assert hessians is not None
+            factor, dead = hessians.inverse_factor(index, group)
+            if order is not None and group == adapter.input_group(adapter.mlp_output):
+                factor, dead = permute_factor(factor, order), dead[order.to(dead.device)]
+            gram = None
+            if plan.gram_offdiag < 1.0:
+                gram = shrink_offdiagonal(gram_from_factor(factor), plan.gram_offdiag)
+                factor = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(gram)), upper=True).to(torch.float32)
+            second_order[group] = (factor, dead, gram)
+        return second_order[group]
+
     def factor_of(group: str) -> tuple[torch.Tensor, torch.Tensor]:
-        assert hessians is not None
-        factor, dead = hessians.inverse_factor(index, group)
-        if order is not None and group == adapter.input_group(adapter.mlp_output):
-            factor, dead = permute_factor(factor, order), dead[order.to(dead.device)]
-        return factor, dead
+        return second_order_of(group)[:2]
+
+    def gram_of(group: str) -> torch.Tensor:  # the damped X^T X, from the cached factor of its inverse
+        factor, _, gram = second_order_of(group)
+        return gram if gram is not None else gram_from_factor(factor)
 
     sweep = hessians is not None and plan.update and plan.update_mask == "sweep" and pattern.kind != "structured"
     masks = {} if sweep else layer_masks(weights, sumsq, adapter.attention_names, adapter.mlp_names, plan, score)
@@ -199,8 +225,8 @@ def prune_layer(
             grams: dict[str, torch.Tensor] = {}
             for name, mask in masks.items():
                 group = adapter.input_group(name)
-                if group not in grams:  # the damped X^T X, from the cached factor of its inverse
-                    grams[group] = gram_from_factor(factor_of(group)[0])
+                if group not in grams:
+                    grams[group] = gram_of(group)
                 gram = grams[group]
                 masks[name] = refine_swaps(
                     weights[name], mask.to(weights[name].device), gram.to(weights[name].device),

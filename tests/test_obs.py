@@ -10,6 +10,7 @@ from hybridprune.methods.obs import (
     gram_from_factor,
     reconstruction_error,
     refine_swaps,
+    shrink_offdiagonal,
     spread_order,
     sweep_counts,
     sweep_prune,
@@ -139,6 +140,31 @@ def test_refinement_never_increases_the_error_and_keeps_the_counts(nm, dtype, ba
         assert bool((partial <= before * (1 + 1e-9)).all())
 
 
+def test_shrink_offdiagonal_keeps_the_diagonal_and_scales_the_rest():
+    inputs = correlated_inputs(features=16)
+    gram = inputs.T @ inputs
+    assert shrink_offdiagonal(gram, 1.0) is gram
+    half = shrink_offdiagonal(gram, 0.5)
+    torch.testing.assert_close(half.diagonal(), gram.diagonal())
+    off = ~torch.eye(16, dtype=torch.bool)
+    torch.testing.assert_close(half[off], 0.5 * gram[off])
+    assert torch.count_nonzero(shrink_offdiagonal(gram, 0.0)[off]) == 0
+    with pytest.raises(ValueError, match="offdiag"):
+        shrink_offdiagonal(gram, 1.5)
+
+
+def test_refinement_under_the_diagonal_gram_reaches_wandas_per_row_mask():
+    """Diagonal G: the error is separable, sum of w_j^2 G_jj over the pruned, so its per-row optimum is Wanda's."""
+    inputs = correlated_inputs(tokens=1024, features=32, rank=6, seed=7)
+    gram = shrink_offdiagonal(inputs.T @ inputs, 0.0)
+    weight = torch.randn(12, 32, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    wanda = mask_unstructured(weight.abs() * gram.diagonal().sqrt(), 0.5)
+    random_start = mask_unstructured(torch.rand(12, 32, generator=torch.Generator().manual_seed(9), dtype=torch.float64), 0.5)
+    assert not torch.equal(random_start, wanda)
+    assert torch.equal(refine_swaps(weight, random_start, gram, steps=100), wanda)
+    assert torch.equal(refine_swaps(weight, wanda, gram, steps=100), wanda)  # nothing to improve
+
+
 def test_spread_order_puts_one_neuron_of_each_band_in_every_group():
     score = torch.rand(32, generator=torch.Generator().manual_seed(6))
     order = spread_order(score, 4)
@@ -197,6 +223,8 @@ def _tiny_run(folder: Path, cache: Path, **fields):
         dict(refine=20),
         dict(refine=20, pattern="2:4"),
         dict(refine=20, update=True, update_mask="fixed"),
+        dict(refine=20, gram_offdiag=0.3),
+        dict(update=True, update_mask="sweep", gram_offdiag=0.3),
         dict(prune_method="wanda", update=True),
     ],
 )
@@ -212,6 +240,15 @@ def test_every_update_and_refine_mode_hits_the_target(tiny_llama_folder: Path, t
                 assert bool(((linear.weight == 0).reshape(linear.weight.shape[0], -1, 4).sum(2) >= 2).all())
 
 
+def test_update_under_the_diagonal_gram_changes_no_kept_weight(tiny_llama_folder: Path, tiny_cache_dir: Path):
+    """--gram-offdiag 0: no input channel co-varies with another, so the OBS update has nothing to move."""
+    updated, _ = _tiny_run(tiny_llama_folder, tiny_cache_dir, update=True, update_shrink=1.0, gram_offdiag=0.0)
+    masked, _ = _tiny_run(tiny_llama_folder, tiny_cache_dir)
+    for layer_u, layer_m in zip(updated.adapter.layers(updated.model), masked.adapter.layers(masked.model)):
+        for name, linear in updated.adapter.linears(layer_u).items():
+            torch.testing.assert_close(linear.weight, masked.adapter.linears(layer_m)[name].weight, rtol=1e-5, atol=1e-6)
+
+
 def test_refine_needs_fixed_masks_with_update():
     from hybridprune.errors import UserError
 
@@ -219,3 +256,5 @@ def test_refine_needs_fixed_masks_with_update():
         PruneConfig(refine=10, update=True, update_mask="sweep").validate()
     with pytest.raises(UserError, match="--update-mask"):
         PruneConfig(update_mask="best").validate()
+    with pytest.raises(UserError, match="--gram-offdiag"):
+        PruneConfig(refine=10, gram_offdiag=1.5).validate()

@@ -97,6 +97,11 @@ def prune(
         int | None, typer.Option("--refine", help="Improve the masks by up to N weight swaps per row that lower the layer's output "
                                  "error on the calibration inputs (second-order entry; minutes on CPU; with --update add --update-mask fixed).")
     ] = None,
+    gram_offdiag: Annotated[
+        OptFloat, typer.Option("--gram-offdiag", help="With --refine / --update: weight of the calibration Gram's off-diagonal "
+                               "(1 = X^T X as calibrated, 0 = its diagonal only, Wanda's objective; default "
+                               f"{default_of('gram_offdiag')}). Below 1 the fit depends less on the calibration text.")
+    ] = None,
     heads_sparsity: Annotated[
         OptFloat, typer.Option("--heads-sparsity", help="With --pattern structured: remove this share of the query heads in every layer.")
     ] = None,

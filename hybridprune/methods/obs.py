@@ -162,6 +162,21 @@ def gram_from_factor(factor: Tensor) -> Tensor:
     return inverse @ inverse.T
 
 
+def shrink_offdiagonal(gram: Tensor, offdiag: float) -> Tensor:
+    """diag(G) + offdiag * (G - diag(G)): the Gram shrunk toward its diagonal (Ledoit-Wolf style).
+
+    The off-diagonal part (how input channels co-vary) is what is most specific to the calibration
+    text; its diagonal is Wanda's ||x_j||^2. offdiag 1 keeps G; 0 makes the objectives separable per
+    weight: swap refinement then keeps Wanda's masks and the OBS update changes nothing.
+    """
+    if not 0.0 <= offdiag <= 1.0:
+        raise ValueError(f"offdiag must be in [0, 1], got {offdiag}")
+    if offdiag == 1.0:
+        return gram
+    diagonal = torch.diag_embed(gram.diagonal())
+    return diagonal + offdiag * (gram - diagonal)
+
+
 def reconstruction_error(weight: Tensor, keep: Tensor, gram: Tensor) -> Tensor:
     """Per row, (w - w*keep)^T G (w - w*keep) = ||(W - W_masked) x||^2 summed over the calibration tokens."""
     pruned = (weight.to(torch.float64) * (~keep))
