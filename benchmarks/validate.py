@@ -52,6 +52,12 @@ MODELS = {
              "windows": 4, "batch": 4},
 }
 TOPICS, Q_ACTIVE = 128, 0.9
+# The calibration text (--calibration): every row records it; rows without the field used wiki-vital.
+CALIBRATION = os.environ.get("HYBRIDPRUNE_VALIDATE_CALIBRATION", "wiki-vital")
+
+
+def calibration_of(row: dict) -> str:
+    return row.get("calibration", "wiki-vital")
 
 
 def preset(name: str, **overrides) -> PruneConfig:
@@ -122,6 +128,17 @@ def configs() -> dict[str, PruneConfig]:
         c[f"balanced+refine{steps}"] = preset("balanced", refine=steps)
         c[f"quality+refine{steps}"] = preset("quality", refine=steps)
         c[f"wanda+refine{steps}"] = P(prune_method="wanda", refine=steps)
+    # the Gram shrunk toward its diagonal (--gram-offdiag) for refine and for the update
+    for a in (0.1, 0.2, 0.3, 0.5):
+        c[f"balanced+refine200+off{a}"] = preset("balanced", refine=200, gram_offdiag=a)
+        c[f"balanced+refine100+off{a}"] = preset("balanced", refine=100, gram_offdiag=a)
+        c[f"balanced+update1+off{a}"] = preset("balanced", update=True, update_shrink=1.0, gram_offdiag=a)
+        c[f"balanced+update0.5+off{a}"] = preset("balanced", update=True, update_shrink=0.5, gram_offdiag=a)
+        c[f"balanced+sweep1+off{a}"] = preset("balanced", update=True, update_mask="sweep", update_shrink=1.0, gram_offdiag=a)
+        c[f"balanced+refine200+update1+off{a}"] = preset("balanced", refine=200, update=True, update_shrink=1.0, gram_offdiag=a)
+        c[f"balanced+refine200+update0.5+off{a}"] = preset("balanced", refine=200, update=True, update_shrink=0.5, gram_offdiag=a)
+        c[f"wanda+refine200+off{a}"] = P(prune_method="wanda", refine=200, gram_offdiag=a)
+        c[f"wanda+update1+off{a}"] = P(prune_method="wanda", update=True, gram_offdiag=a)
     # ablations
     c["abl:nr-constant-score"] = P(idf_exp=0.0, tf_exp=0.0)  # gate/up matrix groups, every s_i equal
     for mode in ("doc", "topic"):
@@ -150,10 +167,11 @@ class Bench:
 
     def _file(self, what: str, seed: int) -> Path:
         s = self.spec
-        return CACHE / f"{self.name}-{what}-{s['nsamples']}x{s['seqlen']}-s{seed}.safetensors"
+        text = "" if CALIBRATION == "wiki-vital" else CALIBRATION.replace("+", "-") + "-"
+        return CACHE / f"{self.name}-{text}{what}-{s['nsamples']}x{s['seqlen']}-s{seed}.safetensors"
 
     def calibration_windows(self, seed: int) -> torch.Tensor:
-        ids = tokenize(load_text("wiki-vital", "calibration"), self.loaded.tokenizer, CACHE)
+        ids = tokenize(load_text(CALIBRATION, "calibration"), self.loaded.tokenizer, CACHE)
         return sample_windows(ids, self.spec["nsamples"], self.spec["seqlen"], seed)
 
     def stats(self, seed: int = 0) -> CalibrationStats:
@@ -253,7 +271,8 @@ def run(model: str, names: list[str], half: str, domains: list[str], seeds: list
         for name in names:
             config = None if name == "dense" else known[name]
             rows = load_rows()
-            have = {(r["model"], r["digest"], r["seed"], r["domain"], r["half"], r["windows"]) for r in rows}
+            have = {(r["model"], r["digest"], r["seed"], r["domain"], r["half"], r["windows"]) for r in rows
+                    if calibration_of(r) == CALIBRATION or r["config"] == "dense"}
             dseed = 0 if config is None else seed
             todo = [d for d in domains if (model, digest(config), dseed, d, half, MODELS[model]["windows"]) not in have]
             if not todo:
@@ -266,6 +285,7 @@ def run(model: str, names: list[str], half: str, domains: list[str], seeds: list
                 t = time.time()
                 ppl = bench.ppl(domain, half)
                 row = {"model": model, "config": name, "digest": digest(config), "seed": dseed, "domain": domain,
+                       "calibration": CALIBRATION,
                        "half": half, "windows": MODELS[model]["windows"], "seqlen": MODELS[model]["seqlen"],
                        "ppl": round(ppl, 4), "domain_fingerprint": fingerprint(domain),
                        "prune_s": round(prune_s, 1), "eval_s": round(time.time() - t, 1),
@@ -283,6 +303,8 @@ def table(rows: list[dict], model: str, half: str, seed: int = 0) -> dict[tuple[
     out: dict[tuple[str, str], float] = {}
     for r in rows:
         if r["model"] != model or r["half"] != half or r["windows"] != MODELS[model]["windows"]:
+            continue
+        if r["config"] != "dense" and calibration_of(r) != CALIBRATION:
             continue
         if r["config"] == "dense" or r["seed"] == seed:
             name = r["config"]
@@ -412,7 +434,9 @@ def main() -> None:
     parser.add_argument("--domains", default=",".join(DOMAINS))
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--calibration", default=CALIBRATION, help="calibration text (a --data spec), default %(default)s")
     args = parser.parse_args()
+    globals()["CALIBRATION"] = args.calibration
     seeds = [int(s) for s in args.seeds.split(",")]
     if args.command == "run":
         run(args.model, args.configs.split(","), args.half, args.domains.split(","), seeds, args.threads)

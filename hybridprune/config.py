@@ -23,6 +23,9 @@ DEFAULT_SEQLEN = 512
 DEFAULT_EVAL_WINDOWS = 64
 """Test windows of the benchmark protocol (BENCHMARK.md)."""
 DEFAULT_DATA = "wiki-vital"
+"""The evaluation text (its test split): the benchmark protocol's."""
+DEFAULT_CALIBRATION_DATA = "wiki-vital"
+"""The calibration text when --data is not given."""
 
 
 @dataclass(frozen=True)
@@ -34,7 +37,7 @@ class CalibrationRequest:
     whatever the batch size, so it cannot change the statistics.
     """
 
-    data: str = DEFAULT_DATA
+    data: str = DEFAULT_CALIBRATION_DATA
     text_field: str | None = None
     nsamples: int = 32
     seqlen: int | None = None  # None: DEFAULT_SEQLEN, or the model's max_position_embeddings when smaller

@@ -18,14 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from hybridprune import network_allowed
-from hybridprune.config import DEFAULT_DATA, DEFAULT_EVAL_WINDOWS, DEFAULT_SEQLEN, PruneConfig, default_of
+from hybridprune.config import DEFAULT_CALIBRATION_DATA, DEFAULT_EVAL_WINDOWS, DEFAULT_SEQLEN, PruneConfig, default_of
 from hybridprune.errors import UserError
 from hybridprune.presets import DEFAULT_PRESET, Preset, check_name, load_presets, resolve
 
 EMBEDDED = "embedded"
 FOLDER = "folder"
 HUB = "hub"
-WIKI_VITAL = DEFAULT_DATA
+CALIBRATION_TEXT = DEFAULT_CALIBRATION_DATA
 SEQLEN = DEFAULT_SEQLEN
 EVAL_WINDOWS = DEFAULT_EVAL_WINDOWS
 DEFAULT_NSAMPLES = default_of("nsamples")  # the benchmark's calibration size
@@ -126,7 +126,7 @@ class Answers:
     nsamples: int = DEFAULT_NSAMPLES
     out: str = ""
     evaluate: bool = False
-    data: str = WIKI_VITAL
+    data: str = CALIBRATION_TEXT
     cache_dir: str | None = None
     parameters: int | None = None  # the model's size, for the estimates (None: unknown)
     seqlen: int = SEQLEN
@@ -152,7 +152,7 @@ def ask_answers(
         prompter, previous.nsamples if same_preset else int(presets[preset].calibration.get("nsamples", DEFAULT_NSAMPLES)),
         parameters, kind == EMBEDDED and not embedded_ready(cache_dir), seqlen,
     )
-    chosen_data = data or str(presets[preset].calibration.get("data", WIKI_VITAL))
+    chosen_data = data or str(presets[preset].calibration.get("data", CALIBRATION_TEXT))
     suggested = default_out(preset, sparsity, pattern)
     if previous and previous.out != default_out(previous.preset, previous.sparsity, previous.pattern):
         suggested = previous.out  # a folder the user typed survives "go back"
@@ -462,7 +462,7 @@ def command_options(answers: Answers, presets: dict[str, Preset] | None = None) 
         options.append(("--nsamples", "nsamples", answers.nsamples))
     if answers.seqlen != calibration.get("seqlen", SEQLEN):
         options.append(("--seqlen", "seqlen", answers.seqlen))
-    if answers.data != WIKI_VITAL:
+    if answers.data != CALIBRATION_TEXT:
         options.append(("--data", "data", answers.data))
     if answers.cache_dir:
         options.append(("--cache-dir", "cache_dir", answers.cache_dir))

@@ -59,6 +59,24 @@ def test_wiki_fingerprints_differ_by_split():
     assert load_text("wiki-vital", "test") == load_text("wiki-vital", "test")
 
 
+def test_wiki_code_is_wiki_then_a_quarter_of_stdlib_package_source():
+    import sysconfig
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    top_level = {p.read_text(encoding="utf-8", errors="replace").strip() for p in stdlib.glob("*.py")}
+    for split in ("calibration", "validation", "test"):
+        mixed, wiki = load_text("wiki-vital+code", split), load_text("wiki-vital", split).text
+        assert mixed.name == "wiki-vital+code" and mixed.text.startswith(wiki + "\n\n")
+        code = mixed.text[len(wiki) + 2:]
+        share = len(code) / len(mixed.text)
+        assert 0.24 <= share <= 0.30, share  # CODE_SHARE, overshooting by at most one file
+        assert "def " in code and "import " in code
+        assert not any(module and module in code for module in list(top_level)[:50])  # the `code` validation domain's files
+    splits = {s: sources_mod._take_split(sources_mod._stdlib_package_sources(), s) for s in ("calibration", "validation", "test")}
+    assert not set(splits["calibration"]) & set(splits["test"])
+    assert load_text("wiki-vital+code", "test") == load_text("wiki-vital+code", "test")  # deterministic
+
+
 def test_unknown_split_lists_valid_ones():
     with pytest.raises(UserError, match="unknown split 'train'.*calibration, validation, test, all"):
         load_text("wiki-vital", "train")

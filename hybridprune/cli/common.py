@@ -13,7 +13,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from hybridprune import ui
-from hybridprune.config import DEFAULT_DATA, DEFAULT_SEQLEN, default_of
+from hybridprune.config import DEFAULT_CALIBRATION_DATA, DEFAULT_DATA, DEFAULT_SEQLEN, default_of
 from hybridprune.errors import UserError
 from hybridprune.methods import registry
 
@@ -41,7 +41,12 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document o
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No panels or progress bars.")]
 # Calibration inputs default to None so a preset can set them: explicit flag > preset > default.
 DataOpt = Annotated[
-    str | None, typer.Option("--data", help=f"{DEFAULT_DATA} (default) | a .txt/.jsonl/.parquet file | a hub dataset (online).")
+    str | None, typer.Option("--data", help=f"Calibration text (default {DEFAULT_CALIBRATION_DATA}): wiki-vital | wiki-vital+code "
+                             "| a .txt/.jsonl/.parquet file | a hub dataset (online).")
+]
+EvalDataOpt = Annotated[
+    str, typer.Option("--data", help=f"Evaluation text (its --split): {DEFAULT_DATA} (default) | wiki-vital+code | a .txt/.jsonl/.parquet "
+                      "file | a hub dataset (online).")
 ]
 TextFieldOpt = Annotated[str | None, typer.Option("--text-field", help="Field holding the text in .jsonl/.parquet files.")]
 NsamplesOpt = Annotated[int | None, typer.Option("--nsamples", help=f"Calibration windows ({_default('nsamples')}).")]

