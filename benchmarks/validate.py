@@ -129,9 +129,13 @@ def configs() -> dict[str, PruneConfig]:
         c[f"quality+refine{steps}"] = preset("quality", refine=steps)
         c[f"wanda+refine{steps}"] = P(prune_method="wanda", refine=steps)
     # the Gram shrunk toward its diagonal (--gram-offdiag) for refine and for the update
-    for a in (0.1, 0.2, 0.3, 0.5):
+    for a in (0.1, 0.2, 0.3, 0.5, 0.7, 1.0):
         c[f"balanced+refine200+off{a}"] = preset("balanced", refine=200, gram_offdiag=a)
         c[f"balanced+refine100+off{a}"] = preset("balanced", refine=100, gram_offdiag=a)
+        for steps in (25, 50):
+            c[f"balanced+refine{steps}+off{a}"] = preset("balanced", refine=steps, gram_offdiag=a)
+        c[f"balanced+refine100+update0.25+off{a}"] = preset("balanced", refine=100, update=True, update_shrink=0.25, gram_offdiag=a)
+        c[f"balanced+refine100+update0.5+off{a}"] = preset("balanced", refine=100, update=True, update_shrink=0.5, gram_offdiag=a)
         c[f"balanced+update1+off{a}"] = preset("balanced", update=True, update_shrink=1.0, gram_offdiag=a)
         c[f"balanced+update0.5+off{a}"] = preset("balanced", update=True, update_shrink=0.5, gram_offdiag=a)
         c[f"balanced+sweep1+off{a}"] = preset("balanced", update=True, update_mask="sweep", update_shrink=1.0, gram_offdiag=a)

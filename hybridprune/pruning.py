@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -183,29 +184,33 @@ def prune_layer(
     else:
         order = None
 
-    second_order: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
+    cached: dict[tuple[str, str], Any] = {}  # per input group, each computed once per layer and only when asked for
 
-    def second_order_of(group: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(factor of H^-1, dead channels, damped H or None) of an input group, once per layer; with
-        plan.gram_offdiag < 1 both come from H shrunk toward its diagonal."""
-        if group not in second_order:
-            assert hessians is not None
-            factor, dead = hessians.inverse_factor(index, group)
-            if order is not None and group == adapter.input_group(adapter.mlp_output):
-                factor, dead = permute_factor(factor, order), dead[order.to(dead.device)]
-            gram = None
-            if plan.gram_offdiag < 1.0:
-                gram = shrink_offdiagonal(gram_from_factor(factor), plan.gram_offdiag)
-                factor = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(gram)), upper=True).to(torch.float32)
-            second_order[group] = (factor, dead, gram)
-        return second_order[group]
+    def once(kind: str, group: str, compute: Callable[[], Any]) -> Any:
+        if (kind, group) not in cached:
+            cached[(kind, group)] = compute()
+        return cached[(kind, group)]
+
+    def cached_factor(group: str) -> tuple[torch.Tensor, torch.Tensor]:
+        assert hessians is not None
+        factor, dead = hessians.inverse_factor(index, group)
+        if order is not None and group == adapter.input_group(adapter.mlp_output):
+            factor, dead = permute_factor(factor, order), dead[order.to(dead.device)]
+        return factor, dead
+
+    def gram_of(group: str) -> torch.Tensor:
+        """The damped X^T X (from the cached factor of its inverse), shrunk toward its diagonal by plan.gram_offdiag."""
+        return once("gram", group, lambda: shrink_offdiagonal(gram_from_factor(cached_factor(group)[0]), plan.gram_offdiag))
 
     def factor_of(group: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return second_order_of(group)[:2]
-
-    def gram_of(group: str) -> torch.Tensor:  # the damped X^T X, from the cached factor of its inverse
-        factor, _, gram = second_order_of(group)
-        return gram if gram is not None else gram_from_factor(factor)
+        """The factor of H^-1 and the dead channels; below gram_offdiag 1, refactorized from the shrunk H."""
+        def compute() -> tuple[torch.Tensor, torch.Tensor]:
+            factor, dead = cached_factor(group)
+            if plan.gram_offdiag < 1.0:
+                inverse = torch.cholesky_inverse(torch.linalg.cholesky(gram_of(group)))
+                factor = torch.linalg.cholesky(inverse, upper=True).to(torch.float32)
+            return factor, dead
+        return once("factor", group, compute)
 
     sweep = hessians is not None and plan.update and plan.update_mask == "sweep" and pattern.kind != "structured"
     masks = {} if sweep else layer_masks(weights, sumsq, adapter.attention_names, adapter.mlp_names, plan, score)
