@@ -201,8 +201,8 @@ def ask_priority(prompter: Prompter, presets: dict[str, Preset], default: str) -
             choices.append(Choice(f"{label:<13} {preset.trade_off}: {use_when}", value=name, description=preset.description))
     for name, preset in presets.items():
         if name not in {priority[0] for priority in PRIORITIES}:
-            choices.append(Choice(f"{name:<13} your preset ({preset.source})", value=name,
-                                  description=preset.description or None))
+            label = preset.trade_off if preset.source == "built-in" and preset.trade_off else f"your preset ({preset.source})"
+            choices.append(Choice(f"{name:<13} {label}", value=name, description=preset.description or None))
     values = [choice.value for choice in choices]
     return prompter.select("What matters most?", choices=choices, default=default if default in values else values[0])
 

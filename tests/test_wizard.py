@@ -185,7 +185,7 @@ def test_save_answers_as_a_named_preset(script):
     assert "--pattern" not in wizard.command_text(answers, presets)  # the preset carries it now
     assert resolve({}, get_preset("my-run")).sparsity == 0.6  # `prune --preset my-run` alone prunes at 0.6
     # next time the user preset is offered, and Enter through it keeps its sparsity and pattern
-    again = wizard.ask_answers(script(ENTER, DOWN * 4 + ENTER, *[ENTER] * 5))
+    again = wizard.ask_answers(script(ENTER, DOWN * 5 + ENTER, *[ENTER] * 5))  # after the four card presets and `wanda`
     assert (again.preset, again.sparsity, again.pattern) == ("my-run", 0.6, "structured")
 
 
