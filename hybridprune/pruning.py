@@ -61,6 +61,9 @@ SAVE_FORMATS = {"dense": None, "compressed": "auto"}
 "auto": compressed-tensors' sparse bitmask, its 2:4 variant when every weight follows 2:4)."""
 SWEEP_BLOCK = 128  # columns per block of the OBS sweep (SparseGPT's)
 REFINE_BATCH_NM = 8  # N:M refinement: up to 8 swaps (in distinct groups) per row and step (faster, as good)
+# unstructured: up to 4 swaps per row and step; on SmolLM2 layer 10 (gram_offdiag 0.5) it took 0.57 / 1.08 / 0.20 s
+# for gate / down / q against 0.83 / 1.66 / 0.28 s one swap at a time, at the same or lower error (benchmarks/research/refine_speed.py).
+REFINE_BATCH = 4
 
 
 def neuron_scoring(config: PruneConfig) -> NeuronScoring:
@@ -236,7 +239,7 @@ def prune_layer(
                 masks[name] = refine_swaps(
                     weights[name], mask.to(weights[name].device), gram.to(weights[name].device),
                     steps=plan.refine, nm=(pattern.n, pattern.m) if pattern.kind == "nm" else None,
-                    batch=REFINE_BATCH_NM if pattern.kind == "nm" else 1,
+                    batch=REFINE_BATCH_NM if pattern.kind == "nm" else REFINE_BATCH,
                 )
         if hessians is None or not plan.update:
             for name, mask in masks.items():
