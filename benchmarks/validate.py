@@ -71,7 +71,15 @@ def preset(name: str, **overrides) -> PruneConfig:
 # The product defaults of the new fields before this work, and idf_exp's old default: every
 # configuration below except the presets spells them out, so that its digest (and its measured rows)
 # does not change when the product defaults do. None of them changes Wanda's masks.
-OLD_DEFAULTS = dict(idf_exp=0.25, nr_doc_rate=0.0, nr_row_bound=1.0, update_shrink=1.0, qk_shift=0.0)
+OLD_DEFAULTS = dict(idf_exp=0.25, nr_doc_rate=0.0, nr_row_bound=1.0, update_shrink=1.0, qk_shift=0.0, gram_offdiag=1.0)
+# `balanced` as it was when the refine / Gram-shrink rows were measured (session 4, before it became the
+# default's definition), spelled out so those rows keep their digests: B(**knobs) is that plus knobs.
+BALANCED_S3 = dict(prune_method="hybrid", hybrid_mlp_method="neuronrank_tfidf", nr_tfidf_mode="doc", qk_shift=0.1,
+                   idf_exp=0.0, nr_doc_rate=0.1, nr_row_bound=0.05, update_shrink=0.25, gram_offdiag=1.0)
+
+
+def B(**overrides) -> PruneConfig:
+    return PruneConfig(**{**BALANCED_S3, **overrides})
 
 
 def P(**overrides) -> PruneConfig:
@@ -82,7 +90,8 @@ def configs() -> dict[str, PruneConfig]:
     """Every named configuration the harness knows (the report and the ablations pick from these)."""
     c: dict[str, PruneConfig] = {
         "wanda": P(prune_method="wanda"),
-        "wanda+update": P(prune_method="wanda", update=True),
+        "wanda+update": preset("wanda", update=True),  # the product's update (defaults: full step, Gram off-diagonal 0.5)
+        "wanda+update@full": P(prune_method="wanda", update=True),  # full step, full Gram (session 3's "wanda+update")
         "wanda+qk0.1": P(prune_method="wanda", qk_shift=0.1),
         "wanda+qk0.1+update": P(prune_method="wanda", qk_shift=0.1, update=True),
         "balanced": preset("balanced"),
@@ -90,6 +99,9 @@ def configs() -> dict[str, PruneConfig]:
         "conservative": preset("conservative"),
         "fast": preset("fast"),
     }
+    # session 3's presets (session 4 measured them on the new calibration text before they changed)
+    c["balanced@s3"] = B()
+    c["quality@s3"] = B(update=True)
     # the defaults and presets before this work (explicit, so they do not follow later changes)
     old = dict(nr_doc_rate=0.0, nr_row_bound=1.0, update_shrink=1.0, idf_exp=0.25, tf_exp=1.0, tf_kind="out_rms")
     c["balanced@old"] = P(nr_tfidf_mode="doc", **old)
@@ -125,22 +137,22 @@ def configs() -> dict[str, PruneConfig]:
         c[f"wanda+update{shrink}"] = P(prune_method="wanda", update=True, update_shrink=shrink)
     # swap refinement of the masks under the calibration Gram (mask only, or before the shrunk update)
     for steps in (50, 200):
-        c[f"balanced+refine{steps}"] = preset("balanced", refine=steps)
-        c[f"quality+refine{steps}"] = preset("quality", refine=steps)
+        c[f"balanced+refine{steps}"] = B(refine=steps)
+        c[f"quality+refine{steps}"] = B(update=True, refine=steps)
         c[f"wanda+refine{steps}"] = P(prune_method="wanda", refine=steps)
     # the Gram shrunk toward its diagonal (--gram-offdiag) for refine and for the update
     for a in (0.1, 0.2, 0.3, 0.5, 0.7, 1.0):
-        c[f"balanced+refine200+off{a}"] = preset("balanced", refine=200, gram_offdiag=a)
-        c[f"balanced+refine100+off{a}"] = preset("balanced", refine=100, gram_offdiag=a)
+        c[f"balanced+refine200+off{a}"] = B(refine=200, gram_offdiag=a)
+        c[f"balanced+refine100+off{a}"] = B(refine=100, gram_offdiag=a)
         for steps in (25, 50):
-            c[f"balanced+refine{steps}+off{a}"] = preset("balanced", refine=steps, gram_offdiag=a)
-        c[f"balanced+refine100+update0.25+off{a}"] = preset("balanced", refine=100, update=True, update_shrink=0.25, gram_offdiag=a)
-        c[f"balanced+refine100+update0.5+off{a}"] = preset("balanced", refine=100, update=True, update_shrink=0.5, gram_offdiag=a)
-        c[f"balanced+update1+off{a}"] = preset("balanced", update=True, update_shrink=1.0, gram_offdiag=a)
-        c[f"balanced+update0.5+off{a}"] = preset("balanced", update=True, update_shrink=0.5, gram_offdiag=a)
-        c[f"balanced+sweep1+off{a}"] = preset("balanced", update=True, update_mask="sweep", update_shrink=1.0, gram_offdiag=a)
-        c[f"balanced+refine200+update1+off{a}"] = preset("balanced", refine=200, update=True, update_shrink=1.0, gram_offdiag=a)
-        c[f"balanced+refine200+update0.5+off{a}"] = preset("balanced", refine=200, update=True, update_shrink=0.5, gram_offdiag=a)
+            c[f"balanced+refine{steps}+off{a}"] = B(refine=steps, gram_offdiag=a)
+        c[f"balanced+refine100+update0.25+off{a}"] = B(refine=100, update=True, update_shrink=0.25, gram_offdiag=a)
+        c[f"balanced+refine100+update0.5+off{a}"] = B(refine=100, update=True, update_shrink=0.5, gram_offdiag=a)
+        c[f"balanced+update1+off{a}"] = B(update=True, update_shrink=1.0, gram_offdiag=a)
+        c[f"balanced+update0.5+off{a}"] = B(update=True, update_shrink=0.5, gram_offdiag=a)
+        c[f"balanced+sweep1+off{a}"] = B(update=True, update_mask="sweep", update_shrink=1.0, gram_offdiag=a)
+        c[f"balanced+refine200+update1+off{a}"] = B(refine=200, update=True, update_shrink=1.0, gram_offdiag=a)
+        c[f"balanced+refine200+update0.5+off{a}"] = B(refine=200, update=True, update_shrink=0.5, gram_offdiag=a)
         c[f"wanda+refine200+off{a}"] = P(prune_method="wanda", refine=200, gram_offdiag=a)
         c[f"wanda+update1+off{a}"] = P(prune_method="wanda", update=True, gram_offdiag=a)
     # ablations
@@ -370,7 +382,7 @@ def fmt_table(s: dict, names: list[str], models: list[str], domains: tuple[str, 
     return "\n".join(lines)
 
 
-HEADLINE = ["wanda", "wanda+update", "wanda+qk0.1", "balanced@old", "quality@old", "balanced", "quality",
+HEADLINE = ["wanda", "wanda+update", "wanda+qk0.1", "balanced@s3", "quality@s3", "balanced", "quality",
             "conservative", "fast"]
 
 

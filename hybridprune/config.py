@@ -24,8 +24,9 @@ DEFAULT_EVAL_WINDOWS = 64
 """Test windows of the benchmark protocol (BENCHMARK.md)."""
 DEFAULT_DATA = "wiki-vital"
 """The evaluation text (its test split): the benchmark protocol's."""
-DEFAULT_CALIBRATION_DATA = "wiki-vital"
-"""The calibration text when --data is not given."""
+DEFAULT_CALIBRATION_DATA = "wiki-vital+code"
+"""The calibration text when --data is not given: wiki-vital with a quarter of Python source, chosen on the
+validation halves of five domains (docs/validation.md): a Gram fitted to wiki alone overfits it."""
 
 
 @dataclass(frozen=True)
@@ -107,8 +108,8 @@ class PruneConfig:
     refine: int = 0  # swap-refinement steps per row of the masks under X^T X (0 = off; uses the second-order entry)
     nr_doc_rate: float = 0.1  # doc mode: a neuron is in a window when active on >= this fraction of its tokens
     nr_row_bound: float = 0.05  # gate/up: each neuron's row sparsity kept within target +- this (1 = unbounded)
-    update_shrink: float = 0.25  # --update: step toward the OBS-updated weights (1 = full update, 0 = none)
-    gram_offdiag: float = 1.0  # --refine / --update: weight of X^T X's off-diagonal (1 = as calibrated, 0 = diagonal only)
+    update_shrink: float = 1.0  # --update: step toward the OBS-updated weights (1 = full update, 0 = none)
+    gram_offdiag: float = 0.5  # --refine / --update: weight of X^T X's off-diagonal (1 = as calibrated, 0 = diagonal only); chosen across domains
 
     def validate(self, num_layers: int | None = None) -> PruneConfig:
         """Refuse impossible combinations with one clear line naming the flag."""
