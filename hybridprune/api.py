@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from hybridprune.config import DEFAULT_DATA, DEFAULT_EVAL_WINDOWS, PRUNE_FIELDS, CalibrationRequest, PruneConfig, window_length
 from hybridprune.errors import UserError
-from hybridprune.presets import DEFAULT_PRESET, Preset, get_preset, resolve
+from hybridprune.presets import DEFAULT_PRESET, Preset, get_preset, resolve, yielded
 from hybridprune.reporting import Reporter, SilentReporter
 
 if TYPE_CHECKING:
@@ -515,6 +515,8 @@ def prune(
     if pruning_last is not None and pruning_last < 1:
         raise UserError(f"--pruning-last must be a number of layers >= 1, got {pruning_last}")
     configs = [resolve({**explicit, "sparsity": value}, chosen).validate() for value in parse_sparsities(sparsity)]
+    for line in dict.fromkeys(line for config in configs for line in yielded(explicit, chosen, config)):
+        reporter.note(line)
     request = calibration_request(
         chosen, dict(nsamples=nsamples, seqlen=seqlen, topics=topics, q_active=q_active, data=data),
         text_field=text_field, seed=seed, batch_size=batch_size,

@@ -115,10 +115,37 @@ def get_preset(name: str, extra_file: Path | None = None) -> Preset:
 
 
 def resolve(explicit: dict[str, Any], preset: Preset | None) -> PruneConfig:
-    """explicit flag (not None) > preset value > PruneConfig default."""
+    """explicit flag (not None) > preset value > PruneConfig default.
+
+    A preset's --refine gives way to explicit choices it cannot work with (--pattern structured,
+    --sequential, --update-mask sweep): see `yielded`, which says so."""
     values = dict(preset.values) if preset else {}
-    values.update({key: value for key, value in explicit.items() if value is not None})
-    return PruneConfig(**values)
+    given = {key: value for key, value in explicit.items() if value is not None}
+    values.update(given)
+    config = PruneConfig(**values)
+    if "refine" not in given and config.refine and _refine_blocked(config):
+        config = PruneConfig(**{**values, "refine": 0})
+    return config
+
+
+def yielded(explicit: dict[str, Any], preset: Preset | None, config: PruneConfig) -> list[str]:
+    """One line per preset knob that `resolve` dropped because an explicit choice excludes it."""
+    wanted = preset.values.get("refine", 0) if preset else 0
+    if explicit.get("refine") is None and wanted and not config.refine:
+        return [f"the {preset.name} preset's --refine {wanted} does not apply with "
+                f"{_refine_blocked(config)}: pruning without it"]
+    return []
+
+
+def _refine_blocked(config: PruneConfig) -> str:
+    """The choice that excludes swap refinement, or '' when it can run."""
+    if config.pattern == "structured":
+        return "--pattern structured"
+    if config.sequential:
+        return "--sequential"
+    if config.update and config.update_mask == "sweep":
+        return "--update-mask sweep"
+    return ""
 
 
 def save_user_preset(name: str, values: dict[str, Any], description: str = "") -> Path:

@@ -495,6 +495,8 @@ def preset_values(answers: Answers, presets: dict[str, Preset] | None = None) ->
     presets = presets if presets is not None else load_presets()
     preset = presets[answers.preset]
     values: dict[str, Any] = {**preset.values, **preset.calibration, "sparsity": answers.sparsity, "pattern": answers.pattern}
+    if "refine" in values:  # what the run will do: a refine that gives way to the pattern is not saved with it
+        values["refine"] = resolve({"sparsity": answers.sparsity, "pattern": answers.pattern}, preset).refine
     if answers.nsamples != DEFAULT_NSAMPLES or "nsamples" in values:
         values["nsamples"] = answers.nsamples
     if answers.seqlen != SEQLEN or "seqlen" in values:

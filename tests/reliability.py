@@ -38,6 +38,7 @@ from safetensors.torch import load_file
 
 from helpers import TRAINING_TEXT, make_tiny_model_folder
 from hybridprune.cache import KEY_PATTERN, StatsCache, StatsKey
+from hybridprune.calibration.session import HESSIAN_MODE
 from hybridprune.fsutil import staging_owner
 
 TESTS = Path(__file__).parent
@@ -221,9 +222,23 @@ def same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool
     return a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
 
 
-def entries(cache: Path) -> list[Path]:
+def all_entries(cache: Path) -> list[Path]:
     stats = cache / "stats"
     return sorted(p for p in stats.iterdir() if KEY_PATTERN.fullmatch(p.name)) if stats.is_dir() else []
+
+
+def _second_order(entry: Path) -> bool:
+    return json.loads((entry / "manifest.json").read_text())["key"]["mode"] == HESSIAN_MODE
+
+
+def entries(cache: Path) -> list[Path]:
+    """The calibration statistics entries (what `calibrate` writes)."""
+    return [entry for entry in all_entries(cache) if not _second_order(entry)]
+
+
+def second_order_entries(cache: Path) -> list[Path]:
+    """The second-order entries (what the default's --refine and --update need; `prune` collects them)."""
+    return [entry for entry in all_entries(cache) if _second_order(entry)]
 
 
 def hidden_staging(folder: Path) -> list[Path]:
@@ -237,6 +252,7 @@ class Reference:
     pruned: dict[str, torch.Tensor]
     sweep: dict[str, dict[str, torch.Tensor]]
     seconds: dict[str, float]
+    second_order: dict[str, torch.Tensor] | None = None  # the default prune's second-order entry
 
 
 SWEEP = ("--sparsity", "0.3,0.6")
@@ -258,6 +274,7 @@ def reference(server: ForkServer, world: World) -> Reference:
         assert done.rc == 0, done.message
         seconds[name] = done.seconds
     (entry,) = entries(base / "cache-calibrate")
+    second = second_order_entries(base / "cache-prune")
     (scores,) = (base / "cache-score" / "scores").glob("*.safetensors")
     sweep = {p.name: tensors_of(p / "model.safetensors") for p in sorted((base / "sweep-out").iterdir()) if p.is_dir()}
     assert len(sweep) == 2
@@ -267,24 +284,26 @@ def reference(server: ForkServer, world: World) -> Reference:
         pruned=tensors_of(base / "prune-out" / "model.safetensors"),
         sweep=sweep,
         seconds=seconds,
+        second_order=tensors_of(second[0] / "stats.safetensors") if second else None,
     )
 
 
 def check_cache(cache: Path, reference: Reference, *, must_exist: bool) -> None:
     """Every entry present is complete, verifies, and equals the uninterrupted one; nothing else is visible."""
-    found = entries(cache)
-    assert len(found) <= 1
+    found, second = entries(cache), second_order_entries(cache)
+    assert len(found) <= 1 and len(second) <= 1
     if must_exist:
         assert found, "no cache entry after a complete run"
-    for entry in found:
+    for entry, expected in [*((e, reference.stats) for e in found), *((e, reference.second_order) for e in second)]:
         manifest = json.loads((entry / "manifest.json").read_text())
         stats = StatsCache(cache).load(StatsKey(**manifest["key"]))
-        assert same_tensors(stats.tensors, reference.stats)
+        assert expected is not None and same_tensors(stats.tensors, expected)
     stats_dir = cache / "stats"
     if stats_dir.is_dir():
         for path in stats_dir.iterdir():
             assert KEY_PATTERN.fullmatch(path.name) or staging_owner(path), f"unexpected {path.name} in the cache"
-    assert StatsCache(cache).entries() == [json.loads((e / "manifest.json").read_text()) for e in found]
+    listed = sorted(json.dumps(manifest, sort_keys=True) for manifest in StatsCache(cache).entries())
+    assert listed == sorted(json.dumps(json.loads((e / "manifest.json").read_text()), sort_keys=True) for e in all_entries(cache))
 
 
 def check_model_folder(folder: Path, expected: dict[str, torch.Tensor]) -> None:

@@ -66,3 +66,21 @@ def test_unknown_keys_and_bad_types_are_refused(tmp_path: Path, monkeypatch: pyt
     extra.write_text("[mine]\nprune_method = 'sparsegpt'\n")
     with pytest.raises(UserError, match="unknown --prune-method 'sparsegpt'"):
         load_presets(extra)
+
+
+def test_a_presets_refine_gives_way_to_choices_it_cannot_work_with():
+    from hybridprune.presets import get_preset, resolve, yielded
+
+    balanced = get_preset("balanced")
+    assert resolve({}, balanced).refine > 0  # the default refines its masks
+    for explicit, reason in (({"pattern": "structured"}, "--pattern structured"), ({"sequential": True}, "--sequential"),
+                             ({"update": True, "update_mask": "sweep"}, "--update-mask sweep")):
+        config = resolve(explicit, balanced)
+        assert config.refine == 0
+        config.validate()  # no longer refused
+        (line,) = yielded(explicit, balanced, config)
+        assert reason in line and "balanced" in line
+    # an explicit --refine is the user's: still refused where it cannot work
+    with pytest.raises(UserError, match="--refine"):
+        resolve({"pattern": "structured", "refine": 10}, balanced).validate()
+    assert yielded({"pattern": "2:4", "sparsity": 0.5}, balanced, resolve({"pattern": "2:4", "sparsity": 0.5}, balanced)) == []

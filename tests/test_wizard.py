@@ -16,6 +16,7 @@ from helpers import TRAINING_TEXT
 from hybridprune import ui, wizard
 from hybridprune.cli import wizard_cmd
 from hybridprune.cli.main import app
+from hybridprune.config import DEFAULT_CALIBRATION_DATA
 from hybridprune.presets import get_preset, load_presets, resolve, user_presets_path
 
 pytestmark = pytest.mark.timeout(120)  # a prompt waiting for keys the test never sends fails instead of hanging
@@ -75,7 +76,7 @@ def test_enter_through_everything_gives_balanced_at_half_on_the_embedded_model(s
     answers = wizard.ask_answers(prompter)
     assert not prompter.keys
     assert (answers.model_kind, answers.model, answers.preset, answers.sparsity) == ("embedded", None, "balanced", 0.5)
-    assert (answers.pattern, answers.nsamples, answers.evaluate, answers.data) == ("unstructured", 32, False, "wiki-vital")
+    assert (answers.pattern, answers.nsamples, answers.evaluate, answers.data) == ("unstructured", 32, False, DEFAULT_CALIBRATION_DATA)
     assert answers.out == "./pruned-balanced-s0.5"
     assert answers.parameters == pytest.approx(134.5e6, rel=0.01)
     assert wizard.build_command(answers) == [
@@ -89,7 +90,7 @@ def test_quality_branch_picks_the_update(script):
     answers = wizard.ask_answers(script(ENTER, DOWN + ENTER, *[ENTER] * 5))
     assert answers.preset == "quality" and answers.out == "./pruned-quality-s0.5"
     config = resolve({}, get_preset(answers.preset))
-    assert config.hybrid_mlp_method == "neuronrank_tfidf" and config.update and 0 < config.update_shrink < 1
+    assert config.hybrid_mlp_method == "neuronrank_tfidf" and config.update and config.refine > 0 and config.gram_offdiag < 1
     assert wizard.command_text(answers) == "hybridprune prune --preset quality --sparsity 0.5 --out ./pruned-quality-s0.5"
 
 
