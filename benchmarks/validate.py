@@ -34,7 +34,7 @@ from domains import DOMAINS, domain_texts, fingerprint  # noqa: E402
 
 from hybridprune.calibration.collect import CollectionOptions, collect_statistics  # noqa: E402
 from hybridprune.calibration.stats import CalibrationStats  # noqa: E402
-from hybridprune.config import PRUNE_FIELDS, PruneConfig  # noqa: E402
+from hybridprune.config import DEFAULT_CALIBRATION_DATA, PRUNE_FIELDS, PruneConfig  # noqa: E402
 from hybridprune.data import eval_windows, load_text, sample_windows, tokenize  # noqa: E402
 from hybridprune.data.tokens import encode_text  # noqa: E402
 from hybridprune.evaluation import perplexity  # noqa: E402
@@ -53,7 +53,7 @@ MODELS = {
 }
 TOPICS, Q_ACTIVE = 128, 0.9
 # The calibration text (--calibration): every row records it; rows without the field used wiki-vital.
-CALIBRATION = os.environ.get("HYBRIDPRUNE_VALIDATE_CALIBRATION", "wiki-vital")
+CALIBRATION = os.environ.get("HYBRIDPRUNE_VALIDATE_CALIBRATION", DEFAULT_CALIBRATION_DATA)
 
 
 def calibration_of(row: dict) -> str:
@@ -389,9 +389,10 @@ HEADLINE = ["wanda", "wanda+update", "wanda+qk0.1", "balanced@s3", "quality@s3",
 def report() -> None:
     rows = load_rows()
     models = [m for m in MODELS if any(r["model"] == m for r in rows)]
-    out = {"protocol": {m: MODELS[m] for m in models}, "domains": {d: fingerprint(d) for d in DOMAINS},
+    out = {"calibration": CALIBRATION, "protocol": {m: MODELS[m] for m in models}, "domains": {d: fingerprint(d) for d in DOMAINS},
            "test": summary(rows, HEADLINE, "test", models), "validation": {}}
-    names_val = sorted({r["config"] for r in rows if r["half"] == "validation" and r["config"] != "dense"})
+    names_val = sorted({r["config"] for r in rows if r["half"] == "validation" and r["config"] != "dense"
+                        and calibration_of(r) == CALIBRATION})
     out["validation"] = summary(rows, names_val, "validation", models)
     DOCS.mkdir(exist_ok=True)
     (DOCS / "validation.json").write_text(json.dumps(out, indent=1) + "\n")
@@ -400,6 +401,7 @@ def report() -> None:
     md = md.replace("{{TEST_TABLE}}", fmt_table(out["test"], HEADLINE, models))
     md = md.replace("{{HEADLINE}}", headline(out["test"], HEADLINE, models))
     md = md.replace("{{GOALS}}", goals)
+    md = md.replace("{{CALIBRATION}}", CALIBRATION)
     choices = ROOT / "benchmarks" / "validation_choices.md"
     md = md.replace("{{CHOICES}}", choices.read_text().strip() if choices.exists() else "(not written yet)")
     md = md.replace("{{VALIDATION_TABLE}}", fmt_table(out["validation"], names_val, models))
