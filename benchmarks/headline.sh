@@ -1,8 +1,8 @@
 #!/bin/bash
 # Headline rows on the BENCHMARK.md protocol (wiki-vital test split, 64 x 512; calibration 32 x 512 of the
 # wiki-vital calibration split, hence --data wiki-vital: the product's default calibration text is now
-# wiki-vital+code, whose row is the last one) with the presets as they are.
-# Reproduce: bash benchmarks/headline.sh   (about 20 minutes here; writes runs/headline/eval.json)
+# wiki-vital+code) with the presets as they are.
+# Reproduce: bash benchmarks/headline.sh   (about 15 minutes here; writes runs/headline/eval.json)
 set -e
 cd "$(dirname "$0")/.."
 H=".venv/bin/hybridprune"
@@ -12,10 +12,7 @@ run() { name=$1; shift; $H prune "$@" --out $R/$name --overwrite --quiet --json 
 run wanda --preset wanda --sparsity 0.5 --data wiki-vital
 run balanced --sparsity 0.5 --data wiki-vital
 run quality --preset quality --sparsity 0.5 --data wiki-vital
-run wanda-update --preset wanda --update --sparsity 0.5 --data wiki-vital
 run wanda24 --preset wanda --pattern 2:4 --sparsity 0.5 --data wiki-vital
-run hybrid24 --pattern 2:4 --sparsity 0.5 --data wiki-vital
 run hybrid24-quality --preset quality --pattern 2:4 --sparsity 0.5 --data wiki-vital
-run balanced-default-text --sparsity 0.5
-$H eval --baseline embedded --compare $R/wanda $R/balanced $R/quality $R/wanda-update $R/wanda24 $R/hybrid24 $R/hybrid24-quality $R/balanced-default-text --windows 64 --json --quiet > $R/eval.json
+$H eval --baseline embedded --compare $R/wanda $R/balanced $R/quality $R/wanda24 $R/hybrid24-quality --windows 64 --json --quiet > $R/eval.json
 echo "eval done $(date +%T)"
