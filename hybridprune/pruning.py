@@ -230,12 +230,8 @@ def prune_layer(
             _sweep_layer(linears, adapter, plan, score, factor_of, update_shrink)
             return
         if hessians is not None and plan.refine > 0 and masks:
-            grams: dict[str, torch.Tensor] = {}
             for name, mask in masks.items():
-                group = adapter.input_group(name)
-                if group not in grams:
-                    grams[group] = gram_of(group)
-                gram = grams[group]
+                gram = gram_of(adapter.input_group(name))
                 masks[name] = refine_swaps(
                     weights[name], mask.to(weights[name].device), gram.to(weights[name].device),
                     steps=plan.refine, nm=(pattern.n, pattern.m) if pattern.kind == "nm" else None,
