@@ -30,7 +30,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hybridprune.config import DEFAULT_DATA, DEFAULT_EVAL_WINDOWS, PRUNE_FIELDS, CalibrationRequest, PruneConfig, window_length
+from hybridprune.config import (
+    CALIBRATION_FIELDS,
+    DEFAULT_DATA,
+    DEFAULT_EVAL_WINDOWS,
+    PRUNE_FIELDS,
+    CalibrationRequest,
+    PruneConfig,
+    window_length,
+)
 from hybridprune.errors import UserError
 from hybridprune.presets import DEFAULT_PRESET, Preset, get_preset, resolve, yielded
 from hybridprune.reporting import Reporter, SilentReporter
@@ -229,10 +237,11 @@ def _root(cache_dir: PathLike | None) -> Path:
     return ensure_writable_dir(cache_root(cache_dir), "cache folder")
 
 
-def calibration_request(preset: Preset | None, explicit: dict[str, Any], **fixed: Any) -> CalibrationRequest:
-    """Calibration inputs: explicit value (not None) > preset > CalibrationRequest's default."""
-    values = {**(preset.calibration if preset else {}), **{k: v for k, v in explicit.items() if v is not None}}
-    return CalibrationRequest(**fixed, **values).validate()
+def calibration_request(preset: Preset | None, arguments: dict[str, Any]) -> CalibrationRequest:
+    """Calibration inputs from a command's keyword arguments (its `locals()`, read by the
+    CalibrationRequest field names): explicit value (not None) > preset > CalibrationRequest's default."""
+    explicit = {name: value for name, value in arguments.items() if name in CALIBRATION_FIELDS and value is not None}
+    return CalibrationRequest(**{**(preset.calibration if preset else {}), **explicit}).validate()
 
 
 def choose_streaming(
@@ -303,6 +312,7 @@ def calibrate(
 
     Under torchrun the processes split the windows and rank 0 writes the one entry.
     """
+    arguments = dict(locals())  # the calibration inputs by their CalibrationRequest names
     from hybridprune.cache import StatsCache
     from hybridprune.calibration.distributed import World
     from hybridprune.calibration.session import HESSIAN_MODE, calibrated_statistics
@@ -315,10 +325,7 @@ def calibrate(
     with World.joined(device) as world:
         if world is not None and part is not None:
             raise UserError("--shard and torchrun both split the windows: use one of them")
-        request = calibration_request(
-            None, dict(data=data, nsamples=nsamples, seqlen=seqlen, topics=topics, q_active=q_active),
-            text_field=text_field, seed=seed, batch_size=batch_size,
-        )
+        request = calibration_request(None, arguments)
         root = _root(cache_dir)
         on = str(world.device) if world is not None and world.device.type == "cuda" else device  # one GPU per rank
         streaming = choose_streaming(offload, model, dtype, on, root, reporter, layerwise=True)
@@ -381,6 +388,7 @@ def score(
     reporter: Reporter | None = None,
 ) -> ScoreResult:
     """Per-neuron NeuronRank scores from cached statistics (calibrating first on a miss), cached too."""
+    arguments = dict(locals())  # the NeuronRank knobs and calibration inputs by their field names
     from hybridprune.cache import StatsCache
     from hybridprune.calibration.session import calibrated_statistics
     from hybridprune.models import load_model
@@ -392,15 +400,8 @@ def score(
     if not 0.0 <= sparsity < 1.0:
         raise UserError(f"--sparsity must be in [0, 1), got {sparsity:g}")
     chosen = get_preset(preset or DEFAULT_PRESET, _path(presets_file))
-    config = resolve(
-        dict(hybrid_mlp_method=hybrid_mlp_method, nr_tfidf_mode=nr_tfidf_mode, tf_exp=tf_exp, idf_exp=idf_exp,
-             tf_kind=tf_kind, nr_min_tokens=nr_min_tokens, nr_topic_rate=nr_topic_rate, nr_doc_rate=nr_doc_rate, sparsity=sparsity),
-        chosen,
-    ).validate()
-    request = calibration_request(
-        chosen, dict(nsamples=nsamples, seqlen=seqlen, topics=topics, q_active=q_active, data=data),
-        text_field=text_field, seed=seed, batch_size=batch_size,
-    )
+    config = resolve({name: value for name, value in arguments.items() if name in PRUNE_FIELDS}, chosen).validate()
+    request = calibration_request(chosen, arguments)
     root = _root(cache_dir)
     loaded = load_model(model, dtype=dtype, device=device, cache_dir=root, trust_remote_code=trust_remote_code)
     calibration = calibrated_statistics(loaded, request, StatsCache(root), reporter, force=force)
@@ -490,8 +491,9 @@ def prune(
     (and the dense model's; a sweep also plots). `on_run` is called after each point, so a
     caller can show results while a sweep goes on.
     """
-    # the PruneConfig knobs, by the same names (None = from the preset, else the default)
-    explicit = {name: value for name, value in locals().items() if name in PRUNE_FIELDS and name != "sparsity"}
+    # the PruneConfig knobs and calibration inputs, by the same names (None = from the preset, else the default)
+    arguments = dict(locals())
+    explicit = {name: value for name, value in arguments.items() if name in PRUNE_FIELDS and name != "sparsity"}
     from hybridprune.cache import StatsCache
     from hybridprune.calibration.session import HESSIAN_MODE, calibrated_statistics
     from hybridprune.export import compress_folder
@@ -517,10 +519,7 @@ def prune(
     configs = [resolve({**explicit, "sparsity": value}, chosen).validate() for value in parse_sparsities(sparsity)]
     for line in dict.fromkeys(line for config in configs for line in yielded(explicit, chosen, config)):
         reporter.note(line)
-    request = calibration_request(
-        chosen, dict(nsamples=nsamples, seqlen=seqlen, topics=topics, q_active=q_active, data=data),
-        text_field=text_field, seed=seed, batch_size=batch_size,
-    )
+    request = calibration_request(chosen, arguments)
     if eval_windows <= 0:
         raise UserError(f"--eval-windows must be >= 1, got {eval_windows}")
     if save_format not in SAVE_FORMATS:

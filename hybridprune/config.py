@@ -75,6 +75,12 @@ def window_length(seqlen: int | None, model: Any) -> int:
     return seqlen
 
 UPDATE_MASKS = {"sweep": "masks chosen inside the OBS sweep from already-updated weights", "fixed": "the hybrid's masks kept, only the kept weights updated"}
+# what --refine cannot work with (PruneConfig.refine_conflict) and the one line that says so
+REFINE_CONFLICTS = {
+    "--pattern structured": "--refine swaps weights inside rows; --pattern structured removes whole neurons: drop one of them",
+    "--sequential": "--refine works from the dense model's second-order statistics, --sequential from pruned inputs: use one of them",
+    "--update-mask sweep": "--refine improves fixed masks; with --update the masks are chosen inside the sweep: add --update-mask fixed or drop --refine",
+}
 NM_ORDERS = {"spread": "MLP neurons permuted so each N:M group of down_proj mixes neuron scores", "none": "neurons in their order"}
 
 
@@ -181,15 +187,21 @@ class PruneConfig:
             raise UserError(f"--gram-offdiag must be in [0, 1] (1 = the calibration Gram as it is), got {self.gram_offdiag}")
         if not 0 <= self.refine <= 100_000:
             raise UserError(f"--refine must be a number of swap steps per row in [0, 100000], got {self.refine}")
-        if self.refine and self.sequential:
-            raise UserError("--refine works from the dense model's second-order statistics, --sequential from pruned inputs: use one of them")
-        if self.refine and pattern.kind == "structured":
-            raise UserError("--refine swaps weights inside rows; --pattern structured removes whole neurons: drop one of them")
-        if self.refine and self.update and self.update_mask == "sweep":
-            raise UserError("--refine improves fixed masks; with --update the masks are chosen inside the sweep: add --update-mask fixed or drop --refine")
+        if self.refine and self.refine_conflict():
+            raise UserError(REFINE_CONFLICTS[self.refine_conflict()])
         if self.sequential and self.update:
             raise UserError("--update works from the dense model's second-order statistics, --sequential from pruned inputs: use one of them")
         return self
+
+    def refine_conflict(self) -> str:
+        """The choice that excludes swap refinement ('--sequential', ...), or '' when --refine can run."""
+        if self.pattern.strip().lower() == "structured":  # no parse: a bad pattern is validate's to report
+            return "--pattern structured"
+        if self.sequential:
+            return "--sequential"
+        if self.update and self.update_mask == "sweep":
+            return "--update-mask sweep"
+        return ""
 
     def pruned_layers(self, num_layers: int) -> range:
         """The decoder layers this run prunes: all, the last N (--pruning-last), or all but the first fraction."""

@@ -123,7 +123,7 @@ def resolve(explicit: dict[str, Any], preset: Preset | None) -> PruneConfig:
     given = {key: value for key, value in explicit.items() if value is not None}
     values.update(given)
     config = PruneConfig(**values)
-    if "refine" not in given and config.refine and _refine_blocked(config):
+    if "refine" not in given and config.refine and config.refine_conflict():
         config = PruneConfig(**{**values, "refine": 0})
     return config
 
@@ -133,19 +133,8 @@ def yielded(explicit: dict[str, Any], preset: Preset | None, config: PruneConfig
     wanted = preset.values.get("refine", 0) if preset else 0
     if explicit.get("refine") is None and wanted and not config.refine:
         return [f"the {preset.name} preset's --refine {wanted} does not apply with "
-                f"{_refine_blocked(config)}: pruning without it"]
+                f"{config.refine_conflict()}: pruning without it"]
     return []
-
-
-def _refine_blocked(config: PruneConfig) -> str:
-    """The choice that excludes swap refinement, or '' when it can run."""
-    if config.pattern == "structured":
-        return "--pattern structured"
-    if config.sequential:
-        return "--sequential"
-    if config.update and config.update_mask == "sweep":
-        return "--update-mask sweep"
-    return ""
 
 
 def save_user_preset(name: str, values: dict[str, Any], description: str = "") -> Path:

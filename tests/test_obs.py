@@ -258,3 +258,25 @@ def test_refine_needs_fixed_masks_with_update():
         PruneConfig(update_mask="best").validate()
     with pytest.raises(UserError, match="--gram-offdiag"):
         PruneConfig(refine=10, gram_offdiag=1.5).validate()
+
+
+@pytest.mark.parametrize(
+    ("fields", "conflict"),
+    [
+        (dict(pattern="structured"), "--pattern structured"),
+        (dict(sequential=True), "--sequential"),
+        (dict(update=True, update_mask="sweep"), "--update-mask sweep"),
+        (dict(update=True, update_mask="fixed"), ""),
+        (dict(pattern="2:4"), ""),
+    ],
+)
+def test_refine_conflict_is_the_rule_validate_and_presets_share(fields, conflict):
+    """One rule: validate refuses --refine with the conflicting choice, presets drop their refine for it."""
+    from hybridprune.errors import UserError
+
+    assert PruneConfig(**fields).refine_conflict() == conflict
+    if conflict:
+        with pytest.raises(UserError, match="--refine"):
+            PruneConfig(refine=10, **fields).validate()
+    else:
+        PruneConfig(refine=10, **fields).validate()

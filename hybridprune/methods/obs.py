@@ -151,15 +151,14 @@ def sweep_prune(
 
 
 def gram_from_factor(factor: Tensor) -> Tensor:
-    """H + damping (float64) from the upper factor U of its inverse: (U^T U)^-1 = U^-1 U^-T.
+    """H + damping (float64) from the upper factor U of its inverse: (U^T U)^-1 (LAPACK potri).
 
     The cached second-order entry keeps only U; the damped Gram it gives is what `refine_swaps` needs
     (the 1% damping adds lambda * ||pruned part||^2 to its objective: a mild magnitude term).
+    potri instead of a triangular solve and a product: the same matrix (1e-15 apart) in a third of the
+    time (8960^2 on 2 cores: 4.4 s against 13.1 s).
     """
-    upper = factor.to(torch.float64)
-    identity = torch.eye(upper.shape[0], dtype=torch.float64, device=upper.device)
-    inverse = torch.linalg.solve_triangular(upper, identity, upper=True)
-    return inverse @ inverse.T
+    return torch.cholesky_inverse(factor.to(torch.float64), upper=True)
 
 
 def shrink_offdiagonal(gram: Tensor, offdiag: float) -> Tensor:
