@@ -207,63 +207,61 @@ def refine_swaps(
     # float64 weights are refined in float64 (tests); float32 in float32 with the residual recomputed
     # exactly every `RESYNC` steps and only clear improvements accepted (tolerance below).
     dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    w_all = weight.detach().to(dtype)
     g64 = gram.to(device, torch.float64)
     g = g64.to(dtype)
-    g_diag = g.diagonal()
     keep_all = keep.clone().to(device)
-    squared_all = w_all * w_all * g_diag
-    # accept a swap only if it lowers the error by more than rounding could explain
-    tolerance_all = squared_all.max(1).values * (1e-12 if dtype == torch.float64 else 1e-5)
+    # the state of the rows still refining (a row without an improving swap leaves: nothing left to change)
     rows_left = torch.arange(rows, device=device)
+    w = weight.detach().to(dtype)
+    keep_now = keep_all.clone()
+    squared = w * w * g.diagonal()
+    # accept a swap only if it lowers the error by more than rounding could explain
+    tolerance = squared.max(1).values * (1e-12 if dtype == torch.float64 else 1e-5)
+    kept_count, pruned_count = keep_now.sum(1), columns - keep_now.sum(1)  # a swap keeps both per row
 
-    def exact_residual(row_index: Tensor) -> Tensor:
-        pruned_part = weight.detach()[row_index].to(torch.float64) * (~keep_all[row_index])
+    def exact_residual() -> Tensor:
+        pruned_part = weight.detach()[rows_left].to(torch.float64) * (~keep_now)
         return (pruned_part @ g64).to(dtype)  # r = G delta per row (G symmetric)
 
-    residual = exact_residual(rows_left)
-    w, squared, tolerance = w_all, squared_all, tolerance_all
-    local_rows = torch.arange(rows, device=device)
+    residual = exact_residual()
     for step in range(steps):
-        keep_now = keep_all[rows_left]
         if step and step % RESYNC == 0:
-            residual = exact_residual(rows_left)
+            residual = exact_residual()
         if nm is not None:
             delta, revive, prune = _best_nm_swap(w, keep_now, residual, g, squared, nm, batch)
         else:
-            delta, revive, prune = _best_swap(w, keep_now, residual, g, squared, candidates, batch)
+            counts = (int(kept_count.min()), int(pruned_count.min()))
+            delta, revive, prune = _best_swap(w, keep_now, residual, g, squared, candidates, batch, counts)
         accept = delta < -tolerance
         if not bool(accept.any()):
             break
+        r = torch.nonzero(accept).squeeze(1)
         if revive.dim() == 2:  # several swaps per row: revive/prune [rows, batch], -1 = none
-            r = local_rows[accept]
-            i, j = revive[accept], prune[accept]
+            i, j = revive[r], prune[r]
             used = i >= 0
-            rows_global = rows_left[r].unsqueeze(1).expand_as(i)[used]
-            keep_all[rows_global, i[used]] = True
-            keep_all[rows_global, j[used]] = False
+            local = r.unsqueeze(1).expand_as(i)[used]
+            keep_now[local, i[used]] = True
+            keep_now[local, j[used]] = False
             idx = torch.cat([i.clamp_min(0), j.clamp_min(0)], 1)
             coef = torch.cat([-torch.gather(w[r], 1, idx[:, : i.shape[1]]), torch.gather(w[r], 1, idx[:, i.shape[1] :])], 1)
             coef = coef * torch.cat([used, used], 1)
-            residual[r] += torch.bmm(coef.unsqueeze(1), g[idx]).squeeze(1)
-            if not bool(accept.all()):
-                rows_left, residual = rows_left[accept], residual[accept]
-                w, squared, tolerance = w_all[rows_left], squared_all[rows_left], tolerance_all[rows_left]
-                local_rows = torch.arange(rows_left.shape[0], device=device)
-            continue
-        # cost of pruning kept j: 2 w_j r_j + w_j^2 G_jj; gain of reviving pruned i: 2 w_i r_i - w_i^2 G_ii;
-        # the pair also has the cross term -2 w_i w_j G_ij (all in _best_*). A row without an improving
-        # swap has nothing left to change, so it leaves the loop.
-        r = local_rows[accept]
-        i, j = revive[accept], prune[accept]
-        rows_global = rows_left[r]
-        keep_all[rows_global, i] = True
-        keep_all[rows_global, j] = False
-        residual[r] += w[r, j].unsqueeze(1) * g[j] - w[r, i].unsqueeze(1) * g[i]
+            # index_select, not g[idx]: the same rows of G, several times faster on CPU (profiled)
+            rows_of_g = g.index_select(0, idx.reshape(-1)).reshape(*idx.shape, columns)
+            residual[r] += torch.bmm(coef.unsqueeze(1), rows_of_g).squeeze(1)
+        else:
+            # cost of pruning kept j: 2 w_j r_j + w_j^2 G_jj; gain of reviving pruned i: 2 w_i r_i - w_i^2 G_ii;
+            # the pair also has the cross term -2 w_i w_j G_ij (all in _best_*).
+            i, j = revive[r], prune[r]
+            keep_now[r, i] = True
+            keep_now[r, j] = False
+            residual[r] += w[r, j].unsqueeze(1) * g.index_select(0, j) - w[r, i].unsqueeze(1) * g.index_select(0, i)
         if not bool(accept.all()):
-            rows_left, residual = rows_left[accept], residual[accept]
-            w, squared, tolerance = w_all[rows_left], squared_all[rows_left], tolerance_all[rows_left]
-            local_rows = torch.arange(rows_left.shape[0], device=device)
+            done = torch.nonzero(~accept).squeeze(1)
+            keep_all[rows_left[done]] = keep_now[done]
+            rows_left, residual, keep_now = rows_left[r], residual[r], keep_now[r]
+            w, squared, tolerance = w[r], squared[r], tolerance[r]
+            kept_count, pruned_count = kept_count[r], pruned_count[r]
+    keep_all[rows_left] = keep_now
     return keep_all
 
 
@@ -298,15 +296,17 @@ def _choose(single: Tensor, revive1: Tensor, prune1: Tensor, w, residual, g, rev
     return torch.minimum(best_prefix, single), chosen_revive, chosen_prune
 
 
-def _best_swap(w: Tensor, keep: Tensor, residual: Tensor, g: Tensor, squared: Tensor, k: int, batch: int = 1):
+def _best_swap(w: Tensor, keep: Tensor, residual: Tensor, g: Tensor, squared: Tensor, k: int, batch: int = 1,
+               counts: tuple[int, int] | None = None):
+    """`counts`: the fewest kept and pruned weights of any row (computed from `keep` when not given)."""
     rows = w.shape[0]
-    cost = 2 * w * residual + squared  # added error when a kept weight is pruned
-    gain = 2 * w * residual - squared  # removed error when a pruned weight is revived
+    twice = 2 * w * residual
     inf = torch.tensor(float("inf"), dtype=w.dtype, device=w.device)
-    cost = torch.where(keep, cost, inf)
-    gain = torch.where(keep, -inf, gain)
-    k_keep = min(k, int(keep.sum(1).min()))
-    k_pruned = min(k, int((~keep).sum(1).min()))
+    cost = torch.where(keep, twice + squared, inf)  # added error when a kept weight is pruned
+    gain = torch.where(keep, -inf, twice - squared)  # removed error when a pruned weight is revived
+    if counts is None:
+        counts = (int(keep.sum(1).min()), int((~keep).sum(1).min()))
+    k_keep, k_pruned = min(k, counts[0]), min(k, counts[1])
     if k_keep == 0 or k_pruned == 0:
         empty = torch.zeros(rows, dtype=torch.long, device=w.device)
         return torch.zeros(rows, dtype=w.dtype, device=w.device), empty, empty
@@ -331,8 +331,9 @@ def _best_nm_swap(w: Tensor, keep: Tensor, residual: Tensor, g: Tensor, squared:
     rows, columns = w.shape
     _, m = nm
     blocks = columns // m
-    cost = (2 * w * residual + squared).reshape(rows, blocks, m)
-    gain = (2 * w * residual - squared).reshape(rows, blocks, m)
+    twice = 2 * w * residual
+    cost = (twice + squared).reshape(rows, blocks, m)
+    gain = (twice - squared).reshape(rows, blocks, m)
     kept = keep.reshape(rows, blocks, m)
     w3 = w.reshape(rows, blocks, m)
     # G restricted to each block: [blocks, m, m]
