@@ -52,6 +52,7 @@ EMBEDDED_CONFIG = {
     "intermediate_size": 1536, "vocab_size": 49152, "tie_word_embeddings": True,
 }
 EMBEDDED_UNPACK_SECONDS = 20.0  # converting the GGUF once (BENCHMARK.md: about 18 s)
+SECOND_ORDER_PASSES = 1.3  # the second-order pass against a calibration pass (benchmarks/bench_reuse.py: 134.6 vs 105.4 s)
 
 # BENCHMARK.md: 32 x 512 calibration windows take about 20 s on SmolLM2-135M (134.5M parameters,
 # 2 FLOP per parameter and token) on 2 cores; the fallback when no throughput can be measured.
@@ -148,9 +149,11 @@ def ask_answers(
     same_preset = previous is not None and previous.preset == preset
     sparsity = ask_sparsity(prompter, previous.sparsity if previous else preset_config.sparsity)
     pattern = ask_pattern(prompter, sparsity, previous.pattern if same_preset else preset_config.pattern)
+    run_config = resolve({"sparsity": sparsity, "pattern": pattern}, presets[preset])
     nsamples = ask_nsamples(
         prompter, previous.nsamples if same_preset else int(presets[preset].calibration.get("nsamples", DEFAULT_NSAMPLES)),
         parameters, kind == EMBEDDED and not embedded_ready(cache_dir), seqlen,
+        second_order=bool(run_config.refine or run_config.update),
     )
     chosen_data = data or str(presets[preset].calibration.get("data", CALIBRATION_TEXT))
     suggested = default_out(preset, sparsity, pattern)
@@ -227,14 +230,15 @@ def ask_pattern(prompter: Prompter, sparsity: float, default: str) -> str:
     return prompter.select("Sparsity pattern:", choices=choices, default=default if default in allowed else "unstructured")
 
 
-def ask_nsamples(prompter: Prompter, default: int, parameters: int | None, unpack: bool, seqlen: int = SEQLEN) -> int:
+def ask_nsamples(
+    prompter: Prompter, default: int, parameters: int | None, unpack: bool, seqlen: int = SEQLEN, second_order: bool = False
+) -> int:
     from questionary import Choice
 
     choices = []
     for windows in sorted({*NSAMPLES_CHOICES, default}):
-        estimate = estimate_text(pass_seconds(parameters, windows, seqlen)) if parameters else "time unknown"
-        note = " (the benchmark size)" if windows == DEFAULT_NSAMPLES else ""
-        choices.append(Choice(f"{windows:>3} windows x {seqlen} tokens{note}: {estimate}", value=windows))
+        choices.append(Choice(f"{windows:>3} windows x {seqlen} tokens{' (the benchmark size)' if windows == DEFAULT_NSAMPLES else ''}: "
+                              f"{calibration_estimate(parameters, windows, seqlen, second_order)}", value=windows))
     instruction = "(estimated at this machine's current speed; instant when cached"
     instruction += f"; +{format_seconds(EMBEDDED_UNPACK_SECONDS)} once to unpack the embedded model)" if unpack else ")"
     return prompter.select("Calibration size:", choices=choices, default=default, instruction=instruction)
@@ -416,6 +420,18 @@ def pass_seconds(parameters: int | None, windows: int, seqlen: int = SEQLEN) -> 
     if not parameters:
         return 0.0
     return windows * seqlen * 2.0 * parameters / machine_flops()
+
+
+def calibration_estimate(parameters: int | None, windows: int, seqlen: int, second_order: bool) -> str:
+    """The calibration's cost in words; a preset that refines or updates also collects the second-order
+    statistics once: SECOND_ORDER_PASSES calibration passes more."""
+    if not parameters:
+        return "time unknown"
+    seconds = pass_seconds(parameters, windows, seqlen)
+    if not second_order:
+        return estimate_text(seconds)
+    return (f"{estimate_text(seconds * (1 + SECOND_ORDER_PASSES))} "
+            "(statistics, then the second-order statistics this preset's refine / update needs)")
 
 
 def estimate_text(seconds: float) -> str:

@@ -259,3 +259,22 @@ def test_ctrl_c_during_the_run_leaves_no_half_written_output_or_cache(
     assert list(isolated.iterdir()) == []  # neither the folder nor its hidden staging sibling
     entries = [entry for entry in (tmp_path / "cache" / "stats").iterdir()]
     assert all((entry / "manifest.json").is_file() for entry in entries)  # only complete entries
+
+
+def test_built_in_extra_presets_are_listed_with_their_trade_off(script):
+    """`wanda` (no PRIORITIES entry) is offered by name with its trade-off; it needs no second-order pass."""
+    presets = load_presets()
+    answers = wizard.ask_answers(script(ENTER, DOWN * 4 + ENTER, *[ENTER] * 5), presets=presets)
+    assert answers.preset == "wanda"
+    assert wizard.command_text(answers) == "hybridprune prune --preset wanda --sparsity 0.5 --out ./pruned-wanda-s0.5"
+    config = resolve({}, get_preset("wanda"))
+    assert config.prune_method == "wanda" and not config.refine and not config.update
+
+
+def test_calibration_estimate_counts_the_second_order_pass_when_the_preset_needs_it(monkeypatch):
+    monkeypatch.setattr(wizard, "machine_flops", lambda: 1e10)
+    plain = wizard.calibration_estimate(135_000_000, 32, 512, second_order=False)
+    both = wizard.calibration_estimate(135_000_000, 32, 512, second_order=True)
+    assert plain == "about 7 min 22 s"  # 32 x 512 tokens x 2 x 135M / 1e10 flop/s = 442 s
+    assert both.startswith("about 16 min ") and "second-order" in both  # x (1 + 1.3)
+    assert wizard.calibration_estimate(None, 32, 512, second_order=True) == "time unknown"
