@@ -575,13 +575,16 @@ def prune(
             calibration = calibrated_statistics(
                 loaded, request, cache, reporter, force=force,
                 mode=f"sequential:{config.digest}", after_layer=sequential_pruner(loaded, config),
+                second_order=config.needs_second_order,
             )
             replay = calibration.reused or bool(streaming)  # the cached sequential statistics replay the same masks
+            if config.needs_second_order:  # the pass's own second-order sums (pruned inputs), in the same entry
+                hessians = calibration.stats
         else:
             if dense_stats is None:
                 dense_stats = calibrated_statistics(loaded, request, cache, reporter, force=force)
             calibration = dense_stats
-            if config.update or config.refine:
+            if config.needs_second_order:
                 if second_order is None:
                     second_order = calibrated_statistics(loaded, request, cache, reporter, force=force, mode=HESSIAN_MODE)
                 hessians = second_order.stats

@@ -78,7 +78,6 @@ UPDATE_MASKS = {"sweep": "masks chosen inside the OBS sweep from already-updated
 # what --refine cannot work with (PruneConfig.refine_conflict) and the one line that says so
 REFINE_CONFLICTS = {
     "--pattern structured": "--refine swaps weights inside rows; --pattern structured removes whole neurons: drop one of them",
-    "--sequential": "--refine works from the dense model's second-order statistics, --sequential from pruned inputs: use one of them",
     "--update-mask sweep": "--refine improves fixed masks; with --update the masks are chosen inside the sweep: add --update-mask fixed or drop --refine",
 }
 NM_ORDERS = {"spread": "MLP neurons permuted so each N:M group of down_proj mixes neuron scores", "none": "neurons in their order"}
@@ -189,16 +188,17 @@ class PruneConfig:
             raise UserError(f"--refine must be a number of swap steps per row in [0, 100000], got {self.refine}")
         if self.refine and self.refine_conflict():
             raise UserError(REFINE_CONFLICTS[self.refine_conflict()])
-        if self.sequential and self.update:
-            raise UserError("--update works from the dense model's second-order statistics, --sequential from pruned inputs: use one of them")
         return self
 
+    @property
+    def needs_second_order(self) -> bool:
+        """--update and --refine read the second-order statistics (dense, cached; or from --sequential's pass)."""
+        return bool(self.update or self.refine)
+
     def refine_conflict(self) -> str:
-        """The choice that excludes swap refinement ('--sequential', ...), or '' when --refine can run."""
+        """The choice that excludes swap refinement ('--pattern structured', ...), or '' when --refine can run."""
         if self.pattern.strip().lower() == "structured":  # no parse: a bad pattern is validate's to report
             return "--pattern structured"
-        if self.sequential:
-            return "--sequential"
         if self.update and self.update_mask == "sweep":
             return "--update-mask sweep"
         return ""

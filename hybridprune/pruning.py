@@ -110,7 +110,6 @@ def plan_layers(
     """
     layers = adapter.layers(model)
     pruned = config.pruned_layers(len(layers))
-    attention_method, mlp_method = config.module_methods()
     if config.layer_spread and len(pruned) > 1:
         sizes = torch.tensor(
             [sum(linear.weight.numel() for linear in adapter.linears(layers[i]).values()) for i in pruned],
@@ -120,24 +119,27 @@ def plan_layers(
         targets = allocate_sparsity(importance, sizes, config.sparsity, config.layer_spread)
     else:
         targets = torch.full((len(pruned),), config.sparsity, dtype=torch.float64)
-    plans = {}
-    for index, target in zip(pruned, targets.tolist()):
-        plans[index] = LayerPlan(
-            attention_method=attention_method,
-            mlp_method=mlp_method,
-            attention_sparsity=target if attention_method != registry.NONE else 0.0,
-            mlp_sparsity=target,
-            pattern=config.pattern,
-            weight_exp=config.weight_exp,
-            qk_shift=clamp_shift(config.qk_shift, target),
-            row_bound=config.nr_row_bound,
-            update=config.update,
-            update_mask=config.update_mask,
-            nm_order=config.nm_order,
-            refine=config.refine,
-            gram_offdiag=config.gram_offdiag,
-        )
-    return plans
+    return {index: layer_plan(config, target) for index, target in zip(pruned, targets.tolist())}
+
+
+def layer_plan(config: PruneConfig, target: float) -> LayerPlan:
+    """One pruned layer's plan at sparsity `target` (the whole run's config otherwise)."""
+    attention_method, mlp_method = config.module_methods()
+    return LayerPlan(
+        attention_method=attention_method,
+        mlp_method=mlp_method,
+        attention_sparsity=target if attention_method != registry.NONE else 0.0,
+        mlp_sparsity=target,
+        pattern=config.pattern,
+        weight_exp=config.weight_exp,
+        qk_shift=clamp_shift(config.qk_shift, target),
+        row_bound=config.nr_row_bound,
+        update=config.update,
+        update_mask=config.update_mask,
+        nm_order=config.nm_order,
+        refine=config.refine,
+        gram_offdiag=config.gram_offdiag,
+    )
 
 
 def prune_layer(
@@ -417,17 +419,19 @@ def finish_structured(loaded: LoadedModel, config: PruneConfig) -> None:
 
 
 def sequential_pruner(loaded: LoadedModel, config: PruneConfig):
-    """The after_layer callback of sequential calibration: prune each layer right after its statistics."""
+    """The after_layer callback of sequential calibration: prune each layer right after its statistics.
+
+    With --update / --refine the sequential pass collects each layer's second-order sums as well, from
+    the same pruned inputs (SparseGPT's order), and the layer is updated / refined from them.
+    """
     scoring = neuron_scoring(config)
     pruned = set(config.pruned_layers(loaded.num_layers))
-    attention_method, mlp_method = config.module_methods()
-    plan = LayerPlan(attention_method, mlp_method, config.sparsity if attention_method != registry.NONE else 0.0,
-                     config.sparsity, config.pattern, config.weight_exp, clamp_shift(config.qk_shift, config.sparsity),
-                     row_bound=config.nr_row_bound, nm_order=config.nm_order)
+    plan = layer_plan(config, config.sparsity)
+    second_order = config.needs_second_order
 
     def prune_now(index: int, layer: nn.Module, stats: CalibrationStats) -> None:
         if index in pruned:
-            prune_layer(layer, index, loaded.adapter, stats, plan, scoring)
+            prune_layer(layer, index, loaded.adapter, stats, plan, scoring, stats if second_order else None, config.update_shrink)
 
     return prune_now
 

@@ -73,7 +73,8 @@ def test_a_presets_refine_gives_way_to_choices_it_cannot_work_with():
 
     balanced = get_preset("balanced")
     assert resolve({}, balanced).refine > 0  # the default refines its masks
-    for explicit, reason in (({"pattern": "structured"}, "--pattern structured"), ({"sequential": True}, "--sequential"),
+    assert resolve({"sequential": True}, balanced).refine > 0  # --sequential refines from its own second-order sums
+    for explicit, reason in (({"pattern": "structured"}, "--pattern structured"),
                              ({"update": True, "update_mask": "sweep"}, "--update-mask sweep")):
         config = resolve(explicit, balanced)
         assert config.refine == 0

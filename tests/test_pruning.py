@@ -143,3 +143,38 @@ def test_sequential_calibration_prunes_on_pruned_inputs(calibrated, tiny_cache_d
     assert report.total.sparsity == pytest.approx(0.5, abs=1e-3)
     assert torch.equal(sequential_stats.sumsq(0, "attn_in"), dense_stats.sumsq(0, "attn_in"))
     assert not torch.allclose(sequential_stats.sumsq(1, "attn_in"), dense_stats.sumsq(1, "attn_in"))
+
+
+@pytest.mark.parametrize("knobs", [dict(update=True), dict(refine=5), dict(update=True, refine=5, pattern="2:4")])
+def test_sequential_second_order_comes_from_pruned_inputs_and_replays(calibrated, tiny_cache_dir: Path, knobs):
+    """--sequential with --update / --refine: each layer's x x^T is collected from the pruned layers before it
+    (layer 0 sees the dense inputs, layer 1 does not), in the same entry as the first-order statistics; pruning
+    the dense model again from that entry (the cached replay) gives the same weights."""
+    from hybridprune.pruning import sequential_pruner
+
+    folder, cache_dir, _ = calibrated
+    loaded = load_model(str(folder), cache_dir=cache_dir)
+    windows = torch.randint(0, loaded.model.config.vocab_size, (6, 32), generator=torch.Generator().manual_seed(0))
+    dense_second = collect_statistics(loaded.model, loaded.adapter, windows, CollectionOptions(topics=4, q_active=0.8),
+                                      batch_size=4, hessians=True)
+    config = PruneConfig(prune_method="hybrid", sequential=True, **knobs).validate()
+    entry = collect_statistics(
+        loaded.model, loaded.adapter, windows, CollectionOptions(topics=4, q_active=0.8), batch_size=4,
+        after_layer=sequential_pruner(loaded, config), hessians=True,
+    )
+    assert entry.sumsq(1, "attn_in").shape == dense_second.inverse_factor(1, "attn_in")[0].shape[:1]  # both kinds there
+    assert torch.equal(entry.inverse_factor(0, "attn_in")[0], dense_second.inverse_factor(0, "attn_in")[0])
+    assert not torch.allclose(entry.inverse_factor(1, "attn_in")[0], dense_second.inverse_factor(1, "attn_in")[0])
+    report = sparsity_report(loaded.model, loaded.adapter)
+    assert report.total.sparsity == pytest.approx(0.5, abs=1e-3)
+    sequential_weights = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
+
+    replayed = load_model(str(folder), cache_dir=cache_dir)
+    prune_model(replayed, entry, config, SilentReporter(), hessians=entry)
+    for name, parameter in replayed.model.named_parameters():
+        assert torch.equal(parameter, sequential_weights[name]), name
+    if config.update:  # the update moved kept weights: not just the dense weights under a mask
+        dense = load_model(str(folder), cache_dir=cache_dir).model.state_dict()
+        name = "model.layers.1.mlp.down_proj.weight"
+        kept = sequential_weights[name] != 0
+        assert not torch.allclose(sequential_weights[name][kept], dense[name][kept])

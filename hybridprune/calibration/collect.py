@@ -117,6 +117,21 @@ def hessian_observer(adapter: FamilyAdapter, finished: dict[str, Tensor]) -> Cal
     return observe
 
 
+def combined(observers: list[Callable[[int, nn.Module], Callable[[], None]]]) -> Callable[[int, nn.Module], Callable[[], None]]:
+    """Several observers over the same pass (their hooks on the same layer, removed together)."""
+
+    def observe(index: int, layer: nn.Module) -> Callable[[], None]:
+        removers = [observer(index, layer) for observer in observers]
+
+        def remove() -> None:
+            for remover in removers:
+                remover()
+
+        return remove
+
+    return observe
+
+
 def collect_statistics(
     model: nn.Module,
     adapter: FamilyAdapter,
@@ -133,7 +148,9 @@ def collect_statistics(
 ) -> CalibrationStats:
     """One pass over `windows` [N, seqlen]; with `after_layer` it is the sequential (pruned-inputs) mode.
 
-    With `hessians` the pass collects the second-order sums x x^T that --update needs instead.
+    With `hessians` the pass collects the second-order sums x x^T that --update / --refine need: instead of
+    the first-order statistics in the dense pass, as well as them in the sequential one (the callback then
+    updates each layer from its pruned inputs).
     `anchor` (a shard's run: the first batch of all windows, see shards.shard_windows) is the batch
     that tau and the topic centroids are fitted on instead of the first batch of `windows`; it is
     run through every layer but not counted. `store`: layers are loaded one at a time (streaming).
@@ -141,13 +158,13 @@ def collect_statistics(
     if anchor is not None and after_layer is not None:
         raise ValueError("sequential calibration prunes with the statistics collected so far: it cannot be sharded")
     tensors: dict[str, Tensor] = {"tokens": torch.tensor(float(windows.numel()), dtype=torch.float64)}
-    if hessians and (anchor is not None or after_layer is not None):
-        raise ValueError("second-order statistics are collected on the dense model, in one piece")
-    observer = (
-        hessian_observer(adapter, tensors)
-        if hessians
-        else statistics_observer(adapter, windows.shape[0], options, tensors, anchored=anchor is not None)
-    )
+    if hessians and anchor is not None:
+        raise ValueError("second-order statistics are collected in one piece")
+    observers = [] if hessians and after_layer is None else [
+        statistics_observer(adapter, windows.shape[0], options, tensors, anchored=anchor is not None)]
+    if hessians:
+        observers.append(hessian_observer(adapter, tensors))
+    observer = observers[0] if len(observers) == 1 else combined(observers)
 
     def after(index: int, layer: nn.Module) -> None:
         if after_layer is not None:

@@ -78,6 +78,7 @@ def calibrated_statistics(
     force: bool = False,
     mode: str = "dense",
     after_layer: Callable[[int, nn.Module, CalibrationStats], None] | None = None,
+    second_order: bool = False,
     shard: ShardSpec | None = None,
     world: World | None = None,
 ) -> CalibrationResult:
@@ -87,8 +88,11 @@ def calibrated_statistics(
     and then reuses the result instead of calibrating twice. With `shard` only that shard's
     windows are calibrated, into a partial entry (see cache.merge_shard_entries). With `world`
     (torchrun) each rank calibrates its shard, the statistics are reduced, and rank 0 alone
-    writes the entry, once every rank has contributed.
+    writes the entry, once every rank has contributed. `second_order` (sequential mode only: `after_layer`)
+    collects each layer's second-order sums from the pruned inputs too, into the same entry.
     """
+    if second_order and after_layer is None:
+        raise ValueError("second_order goes with a sequential pass (after_layer); the dense entry is mode=HESSIAN_MODE")
     if (shard is not None or world is not None) and after_layer is not None:
         raise UserError("sequential calibration cannot be sharded: it prunes with the statistics collected so far")
     hessians = mode == HESSIAN_MODE
@@ -139,7 +143,8 @@ def calibrated_statistics(
                 "collect   second-order sums x x^T of every Linear's inputs (for --update)"
                 if hessians
                 else f"collect   Wanda norms (attention + MLP) and NeuronRank doc / topic (k={request.topics}) / old "
-                f"(q_active={request.q_active})" + ("" if mode == "dense" else "  [sequential]"),
+                f"(q_active={request.q_active})" + ("" if mode == "dense" else "  [sequential]")
+                + ("  + second-order sums" if second_order else ""),
                 *([] if part is None else [_shard_line(part, windows.shape[0], world)]),
             ],
         )
@@ -155,7 +160,7 @@ def calibrated_statistics(
                 on_batch=lambda _layer, _batch: (advance(1), time.sleep(test_delay)),
                 anchor=anchor,
                 store=loaded.stream,
-                hessians=hessians,
+                hessians=hessians or second_order,
             )
         if world is not None:
             stats = world.reduce_statistics(stats)  # every rank waits here for all the others
