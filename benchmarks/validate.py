@@ -179,7 +179,7 @@ class Bench:
         self.dense = {(i, n): lin.weight.detach().clone() for i, layer in enumerate(self.layers)
                       for n, lin in self.adapter.linears(layer).items()}
         self._stats: dict[int, CalibrationStats] = {}
-        self._hessians: CalibrationStats | None = None
+        self._hessians: dict[int, CalibrationStats] = {}  # per calibration seed, like the statistics
 
     def _file(self, what: str, seed: int) -> Path:
         s = self.spec
@@ -211,10 +211,10 @@ class Bench:
     def hessians(self, seed: int = 0) -> CalibrationStats:
         from safetensors.torch import load_file, save_file
 
-        if self._hessians is None:
+        if seed not in self._hessians:
             path = self._file("hessians", seed)
             if path.exists():
-                self._hessians = CalibrationStats(load_file(str(path)))
+                self._hessians[seed] = CalibrationStats(load_file(str(path)))
             else:
                 t = time.time()
                 with torch.no_grad():
@@ -222,8 +222,8 @@ class Bench:
                                            CollectionOptions(topics=TOPICS, q_active=Q_ACTIVE, seed=seed), hessians=True)
                 log(f"[{self.name}] second-order statistics: {time.time() - t:.0f}s")
                 save_file({k: v.contiguous() for k, v in h.tensors.items()}, str(path))
-                self._hessians = h
-        return self._hessians
+                self._hessians[seed] = h
+        return self._hessians[seed]
 
     def eval_ids(self, domain: str, half: str) -> torch.Tensor:
         from safetensors.torch import load_file, save_file
@@ -251,7 +251,7 @@ class Bench:
         if config is None:
             return
         stats = self.stats(seed)
-        hessians = self.hessians() if config.update or config.refine else None
+        hessians = self.hessians(seed) if config.needs_second_order else None
         plans = plan_layers(self.model, self.adapter, stats, config)
         scoring = neuron_scoring(config)
         for index, layer in enumerate(self.layers):
