@@ -401,6 +401,7 @@ def report() -> None:
     md = md.replace("{{TEST_TABLE}}", fmt_table(out["test"], HEADLINE, models))
     md = md.replace("{{HEADLINE}}", headline(out["test"], HEADLINE, models))
     md = md.replace("{{GOALS}}", goals)
+    md = md.replace("{{SEEDS}}", seed_lines(rows, SEEDED, models))
     md = md.replace("{{CALIBRATION}}", CALIBRATION)
     choices = ROOT / "benchmarks" / "validation_choices.md"
     md = md.replace("{{CHOICES}}", choices.read_text().strip() if choices.exists() else "(not written yet)")
@@ -408,6 +409,31 @@ def report() -> None:
     md = md.replace("{{DOMAINS}}", "\n".join(f"| `{d}` | {len(domain_texts(d)[0]):,} | {len(domain_texts(d)[1]):,} | `{fingerprint(d)}` |" for d in DOMAINS))
     (DOCS / "validation.md").write_text(md)
     log("wrote docs/validation.md and docs/validation.json")
+
+
+SEEDED = ["wanda", "balanced", "quality"]
+
+
+def seed_lines(rows: list[dict], names: list[str], models: list[str], half: str = "test") -> str:
+    """Per model and configuration, over the calibration seeds measured (each against the same seed's Wanda):
+    the mean ratio's mean +- standard deviation, and the worst ratio of any seed."""
+    lines = ["| model | config | seeds | mean ratio (mean +- std over seeds) | worst ratio (max over seeds) |",
+             "|---|---|---|---|---|"]
+    for model in models:
+        seeds = sorted({r["seed"] for r in rows if r["model"] == model and r["half"] == half and calibration_of(r) == CALIBRATION})
+        for name in names:
+            means, worsts, used = [], [], []
+            for seed in seeds:
+                r = ratios(table(rows, model, half, seed), name, list(DOMAINS))
+                if r is not None:
+                    means.append(statistics.mean(r.values()))
+                    worsts.append(max(r.values()))
+                    used.append(seed)
+            if len(used) < 2:
+                continue
+            lines.append(f"| {model} | {name} | {', '.join(map(str, used))} | {statistics.mean(means):.3f} +- "
+                         f"{statistics.stdev(means):.3f} | {max(worsts):.3f} |")
+    return "\n".join(lines) if len(lines) > 2 else "(fewer than two seeds measured)"
 
 
 def headline(s: dict, names: list[str], models: list[str]) -> str:
