@@ -156,9 +156,9 @@ def prune_layer(
 
     With `hessians` (the second-order entry: per input group, the factor of (x x^T)^-1) and plan.update the kept
     weights are updated to compensate for the pruned ones; the Linears that read the same inputs (q/k/v,
-    gate/up) are updated together, as one matrix with one factorization. plan.update_mask "sweep" (default)
-    chooses the masks inside that sweep on the already-updated weights (methods/obs.py), "fixed" applies the
-    hybrid's masks and updates around them (methods/reconstruct.py). plan.refine > 0 (needs `hessians`, the
+    gate/up) are updated together, as one matrix with one factorization. plan.update_mask "fixed" (default)
+    applies the hybrid's masks and updates around them (methods/reconstruct.py), "sweep" chooses the masks
+    inside that sweep on the already-updated weights (methods/obs.py). plan.refine > 0 (needs `hessians`, the
     Gram comes from the cached factor) improves the hybrid's masks by swaps before they are applied.
     plan.nm_order "spread" (N:M with NeuronRank) permutes the MLP neurons first (the same function).
     """
