@@ -99,6 +99,13 @@ def configs() -> dict[str, PruneConfig]:
         "conservative": preset("conservative"),
         "fast": preset("fast"),
     }
+    # 2:4 (issue 12's pattern on this protocol): each ratio is against Wanda at 2:4 (`report` pairs them)
+    c["wanda@2:4"] = preset("wanda", pattern="2:4")
+    c["wanda+update@2:4"] = preset("wanda", pattern="2:4", update=True)
+    c["balanced@2:4"] = preset("balanced", pattern="2:4")
+    c["quality@2:4"] = preset("quality", pattern="2:4")
+    c["balanced@2:4:off1"] = preset("balanced", pattern="2:4", gram_offdiag=1.0)
+    c["quality@2:4:off1"] = preset("quality", pattern="2:4", gram_offdiag=1.0)
     # session 3's presets (session 4 measured them on the new calibration text before they changed)
     c["balanced@s3"] = B()
     c["quality@s3"] = B(update=True)
@@ -330,13 +337,19 @@ def table(rows: list[dict], model: str, half: str, seed: int = 0) -> dict[tuple[
     return out
 
 
+def reference_of(name: str) -> str:
+    """The Wanda row a configuration is compared with: Wanda at the same N:M pattern (`NAME@2:4...`)."""
+    return "wanda@2:4" if "@2:4" in name else "wanda"
+
+
 def ratios(t: dict, name: str, domains: list[str]) -> dict[str, float] | None:
-    """Loss ratio vs Wanda per domain: (ppl - dense) / (ppl_wanda - dense)."""
+    """Loss ratio vs Wanda (at the same pattern) per domain: (ppl - dense) / (ppl_wanda - dense)."""
     out = {}
+    wanda = reference_of(name)
     for d in domains:
-        if (name, d) not in t or ("dense", d) not in t or ("wanda", d) not in t:
+        if (name, d) not in t or ("dense", d) not in t or (wanda, d) not in t:
             return None
-        out[d] = (t[(name, d)] - t[("dense", d)]) / (t[("wanda", d)] - t[("dense", d)])
+        out[d] = (t[(name, d)] - t[("dense", d)]) / (t[(wanda, d)] - t[("dense", d)])
     return out
 
 
