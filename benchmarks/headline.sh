@@ -2,7 +2,7 @@
 # Headline rows on the BENCHMARK.md protocol (wiki-vital test split, 64 x 512; calibration 32 x 512 of the
 # wiki-vital calibration split, hence --data wiki-vital: the product's default calibration text is now
 # wiki-vital+code) with the presets as they are.
-# Reproduce: bash benchmarks/headline.sh   (about 40 minutes here on 1 thread; writes runs/headline/eval.json;
+# Reproduce: bash benchmarks/headline.sh   (about 30 minutes here on 1 thread; writes runs/headline/eval.json;
 #   each NAME.json holds the run's summary, including its prune time)
 set -e
 cd "$(dirname "$0")/.."
