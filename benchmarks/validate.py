@@ -426,7 +426,7 @@ def fmt_table(s: dict, names: list[str], models: list[str], domains: tuple[str, 
 
 
 HEADLINE = ["wanda", "wanda+update", "wanda+qk0.1", "balanced@s3", "quality@s3", "balanced", "quality",
-            "conservative", "fast"]
+            "conservative", "fast", "wanda@2:4", "wanda+update@2:4", "balanced@2:4", "quality@2:4"]
 
 
 def report() -> None:
