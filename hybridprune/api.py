@@ -555,7 +555,7 @@ def prune(
         out_path = check_output_folder(out_path, loaded.folder, overwrite)
     if pre_calibrate:
         dense_stats = calibrated_statistics(loaded, request, cache, reporter, force=force)
-        if any(config.update or config.refine for config in configs):
+        if any(config.needs_second_order and not config.sequential for config in configs):
             second_order = calibrated_statistics(loaded, request, cache, reporter, force=force, mode=HESSIAN_MODE)
         if loaded.stream is not None:  # it streamed: now the whole model, to prune in memory
             del loaded

@@ -511,7 +511,8 @@ def run_record(
 ) -> dict[str, Any]:
     """What one pruning run did (`calibration`, `second_order`: session.CalibrationResult): saved as
     hybridprune.json, printed by --json, read back by `eval` (read_metadata)."""
-    update = {"key": second_order.key.digest, "reused": second_order.reused} if config.update and second_order else None
+    used = config.needs_second_order and second_order is not None  # --update and --refine both read it
+    entry = {"key": second_order.key.digest, "reused": second_order.reused} if used else None
     return {
         "method": config.method_label(),
         "sparsity": config.sparsity,
@@ -524,5 +525,5 @@ def run_record(
         "achieved": report.to_dict(),
         "source_model": source,
         "dense_intermediate_size": dense_width,
-        **({"second_order_statistics": update} if update else {}),
+        **({"second_order_statistics": entry} if entry else {}),
     }

@@ -81,8 +81,11 @@ def test_update_collects_second_order_statistics_once_for_every_sparsity_and_pre
     assert update_run("--preset", "quality", "--topics", "3") == {**first, "reused": True}  # topics do not change x x^T
     calibrated = json.loads(invoke(setup, "calibrate", "--data", str(setup["text"]), *SMALL, "--hessians", *own_inputs, "--json").stdout)
     assert calibrated["reused"] and calibrated["hessians"]["key"] == first["key"] and calibrated["hessians"]["reused"]
+    # the default preset refines its masks from the same entry, and says so; a preset that neither refines nor updates does not
+    assert json.loads(invoke(setup, "prune", "--data", str(setup["text"]), *SMALL, *own_inputs, "--json").stdout
+                      )["runs"][0]["second_order_statistics"] == {**first, "reused": True}
     assert "second_order_statistics" not in json.loads(
-        invoke(setup, "prune", "--data", str(setup["text"]), *SMALL, *own_inputs, "--json").stdout
+        invoke(setup, "prune", "--data", str(setup["text"]), *SMALL, *own_inputs, "--preset", "wanda", "--json").stdout
     )["runs"][0]
 
 
