@@ -273,7 +273,7 @@ def _rows_of_g_combined(g: Tensor, w: Tensor, r: Tensor, revive: Tensor, prune: 
 
     As a sparse (CSR, only the used slots) times dense product: it reads the rows of G it needs without
     materialising them per row first (index_select + bmm made a [rows, 2T, columns] copy: for Qwen's
-    down_proj, 1536 x 8 x 8960 floats per step; measured 4.5x slower, `benchmarks/research/refine_speed.py`).
+    down_proj, 1536 x 8 x 8960 floats per step; 0.32 s against 0.09 s, `benchmarks/research/refine_residual_update.py`).
     """
     rows = r.shape[0]
     columns = torch.cat([revive, prune], 1)
