@@ -105,6 +105,11 @@ def configs() -> dict[str, PruneConfig]:
     c["wanda+update@2:4"] = preset("wanda", pattern="2:4", update=True)
     c["balanced@2:4"] = preset("balanced", pattern="2:4")
     c["quality@2:4"] = preset("quality", pattern="2:4")
+    # the default presets with one knob changed (session 6: chosen on both models' validation halves)
+    for name in ("balanced", "quality"):
+        c[f"{name}:refine0"] = preset(name, refine=0)
+        for a in (0.25, 1.0):
+            c[f"{name}:off{a}"] = preset(name, gram_offdiag=a)
     c["balanced@2:4:off1"] = preset("balanced", pattern="2:4", gram_offdiag=1.0)
     c["quality@2:4:off1"] = preset("quality", pattern="2:4", gram_offdiag=1.0)
     # session 3's presets (session 4 measured them on the new calibration text before they changed)
@@ -521,10 +526,14 @@ def main() -> None:
     parser.add_argument("--domains", default=",".join(DOMAINS))
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--windows", type=int, help="evaluation windows per domain half (default: the model's protocol; "
+                        "rows are kept per window count)")
     parser.add_argument("--calibration", default=CALIBRATION, help="calibration text (a --data spec), default %(default)s")
     args = parser.parse_args()
     globals()["CALIBRATION"] = args.calibration
     seeds = [int(s) for s in args.seeds.split(",")]
+    if args.windows:
+        MODELS[args.model]["windows"] = args.windows
     if args.command == "run":
         run(args.model, args.configs.split(","), args.half, args.domains.split(","), seeds, args.threads)
     elif args.command == "report":

@@ -280,3 +280,32 @@ def test_refine_conflict_is_the_rule_validate_and_presets_share(fields, conflict
             PruneConfig(refine=10, **fields).validate()
     else:
         PruneConfig(refine=10, **fields).validate()
+
+
+@pytest.mark.parametrize("nm", [(2, 4), (1, 4), (4, 8)])
+def test_nm_refine_step_finds_the_best_swap_of_every_group(nm):
+    """The N:M search evaluates only (pruned, kept) pairs; a plain loop over every pair of every group agrees."""
+    from hybridprune.methods.obs import _NMSearch
+
+    n, m = nm
+    inputs = correlated_inputs(tokens=256, features=16, rank=4, seed=11)
+    gram = inputs.T @ inputs
+    weight = torch.randn(5, 16, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+    keep = mask_n_m(torch.rand(5, 16, generator=torch.Generator().manual_seed(13), dtype=torch.float64), n, m)
+    residual = (weight * ~keep) @ gram
+    search = _NMSearch(weight, keep, weight * weight * gram.diagonal(), gram, nm)
+    delta, revive, prune = search.best(weight, residual, gram, batch=1)
+    for row in range(5):
+        best = (float("inf"), -1, -1)
+        for start in range(0, 16, m):
+            for i in range(start, start + m):
+                for j in range(start, start + m):
+                    if keep[row, i] or not keep[row, j]:
+                        continue
+                    after = keep[row].clone()
+                    after[i], after[j] = True, False
+                    change = float(reconstruction_error(weight[row:row + 1], after.unsqueeze(0), gram)
+                                   - reconstruction_error(weight[row:row + 1], keep[row:row + 1], gram))
+                    best = min(best, (change, i, j))
+        assert float(delta[row]) == pytest.approx(best[0], rel=1e-9, abs=1e-9)
+        assert (int(revive[row]), int(prune[row])) == best[1:]
