@@ -331,8 +331,11 @@ def calibrate(
         streaming = choose_streaming(offload, model, dtype, on, root, reporter, layerwise=True)
         loaded = load_model(model, dtype=dtype, device=on, cache_dir=root, trust_remote_code=trust_remote_code, streaming=streaming)
         cache = StatsCache(root)
-        result = calibrated_statistics(loaded, request, cache, reporter, force=force, shard=part, world=world)
-        second = calibrated_statistics(loaded, request, cache, reporter, force=force, mode=HESSIAN_MODE) if hessians else None
+        result = calibrated_statistics(loaded, request, cache, reporter, force=force, shard=part, world=world,
+                                       with_second_order=hessians)
+        second = None
+        if hessians:
+            second = result.second_order or calibrated_statistics(loaded, request, cache, reporter, force=force, mode=HESSIAN_MODE)
     return CalibrateResult(
         key=result.key.digest,
         reused=result.reused,
@@ -554,9 +557,12 @@ def prune(
     if out_path is not None:
         out_path = check_output_folder(out_path, loaded.folder, overwrite)
     if pre_calibrate:
-        dense_stats = calibrated_statistics(loaded, request, cache, reporter, force=force)
-        if any(config.needs_second_order and not config.sequential for config in configs):
-            second_order = calibrated_statistics(loaded, request, cache, reporter, force=force, mode=HESSIAN_MODE)
+        needs_second_order = any(config.needs_second_order and not config.sequential for config in configs)
+        # one forward pass for both entries when both are missing
+        dense_stats = calibrated_statistics(loaded, request, cache, reporter, force=force, with_second_order=needs_second_order)
+        if needs_second_order:
+            second_order = dense_stats.second_order or calibrated_statistics(
+                loaded, request, cache, reporter, force=force, mode=HESSIAN_MODE)
         if loaded.stream is not None:  # it streamed: now the whole model, to prune in memory
             del loaded
             gc.collect()

@@ -162,7 +162,36 @@ def test_prune_on_a_cache_miss_calibrates_a_streamed_model(world, tmp_path, monk
 
     monkeypatch.setattr(session, "calibrated_statistics", spy)
     api.prune(model=str(world["model"]), data=str(world["text"]), cache_dir=tmp_path / "cache", sparsity=0.5, update=True, **SMALL)
-    assert streamed == [True, True]  # dense statistics, then the second-order entry
+    assert streamed == [True]  # one streamed pass: the dense statistics and the second-order entry together
+
+
+def test_a_first_run_needing_both_entries_makes_one_forward_pass_with_the_same_entries(world, tmp_path, monkeypatch):
+    """The default preset refines (second order): on an empty cache one pass collects both entries, the same
+    tensors two separate passes store; the run says it reused neither."""
+    from hybridprune.cache import StatsCache, StatsKey
+    from hybridprune.calibration import collect
+    from hybridprune.calibration.session import second_order_key
+
+    passes = []
+    real = collect.run_layerwise
+    monkeypatch.setattr(collect, "run_layerwise", lambda *args, **kwargs: (passes.append(1), real(*args, **kwargs))[1])
+    inputs = dict(model=str(world["model"]), data=str(world["text"]), **SMALL)
+    run = api.prune(cache_dir=tmp_path / "one", sparsity=0.5, refine=5, **inputs).to_dict()["runs"][0]
+    assert len(passes) == 1
+    assert not run["statistics_reused"] and not run["second_order_statistics"]["reused"]
+    passes.clear()
+    separate = api.calibrate(cache_dir=tmp_path / "two", **inputs)  # the first-order entry alone
+    second = api.calibrate(cache_dir=tmp_path / "two", hessians=True, **inputs).hessians  # then its own pass
+    assert len(passes) == 2 and second["key"] == run["second_order_statistics"]["key"]
+    keys = [StatsKey(**separate.inputs), second_order_key(StatsKey(**separate.inputs))]
+    for key in keys:
+        one, two = StatsCache(tmp_path / "one").load(key).tensors, StatsCache(tmp_path / "two").load(key).tensors
+        assert one.keys() == two.keys()
+        for name in one:
+            assert torch.equal(one[name], two[name]), name
+    # and a later run reuses both
+    again = api.prune(cache_dir=tmp_path / "one", sparsity=0.3, refine=5, **inputs).to_dict()["runs"][0]
+    assert again["statistics_reused"] and again["second_order_statistics"]["reused"] and len(passes) == 2
 
 
 def test_structured_heads_and_layers_through_the_api_load_in_plain_transformers(world):

@@ -145,12 +145,13 @@ def collect_statistics(
     anchor: Tensor | None = None,
     store: LayerStore | None = None,
     hessians: bool = False,
+    first_order: bool | None = None,
 ) -> CalibrationStats:
     """One pass over `windows` [N, seqlen]; with `after_layer` it is the sequential (pruned-inputs) mode.
 
     With `hessians` the pass collects the second-order sums x x^T that --update / --refine need: instead of
-    the first-order statistics in the dense pass, as well as them in the sequential one (the callback then
-    updates each layer from its pruned inputs).
+    the first-order statistics in the dense pass (unless `first_order`: both in one pass), as well as them in
+    the sequential one (the callback then updates each layer from its pruned inputs).
     `anchor` (a shard's run: the first batch of all windows, see shards.shard_windows) is the batch
     that tau and the topic centroids are fitted on instead of the first batch of `windows`; it is
     run through every layer but not counted. `store`: layers are loaded one at a time (streaming).
@@ -160,8 +161,9 @@ def collect_statistics(
     tensors: dict[str, Tensor] = {"tokens": torch.tensor(float(windows.numel()), dtype=torch.float64)}
     if hessians and anchor is not None:
         raise ValueError("second-order statistics are collected in one piece")
-    observers = [] if hessians and after_layer is None else [
-        statistics_observer(adapter, windows.shape[0], options, tensors, anchored=anchor is not None)]
+    if first_order is None:  # a dense second-order pass collects only those; every other pass the first order too
+        first_order = not hessians or after_layer is not None
+    observers = [statistics_observer(adapter, windows.shape[0], options, tensors, anchored=anchor is not None)] if first_order else []
     if hessians:
         observers.append(hessian_observer(adapter, tensors))
     observer = observers[0] if len(observers) == 1 else combined(observers)

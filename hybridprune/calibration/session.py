@@ -40,6 +40,8 @@ class CalibrationResult:
     reused: bool
     seconds: float
     entry: Path
+    second_order: CalibrationResult | None = None
+    """The second-order entry when the same pass collected it (calibrated_statistics(with_second_order=True))."""
 
 
 def dtype_name(model: nn.Module) -> str:
@@ -79,6 +81,7 @@ def calibrated_statistics(
     mode: str = "dense",
     after_layer: Callable[[int, nn.Module, CalibrationStats], None] | None = None,
     second_order: bool = False,
+    with_second_order: bool = False,
     shard: ShardSpec | None = None,
     world: World | None = None,
 ) -> CalibrationResult:
@@ -90,6 +93,8 @@ def calibrated_statistics(
     (torchrun) each rank calibrates its shard, the statistics are reduced, and rank 0 alone
     writes the entry, once every rank has contributed. `second_order` (sequential mode only: `after_layer`)
     collects each layer's second-order sums from the pruned inputs too, into the same entry.
+    `with_second_order` (dense mode): when this pass must run and the second-order entry is not cached either,
+    it collects both in one forward pass and stores them as their two entries (`result.second_order`).
     """
     if second_order and after_layer is None:
         raise ValueError("second_order goes with a sequential pass (after_layer); the dense entry is mode=HESSIAN_MODE")
@@ -100,8 +105,9 @@ def calibrated_statistics(
         raise UserError("second-order statistics (--hessians, --update) are not sharded: collect them in one process")
     request = request.for_model(loaded.model)
     windows, key = calibration_windows(loaded, request, cache.root)
+    dense_key = key
     if mode == HESSIAN_MODE:
-        key = StatsKey(**{**key.fields(), "mode": mode, "topics": 0, "q_active": 0.0})
+        key = second_order_key(key)
     elif mode != "dense":
         key = StatsKey(**{**key.fields(), "mode": mode})
     if shard is not None:
@@ -131,6 +137,10 @@ def calibrated_statistics(
             fit = windows[:FIT_WINDOWS]
             if min(request.batch_size, own.shape[0]) != fit.shape[0] or not torch.equal(own[: fit.shape[0]], fit):
                 anchor = fit  # fit tau and the topics on the same windows whatever the batch size
+        # the second-order sums in the same pass (not with a fit-only lead batch, nor split across processes)
+        both = (with_second_order and mode == "dense" and part is None and anchor is None
+                and (force or not cache.has(second_order_key(dense_key))))
+        second_order = second_order or both
         layers = loaded.num_layers
         # Tests only: seconds to sleep after each calibration batch, so that kill tests can land mid-calibration.
         test_delay = float(os.environ.get("HYBRIDPRUNE_TEST_SLOW_LAYER_S") or 0)
@@ -161,6 +171,7 @@ def calibrated_statistics(
                 anchor=anchor,
                 store=loaded.stream,
                 hessians=hessians or second_order,
+                first_order=True if both else None,
             )
         if world is not None:
             stats = world.reduce_statistics(stats)  # every rank waits here for all the others
@@ -173,9 +184,21 @@ def calibrated_statistics(
             info["shard"] = {"index": shard.index, "count": shard.count, "full_digest": key.full().digest}
         if world is not None:
             info["ranks"] = world.size
+        companion = None
+        if both:
+            stats, second = stats.split_second_order()
+            second_key = second_order_key(dense_key)
+            with cache.lock(second_key):
+                companion = CalibrationResult(second, second_key, False, seconds, cache.save(second_key, second, info))
         entry = cache.save(key, stats, info)
-        reporter.note(f"[green]✓[/] collected statistics for {layers} layers in {seconds:.1f}s")
-        return CalibrationResult(stats, key, False, seconds, entry)
+        what = "statistics and second-order statistics" if both else "statistics"
+        reporter.note(f"[green]✓[/] collected {what} for {layers} layers in {seconds:.1f}s")
+        return CalibrationResult(stats, key, False, seconds, entry, companion)
+
+
+def second_order_key(key: StatsKey) -> StatsKey:
+    """The second-order entry's key for a dense entry's inputs (topics and q_active do not change it)."""
+    return StatsKey(**{**key.fields(), "mode": HESSIAN_MODE, "topics": 0, "q_active": 0.0})
 
 
 def _shard_line(part: ShardSpec, total: int, world: World | None) -> str:

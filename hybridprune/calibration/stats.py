@@ -37,6 +37,7 @@ from hybridprune.methods.neuronrank import NeuronStats, assign_topics, kmeans_co
 from hybridprune.models.adapters import DOWN_IN, INPUT_GROUPS, MLP_IN  # noqa: F401 (INPUT_GROUPS re-exported)
 
 TOPIC_SAMPLE_TOKENS = 2048
+SECOND_ORDER_ENTRIES = (".inverse_factor", ".dead")
 PER_WINDOW_ENTRIES = (".nr.window_active", ".nr.window_tokens")
 COUNT_ENTRIES = ("nr.active_tokens", "nr.window_active", "nr.window_tokens", "nr.topic_active", "nr.topic_tokens")
 
@@ -62,6 +63,12 @@ class CalibrationStats:
         """A second-order entry's factor [n, n] (upper triangular) and dead-channel mask [n]."""
         prefix = f"layer.{layer}.{group}."
         return unpack_upper(self.tensors[prefix + "inverse_factor"]), self.tensors[prefix + "dead"]
+
+    def split_second_order(self) -> tuple[CalibrationStats, CalibrationStats]:
+        """(first-order, second-order) entries of a pass that collected both (each keeps the token count)."""
+        second = {name for name in self.tensors if name.endswith(SECOND_ORDER_ENTRIES)}
+        first = {name: t for name, t in self.tensors.items() if name not in second}
+        return CalibrationStats(first), CalibrationStats({"tokens": self.tensors["tokens"], **{n: self.tensors[n] for n in second}})
 
     def block(self, layer: int, name: str) -> float:
         """A block entry (cos_sum, delta_sumsq, input_sumsq) of one layer; KeyError on statistics without them."""
