@@ -52,7 +52,9 @@ EMBEDDED_CONFIG = {
     "intermediate_size": 1536, "vocab_size": 49152, "tie_word_embeddings": True,
 }
 EMBEDDED_UNPACK_SECONDS = 20.0  # converting the GGUF once (BENCHMARK.md: about 18 s)
-SECOND_ORDER_PASSES = 1.3  # the second-order pass against a calibration pass (benchmarks/bench_reuse.py: 134.6 vs 105.4 s)
+# what collecting the second-order statistics in the same pass adds, in calibration passes (0.64 / 0.60 measured,
+# benchmarks/research/one_pass.sh); alone, with the first-order entry cached, they cost 1.3-1.4 passes
+SECOND_ORDER_PASSES = 0.6
 
 # BENCHMARK.md: 32 x 512 calibration windows take about 20 s on SmolLM2-135M (134.5M parameters,
 # 2 FLOP per parameter and token) on 2 cores; the fallback when no throughput can be measured.
@@ -424,14 +426,14 @@ def pass_seconds(parameters: int | None, windows: int, seqlen: int = SEQLEN) -> 
 
 def calibration_estimate(parameters: int | None, windows: int, seqlen: int, second_order: bool) -> str:
     """The calibration's cost in words; a preset that refines or updates also collects the second-order
-    statistics once: SECOND_ORDER_PASSES calibration passes more."""
+    statistics once, in the same pass: SECOND_ORDER_PASSES calibration passes more."""
     if not parameters:
         return "time unknown"
     seconds = pass_seconds(parameters, windows, seqlen)
     if not second_order:
         return estimate_text(seconds)
     return (f"{estimate_text(seconds * (1 + SECOND_ORDER_PASSES))} "
-            "(statistics, then the second-order statistics this preset's refine / update needs)")
+            "(with the second-order statistics this preset's refine / update needs)")
 
 
 def estimate_text(seconds: float) -> str:
