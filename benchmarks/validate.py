@@ -110,6 +110,10 @@ def configs() -> dict[str, PruneConfig]:
         c[f"{name}:refine0"] = preset(name, refine=0)
         for a in (0.25, 1.0):
             c[f"{name}:off{a}"] = preset(name, gram_offdiag=a)
+    c["balanced@2:4:off0.25"] = preset("balanced", pattern="2:4", gram_offdiag=0.25)
+    c["quality@2:4:off0.25"] = preset("quality", pattern="2:4", gram_offdiag=0.25)
+    c["balanced@2:4:off0.5"] = preset("balanced", pattern="2:4", gram_offdiag=0.5)
+    c["quality@2:4:off0.5"] = preset("quality", pattern="2:4", gram_offdiag=0.5)
     c["balanced@2:4:off1"] = preset("balanced", pattern="2:4", gram_offdiag=1.0)
     c["quality@2:4:off1"] = preset("quality", pattern="2:4", gram_offdiag=1.0)
     # session 3's presets (session 4 measured them on the new calibration text before they changed)
@@ -356,8 +360,12 @@ def run(model: str, names: list[str], half: str, domains: list[str], seeds: list
 # ---------------------------------------------------------------- reporting
 
 def table(rows: list[dict], model: str, half: str, seed: int = 0) -> dict[tuple[str, str], float]:
-    """(config name, domain) -> ppl, for one model / half / seed; the latest row of a config digest wins."""
-    known = configs()
+    """(config name, domain) -> ppl, for one model / half / seed; the latest row of a config digest wins.
+    Rows count for every name whose configuration has their digest (measured as `balanced:off0.25`, a row is
+    `balanced`'s too once the defaults make them the same); a row whose digest no name has any more is stale."""
+    names_of: dict[str, list[str]] = {}
+    for name, config in configs().items():
+        names_of.setdefault(config.digest, []).append(name)
     out: dict[tuple[str, str], float] = {}
     for r in rows:
         if r["model"] != model or r["half"] != half or r["windows"] != MODELS[model]["windows"]:
@@ -365,10 +373,8 @@ def table(rows: list[dict], model: str, half: str, seed: int = 0) -> dict[tuple[
         if r["config"] != "dense" and calibration_of(r) != CALIBRATION:
             continue
         if r["config"] == "dense" or r["seed"] == seed:
-            name = r["config"]
-            if name != "dense" and (name not in known or known[name].digest != r["digest"]):
-                continue  # a configuration whose definition changed since: stale
-            out[(name, r["domain"])] = r["ppl"]
+            for name in ["dense"] if r["config"] == "dense" else names_of.get(r["digest"], []):
+                out[(name, r["domain"])] = r["ppl"]
     return out
 
 

@@ -260,6 +260,17 @@ def test_refine_needs_fixed_masks_with_update():
         PruneConfig(refine=10, gram_offdiag=1.5).validate()
 
 
+def test_gram_offdiag_defaults_by_pattern_and_an_explicit_default_is_the_same_configuration():
+    from hybridprune.config import GRAM_OFFDIAG
+
+    assert PruneConfig(refine=10).gram_weight == GRAM_OFFDIAG["unstructured"] == 0.25
+    assert PruneConfig(refine=10, pattern="2:4").gram_weight == GRAM_OFFDIAG["nm"] == 0.5
+    assert PruneConfig(refine=10, pattern="2:4", gram_offdiag=0.8).gram_weight == 0.8
+    assert PruneConfig(refine=10, gram_offdiag=0.25).digest == PruneConfig(refine=10).digest
+    assert PruneConfig(refine=10, gram_offdiag=0.5).digest != PruneConfig(refine=10).digest
+    assert PruneConfig(refine=10).to_dict()["gram_offdiag"] == 0.25  # the run record names what ran
+
+
 @pytest.mark.parametrize(
     ("fields", "conflict"),
     [

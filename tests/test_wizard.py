@@ -90,7 +90,7 @@ def test_quality_branch_picks_the_update(script):
     answers = wizard.ask_answers(script(ENTER, DOWN + ENTER, *[ENTER] * 5))
     assert answers.preset == "quality" and answers.out == "./pruned-quality-s0.5"
     config = resolve({}, get_preset(answers.preset))
-    assert config.hybrid_mlp_method == "neuronrank_tfidf" and config.update and config.refine > 0 and config.gram_offdiag < 1
+    assert config.hybrid_mlp_method == "neuronrank_tfidf" and config.update and config.refine > 0 and config.gram_weight < 1
     assert wizard.command_text(answers) == "hybridprune prune --preset quality --sparsity 0.5 --out ./pruned-quality-s0.5"
 
 

@@ -42,7 +42,7 @@ from hybridprune.cli.common import (
     handle_errors,
 )
 from hybridprune.cli.output import Output
-from hybridprune.config import DEFAULT_EVAL_WINDOWS, NM_ORDERS, UPDATE_MASKS, default_of
+from hybridprune.config import DEFAULT_EVAL_WINDOWS, GRAM_OFFDIAG, NM_ORDERS, UPDATE_MASKS, default_of
 from hybridprune.methods import registry
 
 
@@ -100,7 +100,8 @@ def prune(
     gram_offdiag: Annotated[
         OptFloat, typer.Option("--gram-offdiag", help="With --refine / --update: weight of the calibration Gram's off-diagonal "
                                "(1 = X^T X as calibrated, 0 = its diagonal only, Wanda's objective; default "
-                               f"{default_of('gram_offdiag')}). Below 1 the fit depends less on the calibration text.")
+                               f"{GRAM_OFFDIAG['unstructured']}, {GRAM_OFFDIAG['nm']} under N:M). Below 1 the fit depends less "
+                               "on the calibration text.")
     ] = None,
     heads_sparsity: Annotated[
         OptFloat, typer.Option("--heads-sparsity", help="With --pattern structured: remove this share of the query heads in every layer.")
