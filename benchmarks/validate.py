@@ -467,7 +467,7 @@ def report() -> None:
     log("wrote docs/validation.md and docs/validation.json")
 
 
-SEEDED = ["wanda", "balanced", "quality"]
+SEEDED = ["wanda", "balanced", "quality", "balanced:off0.5", "quality:off0.5"]  # off0.5: session 5's presets, the ones seeded
 
 
 def seed_lines(rows: list[dict], names: list[str], models: list[str], half: str = "test") -> str:
