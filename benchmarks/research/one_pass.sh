@@ -6,12 +6,12 @@
 cd "$(dirname "$0")/../.."
 export HYBRIDPRUNE_THREADS=1
 for i in 1 2; do
-C=$(mktemp -d); ln -s /root/.cache/hybridprune/models $C/models
+C=$(mktemp -d); ln -s "$HOME/.cache/hybridprune/models" $C/models
 s=$(date +%s.%N); .venv/bin/hybridprune calibrate --nsamples 16 --seqlen 512 --cache-dir $C --json > /dev/null 2>&1; e=$(date +%s.%N)
 echo "stats only: $(echo "$e - $s" | bc)"
 s=$(date +%s.%N); .venv/bin/hybridprune calibrate --nsamples 16 --seqlen 512 --cache-dir $C --hessians --json > /dev/null 2>&1; e=$(date +%s.%N)
 echo "second-order alone (stats cached): $(echo "$e - $s" | bc)"
-C2=$(mktemp -d); ln -s /root/.cache/hybridprune/models $C2/models
+C2=$(mktemp -d); ln -s "$HOME/.cache/hybridprune/models" $C2/models
 s=$(date +%s.%N); .venv/bin/hybridprune calibrate --nsamples 16 --seqlen 512 --cache-dir $C2 --hessians --json > /dev/null 2>&1; e=$(date +%s.%N)
 echo "both in one pass: $(echo "$e - $s" | bc)"
 rm -rf $C $C2

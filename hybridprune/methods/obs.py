@@ -221,7 +221,7 @@ def refine_swaps(
     squared = w * w * g.diagonal()
     # accept a swap only if it lowers the error by more than rounding could explain
     tolerance = squared.max(1).values * (1e-12 if dtype == torch.float64 else 1e-5)
-    search = _NMSearch(w, keep_now, squared, g, nm) if nm is not None else _Search(w, keep_now, squared)
+    search = _NMSearch(w, keep_now, squared, g, nm) if nm is not None else _Search(w, keep_now, squared, candidates)
 
     def exact_residual() -> Tensor:
         pruned_part = weight.detach()[rows_left].to(torch.float64) * (~keep_now)
@@ -231,10 +231,7 @@ def refine_swaps(
     for step in range(steps):
         if step and step % RESYNC == 0:
             residual = exact_residual()
-        if nm is not None:
-            delta, revive, prune = search.best(w, residual, g, batch)
-        else:
-            delta, revive, prune = search.best(w, residual, g, candidates, batch)
+        delta, revive, prune = search.best(w, residual, g, batch)
         accept = delta < -tolerance
         if not bool(accept.any()):
             break
@@ -254,7 +251,7 @@ def refine_swaps(
             done = torch.nonzero(~accept).squeeze(1)
             keep_all[rows_left[done]] = keep_now[done]
             rows_left, residual, keep_now = rows_left[r], residual[r], keep_now[r]
-            w, squared, tolerance = w[r], squared[r], tolerance[r]
+            w, tolerance = w[r], tolerance[r]
             search.keep_rows(r)
     keep_all[rows_left] = keep_now
     return keep_all
@@ -269,17 +266,19 @@ class _Search:
     only where a swap happened. (Recomputing them with a mask each step took 4 ms per 1536 x 576 matrix
     against 0.5 ms for the fused product; torch.where and masked_fill alike.)"""
 
-    def __init__(self, w: Tensor, keep: Tensor, squared: Tensor) -> None:
+    def __init__(self, w: Tensor, keep: Tensor, squared: Tensor, candidates: int) -> None:
+        self.candidates = candidates
         self.twice_w = 2 * w
         self.squared = squared
         self.base_cost = torch.where(keep, squared, torch.inf)  # + 2 w r: the added error; inf where pruned
         self.base_gain = torch.where(keep, -torch.inf, -squared)  # + 2 w r: the removed error; -inf where kept
         self.kept, self.pruned = keep.sum(1), (~keep).sum(1)  # per row; a swap changes neither
 
-    def best(self, w, residual, g, candidates, batch):
+    def best(self, w, residual, g, batch):
         cost = torch.addcmul(self.base_cost, self.twice_w, residual)
         gain = torch.addcmul(self.base_gain, self.twice_w, residual)
-        return _best_swap(w, cost, gain, residual, g, candidates, batch, (int(self.kept.min()), int(self.pruned.min())))
+        counts = (int(self.kept.min()), int(self.pruned.min()))
+        return _best_swap(w, cost, gain, residual, g, self.candidates, batch, counts)
 
     def swapped(self, rows: Tensor, revived: Tensor, pruned: Tensor) -> None:
         self.base_cost[rows, revived] = self.squared[rows, revived]
