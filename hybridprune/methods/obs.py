@@ -209,10 +209,9 @@ def refine_swaps(
     rows, columns = weight.shape
     device = weight.device
     # float64 weights are refined in float64 (tests); float32 in float32 with the residual recomputed
-    # exactly every `RESYNC` steps and only clear improvements accepted (tolerance below).
+    # every `RESYNC` steps and only clear improvements accepted (tolerance below).
     dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    g64 = gram.to(device, torch.float64)
-    g = g64.to(dtype)
+    g = gram.to(device, dtype)
     keep_all = keep.clone().to(device)
     # the state of the rows still refining (a row without an improving swap leaves: nothing left to change)
     rows_left = torch.arange(rows, device=device)
@@ -224,8 +223,7 @@ def refine_swaps(
     search = _NMSearch(w, keep_now, squared, g, nm) if nm is not None else _Search(w, keep_now, squared, candidates)
 
     def exact_residual() -> Tensor:
-        pruned_part = weight.detach()[rows_left].to(torch.float64) * (~keep_now)
-        return (pruned_part @ g64).to(dtype)  # r = G delta per row (G symmetric)
+        return (w * ~keep_now) @ g  # r = G delta per row (G symmetric), in the refine's dtype
 
     residual = exact_residual()
     for step in range(steps):
@@ -257,7 +255,11 @@ def refine_swaps(
     return keep_all
 
 
-RESYNC = 25
+RESYNC = 100
+"""Steps between recomputations of the residual G delta (each a [rows, columns] x [columns, columns] product: for
+Qwen2.5-1.5B's down_proj 1.9 s in float32 on one thread, 3.0 s in float64, against 0.3 s for a whole step). Its
+float32 updates drift little: 50 steps without a recomputation changed 94 of 13.8M mask entries of a 1536 x 8960
+layer and the refined error by 1e-7 relative (session 7); the product's 50 steps need none."""
 
 
 class _Search:
