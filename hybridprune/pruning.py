@@ -232,13 +232,18 @@ def prune_layer(
             _sweep_layer(linears, adapter, plan, score, factor_of, update_shrink)
             return
         if hessians is not None and plan.refine > 0 and masks:
-            for name, mask in masks.items():
-                gram = gram_of(adapter.input_group(name))
-                masks[name] = refine_swaps(
-                    weights[name], mask.to(weights[name].device), gram.to(weights[name].device),
-                    steps=plan.refine, nm=(pattern.n, pattern.m) if pattern.kind == "nm" else None,
+            # rows refine independently under their group's Gram: the Linears that read the same inputs (q/k/v,
+            # gate/up) are refined as one matrix, the same masks in fewer, larger steps
+            for group in dict.fromkeys(adapter.input_group(name) for name in masks):
+                names = [name for name in masks if adapter.input_group(name) == group]
+                device = weights[names[0]].device
+                refined = refine_swaps(
+                    torch.cat([weights[name] for name in names]), torch.cat([masks[name].to(device) for name in names]),
+                    gram_of(group).to(device), steps=plan.refine,
+                    nm=(pattern.n, pattern.m) if pattern.kind == "nm" else None,
                     batch=REFINE_BATCH_NM if pattern.kind == "nm" else REFINE_BATCH,
                 )
+                masks.update(zip(names, refined.split([weights[name].shape[0] for name in names])))
         if hessians is None or not plan.update:
             for name, mask in masks.items():
                 linears[name].weight.mul_(mask.to(linears[name].weight.device))

@@ -320,3 +320,39 @@ def test_nm_refine_step_finds_the_best_swap_of_every_group(nm):
                     best = min(best, (change, i, j))
         assert float(delta[row]) == pytest.approx(best[0], rel=1e-9, abs=1e-9)
         assert (int(revive[row]), int(prune[row])) == best[1:]
+
+
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+def test_refining_stacked_matrices_gives_each_ones_own_refinement(nm):
+    """Rows refine independently under one Gram, so q/k/v (gate/up) are refined as one stacked matrix."""
+    inputs = correlated_inputs(tokens=1024, features=32, rank=6, seed=10)
+    gram = inputs.T @ inputs
+    generator = torch.Generator().manual_seed(11)
+    parts = [torch.randn(rows, 32, generator=generator, dtype=torch.float64) for rows in (12, 4, 4)]
+    keeps = [
+        mask_unstructured(p.abs() * gram.diagonal().sqrt(), 0.5) if nm is None else mask_n_m(p.abs(), *nm)
+        for p in parts
+    ]
+    stacked = refine_swaps(torch.cat(parts), torch.cat(keeps), gram, steps=20, nm=nm, batch=4)
+    separate = torch.cat([refine_swaps(p, k, gram, steps=20, nm=nm, batch=4) for p, k in zip(parts, keeps)])
+    assert torch.equal(stacked, separate)
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_a_row_without_kept_or_pruned_weights_does_not_stop_the_others(batch):
+    inputs = correlated_inputs(tokens=1024, features=32, rank=6, seed=12)
+    gram = inputs.T @ inputs
+    weight = torch.randn(6, 32, generator=torch.Generator().manual_seed(13), dtype=torch.float64)
+    keep = mask_unstructured(weight.abs() * gram.diagonal().sqrt(), 0.5)
+    keep[0] = False  # a fully pruned row (a dead neuron at high sparsity)
+    keep[1] = True  # and a dense one
+    keep[2, :30] = False  # and one with two kept weights: fewer than the candidates
+    keep[2, 30:] = True
+    refined = refine_swaps(weight, keep, gram, steps=50, batch=batch)
+    assert torch.equal(refined[:2], keep[:2])
+    assert torch.equal(refined.sum(1), keep.sum(1))
+    before, after = reconstruction_error(weight, keep, gram), reconstruction_error(weight, refined, gram)
+    assert bool((after <= before * (1 + 1e-9)).all())
+    assert float(after[2:].sum()) < 0.95 * float(before[2:].sum())
+    alone = refine_swaps(weight[2:], keep[2:], gram, steps=50, batch=batch)
+    assert torch.equal(refined[2:], alone)

@@ -279,7 +279,7 @@ class _Search:
     def best(self, w, residual, g, batch):
         cost = torch.addcmul(self.base_cost, self.twice_w, residual)
         gain = torch.addcmul(self.base_gain, self.twice_w, residual)
-        counts = (int(self.kept.min()), int(self.pruned.min()))
+        counts = (int(self.kept.max()), int(self.pruned.max()))
         return _best_swap(w, cost, gain, residual, g, self.candidates, batch, counts)
 
     def swapped(self, rows: Tensor, revived: Tensor, pruned: Tensor) -> None:
@@ -376,9 +376,14 @@ def _prefix_deltas(w: Tensor, residual: Tensor, g: Tensor, revive: Tensor, prune
     return linear[:, ends] + quad[:, ends, ends]
 
 
-def _choose(single: Tensor, revive1: Tensor, prune1: Tensor, w, residual, g, revive: Tensor, prune: Tensor):
-    """The better of the best single swap and the best prefix of several: (delta, revive [rows, T], prune [rows, T])."""
+def _choose(single: Tensor, revive1: Tensor, prune1: Tensor, w, residual, g, revive: Tensor, prune: Tensor,
+            valid: Tensor | None = None):
+    """The better of the best single swap and the best prefix of several: (delta, revive [rows, T], prune [rows, T]).
+    `valid` [rows, T]: False where a slot is no real move (a row with fewer kept or pruned weights than T); a prefix
+    that reaches such a slot is not taken."""
     deltas = _prefix_deltas(w, residual, g, revive, prune)
+    if valid is not None:
+        deltas = deltas.masked_fill(~valid.to(torch.uint8).cummin(1).values.bool(), torch.inf)
     best_prefix, length = deltas.min(1)
     use_prefix = best_prefix < single
     count = torch.where(use_prefix, length + 1, torch.ones_like(length))
@@ -393,8 +398,9 @@ def _choose(single: Tensor, revive1: Tensor, prune1: Tensor, w, residual, g, rev
 
 def _best_swap(w: Tensor, cost: Tensor, gain: Tensor, residual: Tensor, g: Tensor, k: int, batch: int,
                counts: tuple[int, int]):
-    """The best swap per row from the `k` cheapest prunings and `k` best revivals (`cost` / `gain` per weight);
-    `counts`: the fewest kept and pruned weights of any row."""
+    """The best swap per row from the `k` cheapest prunings and `k` best revivals (`cost` / `gain` per weight;
+    inf / -inf where a weight has no such move); `counts`: the most kept and pruned weights of any row. A row with
+    fewer than k of either gets no-move slots (infinite delta): it never swaps into them, and other rows go on."""
     rows = w.shape[0]
     k_keep, k_pruned = min(k, counts[0]), min(k, counts[1])
     if k_keep == 0 or k_pruned == 0:
@@ -414,7 +420,8 @@ def _best_swap(w: Tensor, cost: Tensor, gain: Tensor, residual: Tensor, g: Tenso
     if count <= 1:
         return flat_delta, revive, prune
     # several at once: the t best revivals paired in order with the t cheapest prunings
-    return _choose(flat_delta, revive, prune, w, residual, g, i_index[:, :count], j_index[:, :count])
+    valid = torch.isfinite(i_gain[:, :count]) & torch.isfinite(j_cost[:, :count])
+    return _choose(flat_delta, revive, prune, w, residual, g, i_index[:, :count], j_index[:, :count], valid)
 
 
 # --- neuron orders for N:M ---------------------------------------------------------------------------
