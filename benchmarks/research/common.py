@@ -103,3 +103,18 @@ def record(name: str, split: str, windows: int, ppl: float, sparsity: dict, extr
     with RESULTS.open("a") as f:
         f.write(json.dumps(row) + "\n")
     print(json.dumps(row), flush=True)
+
+
+def module_at(rev: str, path: str = "hybridprune/methods/obs.py"):
+    """The module at `path` as it was at git revision `rev`, imported under its own name (for A/B timings)."""
+    import importlib.util
+    import subprocess
+    import tempfile
+
+    source = subprocess.run(["git", "show", f"{rev}:{path}"], check=True, capture_output=True, text=True).stdout
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as file:
+        file.write(source)
+    spec = importlib.util.spec_from_file_location(f"{Path(path).stem}_at_{rev}", file.name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

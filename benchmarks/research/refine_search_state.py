@@ -6,8 +6,9 @@ Usage: PYTHONPATH=. python benchmarks/research/refine_search_state.py [REV] (def
 Session 6 (2 cores shared with a Qwen run, one thread here): unstructured 4.97 s -> 4.24 s, 0 of 10.6M mask
 entries differ; 2:4 7.55 s -> 6.21 s, 10 of 10.6M differ (float ties: the pairs are summed in another order).
 """
-import importlib.util, subprocess, sys, tempfile, time
+import sys, time
 import torch
+from common import module_at
 torch.set_num_threads(1)
 from safetensors.torch import load_file
 from hybridprune.calibration.stats import CalibrationStats
@@ -16,11 +17,7 @@ from hybridprune.methods.obs import gram_from_factor, reconstruction_error, refi
 from hybridprune.models import load_model
 
 rev = sys.argv[1] if len(sys.argv) > 1 else "8e4dcd4"
-source = subprocess.run(["git", "show", f"{rev}:hybridprune/methods/obs.py"], check=True, capture_output=True, text=True).stdout
-path = tempfile.NamedTemporaryFile("w", suffix=".py", delete=False)
-path.write(source); path.close()
-spec = importlib.util.spec_from_file_location("obs_old", path.name)
-old = importlib.util.module_from_spec(spec); spec.loader.exec_module(old)
+old = module_at(rev)
 h = CalibrationStats(load_file("/tmp/hpcache/validate/smollm2-wiki-vital-code-hessians-32x512-s0.safetensors"))
 s = CalibrationStats(load_file("/tmp/hpcache/validate/smollm2-wiki-vital-code-stats-32x512-s0.safetensors"))
 loaded = load_model(None)
