@@ -108,7 +108,7 @@ def configs() -> dict[str, PruneConfig]:
     # the default presets with one knob changed (session 6: chosen on both models' validation halves)
     for name in ("balanced", "quality"):
         c[f"{name}:refine0"] = preset(name, refine=0, gram_offdiag=0.5)  # as measured (0.5 was the default then)
-        for a in (0.25, 0.5, 1.0):
+        for a in (0.1, 0.25, 0.5, 1.0):
             c[f"{name}:off{a}"] = preset(name, gram_offdiag=a)
     c["wanda+update:off0.5"] = preset("wanda", update=True, gram_offdiag=0.5)  # the product's update before session 6
     c["balanced@2:4:off0.25"] = preset("balanced", pattern="2:4", gram_offdiag=0.25)
