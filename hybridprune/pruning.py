@@ -196,25 +196,35 @@ def prune_layer(
             cached[(kind, group)] = compute()
         return cached[(kind, group)]
 
-    def cached_factor(group: str) -> tuple[torch.Tensor, torch.Tensor]:
-        assert hessians is not None
-        factor, dead = hessians.inverse_factor(index, group)
-        if order is not None and group == adapter.input_group(adapter.mlp_output):
-            factor, dead = permute_factor(factor, order), dead[order.to(dead.device)]
-        return factor, dead
+    def permutation(group: str) -> torch.Tensor | None:
+        """The neuron order down_proj's inputs were permuted to (None: the group's inputs as cached)."""
+        if order is None or group != adapter.input_group(adapter.mlp_output):
+            return None
+        return order
 
     def gram_of(group: str) -> torch.Tensor:
         """The damped X^T X (from the cached factor of its inverse), shrunk toward its diagonal by plan.gram_offdiag."""
-        return once("gram", group, lambda: shrink_offdiagonal(gram_from_factor(cached_factor(group)[0]), plan.gram_offdiag))
+        def compute() -> torch.Tensor:
+            assert hessians is not None
+            gram = gram_from_factor(hessians.inverse_factor(index, group)[0])
+            if (p := permutation(group)) is not None:  # a permuted G is a gather, no refactorization
+                p = p.to(gram.device)
+                gram = gram[p][:, p]
+            return shrink_offdiagonal(gram, plan.gram_offdiag)
+        return once("gram", group, compute)
 
     def factor_of(group: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The factor of H^-1 and the dead channels; below gram_offdiag 1, refactorized from the shrunk H."""
         def compute() -> tuple[torch.Tensor, torch.Tensor]:
-            factor, dead = cached_factor(group)
+            assert hessians is not None
+            factor, dead = hessians.inverse_factor(index, group)
+            p = permutation(group)
             if plan.gram_offdiag < 1.0:
                 inverse = torch.cholesky_inverse(torch.linalg.cholesky(gram_of(group)))
                 factor = torch.linalg.cholesky(inverse, upper=True).to(torch.float32)
-            return factor, dead
+            elif p is not None:  # the sweep's order of columns matters: a permuted input needs its own factor
+                factor = permute_factor(factor, p)
+            return factor, (dead if p is None else dead[p.to(dead.device)])
         return once("factor", group, compute)
 
     sweep = hessians is not None and plan.update and plan.update_mask == "sweep" and pattern.kind != "structured"
