@@ -356,3 +356,32 @@ def test_a_row_without_kept_or_pruned_weights_does_not_stop_the_others(batch):
     assert float(after[2:].sum()) < 0.95 * float(before[2:].sum())
     alone = refine_swaps(weight[2:], keep[2:], gram, steps=50, batch=batch)
     assert torch.equal(refined[2:], alone)
+
+
+@pytest.mark.parametrize("nm", [(2, 4), (1, 4), (4, 8)])
+def test_nm_search_state_after_swaps_matches_a_fresh_search(nm):
+    """The N:M search keeps each group's swap constants and updates only the swapped groups: after swaps it
+    finds what a search built from scratch on the new mask finds."""
+    from hybridprune.methods.obs import _NMSearch
+
+    n, m = nm
+    inputs = correlated_inputs(tokens=256, features=16, rank=4, seed=14)
+    gram = inputs.T @ inputs
+    weight = torch.randn(6, 16, generator=torch.Generator().manual_seed(15), dtype=torch.float64)
+    keep = mask_n_m(torch.rand(6, 16, generator=torch.Generator().manual_seed(16), dtype=torch.float64), n, m)
+    squared = weight * weight * gram.diagonal()
+    search = _NMSearch(weight, keep, squared, gram, nm)
+    after = keep.clone()
+    rows, revived, pruned = [], [], []
+    for row, group in ((0, 0), (1, 2), (3, 1), (5, 3)):
+        group %= 16 // m
+        cols = range(group * m, group * m + m)
+        i = next(c for c in cols if not after[row, c])
+        j = next(c for c in cols if after[row, c])
+        after[row, i], after[row, j] = True, False
+        rows.append(row), revived.append(i), pruned.append(j)
+    search.swapped(torch.tensor(rows), torch.tensor(revived), torch.tensor(pruned))
+    residual = (weight * ~after) @ gram
+    fresh = _NMSearch(weight, after, squared, gram, nm)
+    for got, want in zip(search.best(weight, residual, gram, 1), fresh.best(weight, residual, gram, 1)):
+        torch.testing.assert_close(got, want)
