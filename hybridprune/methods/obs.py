@@ -301,8 +301,9 @@ class _NMSearch:
     """N:M refine search state: per row and group, the offsets of its kept weights (first M - N) and pruned ones
     (N), so a step evaluates only the N (M - N) possible swaps of a group, not all M^2 pairs (a quarter at 2:4).
     A swap's change is const + 2 w_k r_k - 2 w_p r_p, const = w_k^2 G_kk + w_p^2 G_pp - 2 w_p w_k G_pk: the
-    constant parts are kept per (row, group) and recomputed only for the groups a step changed. (Gathering them
-    every step took 0.6 of a 2:4 `balanced` run; session 7.)"""
+    constant parts are kept per (row, group) and recomputed only for the groups a step changed (this search took
+    0.59 of a 2:4 `balanced` run while it gathered them every step; kept, the refine takes 0.71x the time with
+    identical masks: benchmarks/research/refine_search_state.py, session 7)."""
 
     def __init__(self, w: Tensor, keep: Tensor, squared: Tensor, g: Tensor, nm: tuple[int, int]) -> None:
         rows, columns = w.shape
