@@ -594,6 +594,8 @@ def prune(
                 if second_order is None:
                     second_order = calibrated_statistics(loaded, request, cache, reporter, force=force, mode=HESSIAN_MODE)
                 hessians = second_order.stats
+        if hessians is not None and (note := config.gram_note(hessians.tokens, dense_width)):
+            reporter.note(note)
         target = output_path(out_path, config, sweep) if out_path is not None else None
         if streaming:
             assert target is not None

@@ -201,6 +201,17 @@ class PruneConfig:
             kind = "unstructured"
         return GRAM_OFFDIAG[kind]
 
+    def gram_note(self, tokens: int, inputs: int) -> str:
+        """A warning when an off-diagonal weight above 0.5 meets a calibration with fewer than
+        GRAM_TOKENS_PER_INPUT tokens per MLP input channel ('' when there is nothing to say)."""
+        weight = self.gram_weight
+        if not self.needs_second_order or weight <= 0.5 or tokens >= GRAM_TOKENS_PER_INPUT * inputs:
+            return ""
+        return (f"[yellow]note:[/] --gram-offdiag {weight:g} with {tokens} calibration tokens for {inputs} MLP inputs "
+                f"({tokens / inputs:.1f} per input): with fewer than {GRAM_TOKENS_PER_INPUT} per input the off-diagonal fits "
+                "the calibration text (on SmolLM2 it lost up to 1.8x Wanda's loss on other text); the default "
+                f"{GRAM_OFFDIAG['unstructured']:g} is the measured safe choice, or calibrate with more --nsamples")
+
     @property
     def needs_second_order(self) -> bool:
         """--update and --refine read the second-order statistics (dense, cached; or from --sequential's pass)."""
@@ -262,6 +273,11 @@ class PruneConfig:
 # models' validation halves within 0.02, the larger mean gain (benchmarks/validation_choices.md, 8); N:M: 0.5,
 # better than 0.25 and 1 on SmolLM2's validation halves at 2:4 (Qwen's not measured; 6 and 9); structured: 0.5.
 GRAM_OFFDIAG = {"unstructured": 0.25, "nm": 0.5, "structured": 0.5}
+# Below about this many calibration tokens per MLP input channel an off-diagonal weight above 0.5 fits the
+# calibration text: on SmolLM2's validation halves the full Gram lost up to 1.18x (refine) and 1.80x (update)
+# Wanda's loss at 0.67 tokens per down_proj input, 1.01x / 1.12x at 2.7, 0.93x / 0.98x at 10.7, where 0.5 is
+# the best weight (benchmarks/validation_choices.md, 10). A note, not a refusal: the weight is the user's choice.
+GRAM_TOKENS_PER_INPUT = 10
 
 
 def _choice(flag: str, value: str, allowed: Any) -> None:

@@ -235,3 +235,22 @@ def test_decompress_gives_a_folder_plain_transformers_loads(world, compressed_fo
     assert zeros == ours.model.sparsity.total.zeros
     refused = CliRunner().invoke(app, ["decompress", str(world["model"]), "--out", str(world["work"] / "nope")])
     assert refused.exit_code == 2 and "not a compressed model folder" in refused.output
+
+
+def test_a_full_gram_on_few_calibration_tokens_is_noted(world):
+    """4 x 32 calibration tokens for the tiny model's MLP inputs: --gram-offdiag 1 with --refine gets the note."""
+    from hybridprune.reporting import SilentReporter
+
+    class Notes(SilentReporter):
+        def __init__(self) -> None:
+            self.lines: list[str] = []
+
+        def note(self, text: str) -> None:
+            self.lines.append(text)
+
+    common = dict(model=str(world["model"]), data=str(world["text"]), cache_dir=world["cache"], **SMALL)
+    full, default = Notes(), Notes()
+    api.prune(sparsity=0.5, refine=5, gram_offdiag=1.0, reporter=full, **common)
+    api.prune(sparsity=0.5, refine=5, reporter=default, **common)
+    assert any("--gram-offdiag 1 with 128 calibration tokens" in line for line in full.lines), full.lines
+    assert not any("--gram-offdiag" in line for line in default.lines)

@@ -385,3 +385,17 @@ def test_nm_search_state_after_swaps_matches_a_fresh_search(nm):
     fresh = _NMSearch(weight, after, squared, gram, nm)
     for got, want in zip(search.best(weight, residual, gram, 1), fresh.best(weight, residual, gram, 1)):
         torch.testing.assert_close(got, want)
+
+
+def test_a_full_gram_on_few_calibration_tokens_gets_a_note():
+    """Measured (validation_choices.md, 10): the full Gram with few tokens per input fits the calibration text."""
+    from hybridprune.config import GRAM_TOKENS_PER_INPUT
+
+    inputs = 1536
+    few, many = GRAM_TOKENS_PER_INPUT * inputs - 1, GRAM_TOKENS_PER_INPUT * inputs
+    note = PruneConfig(refine=50, gram_offdiag=1.0).gram_note(few, inputs)
+    assert "--gram-offdiag 1" in note and f"{few} calibration tokens" in note and "--nsamples" in note
+    assert PruneConfig(refine=50, gram_offdiag=1.0).gram_note(many, inputs) == ""
+    assert PruneConfig(refine=50).gram_note(few, inputs) == ""  # the default 0.25
+    assert PruneConfig(update=True, pattern="2:4").gram_note(few, inputs) == ""  # N:M's default 0.5
+    assert PruneConfig(gram_offdiag=1.0).gram_note(few, inputs) == ""  # no refine, no update: no Gram used
