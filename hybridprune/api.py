@@ -571,6 +571,7 @@ def prune(
     sweep = len(configs) > 1
     reporter.phase(f"{configs[0].prune_method.upper()} PRUNING MODE", mode_banner(configs[0], chosen))
     result = PruneResult([], chosen)
+    noted = {""}  # notes already shown ('' is no note)
     for number, config in enumerate(configs):
         started = time.perf_counter()
         if number:
@@ -594,7 +595,8 @@ def prune(
                 if second_order is None:
                     second_order = calibrated_statistics(loaded, request, cache, reporter, force=force, mode=HESSIAN_MODE)
                 hessians = second_order.stats
-        if hessians is not None and (note := config.gram_note(hessians.tokens, dense_width)):
+        if hessians is not None and (note := config.gram_note(hessians.tokens, dense_width)) not in noted:
+            noted.add(note)  # once per run, not once per sweep point
             reporter.note(note)
         target = output_path(out_path, config, sweep) if out_path is not None else None
         if streaming:

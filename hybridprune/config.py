@@ -207,10 +207,11 @@ class PruneConfig:
         weight = self.gram_weight
         if not self.needs_second_order or weight <= 0.5 or tokens >= GRAM_TOKENS_PER_INPUT * inputs:
             return ""
+        default = dataclasses.replace(self, gram_offdiag=None).gram_weight  # this pattern's default
         return (f"[yellow]note:[/] --gram-offdiag {weight:g} with {tokens} calibration tokens for {inputs} MLP inputs "
                 f"({tokens / inputs:.1f} per input): with fewer than {GRAM_TOKENS_PER_INPUT} per input the off-diagonal fits "
                 "the calibration text (on SmolLM2 it lost up to 1.8x Wanda's loss on other text); the default "
-                f"{GRAM_OFFDIAG['unstructured']:g} is the measured safe choice, or calibrate with more --nsamples")
+                f"{default:g} is the measured choice, or calibrate with more --nsamples")
 
     @property
     def needs_second_order(self) -> bool:

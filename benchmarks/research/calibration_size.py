@@ -42,35 +42,35 @@ def run(nsamples: int, names: list[str]) -> None:
     validate.run("smollm2", names, "validation", list(validate.DOMAINS), [0], 1)
 
 
+def cell(ppl: dict[tuple[str, str], float], names: dict, name: str) -> str:
+    """Mean / worst loss ratio against Wanda over the domains, '-' if a row is missing."""
+    def of(config: str, domain: str) -> float | None:
+        return ppl.get((validate.digest(None if config == "dense" else names[config]), domain))
+
+    ratios = []
+    for domain in validate.DOMAINS:
+        dense, wanda, value = (of(c, domain) for c in ("dense", "wanda", name))
+        if dense is None or wanda is None or value is None:
+            return "-"
+        ratios.append((value - dense) / (wanda - dense))
+    return f"{sum(ratios) / len(ratios):.3f} / {max(ratios):.3f}"
+
+
 def table() -> None:
     names = validate.configs()
     print("| configuration | " + " | ".join(f"{n} x 512 ({n * 512} tokens)" for n in SIZES) + " |")
     print("|---|" + "---|" * len(SIZES))
-    cells: dict[str, list[str]] = {}
+    cells: dict[str, list[str]] = {name: [] for name in CONFIGS[2:]}
     for n in SIZES:
-        if not results(n).exists():
-            continue
         ppl: dict[tuple[str, str], float] = {}  # (digest, domain): rows count for every name with their digest
-        for line in results(n).read_text().splitlines():
-            row = json.loads(line)
-            ppl[(row["digest"], row["domain"])] = row["ppl"]
-        for name in CONFIGS[2:]:
-            ratios = []
-            for domain in validate.DOMAINS:
-                try:
-                    dense, wanda, value = (ppl[(validate.digest(None if c == "dense" else names[c]), domain)]
-                                           for c in ("dense", "wanda", name))
-                except KeyError:
-                    break
-                ratios.append((value - dense) / (wanda - dense))
-            else:
-                worst = max(ratios)
-                cells.setdefault(name, []).append(f"{sum(ratios) / len(ratios):.3f} / {worst:.3f}")
-                continue
-            cells.setdefault(name, []).append("-")
-    for name in CONFIGS[2:]:
-        if name in names:
-            print(f"| {name} | " + " | ".join(cells.get(name, [])) + " |")
+        if results(n).exists():
+            for line in results(n).read_text().splitlines():
+                row = json.loads(line)
+                ppl[(row["digest"], row["domain"])] = row["ppl"]
+        for name in cells:
+            cells[name].append(cell(ppl, names, name))
+    for name, row in cells.items():
+        print(f"| {name} | " + " | ".join(row) + " |")
 
 
 if __name__ == "__main__":
