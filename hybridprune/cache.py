@@ -5,12 +5,16 @@ Layout under the cache root (see fsutil.cache_root):
   stats/<key>/manifest.json       schema, key fields, tool version, creation time, tokens,
                                   layers, byte size and sha256 of stats.safetensors
   locks/<key>.lock                flock held while an entry is being computed
+  stats/<key>/layer-00000.safetensors ...  a second-order entry: one file per decoder layer, written as
+                                  that layer finishes and read one at a time (safetensors safe_open), each
+                                  with its own size and sha256 in the manifest ("layer_files")
 A partial entry (`calibrate --shard i/N`) holds one shard's windows; its key is the full key
 plus the shard fields, its manifest names the full key, and `calibration.shards.merge_shard_entries` joins the N
 shards into the entry one process would have written (calibration/shards.py).
 An entry is written to a temporary folder and renamed into place, so a reader sees a
 complete entry or none. Loading re-checks the manifest against the requested key and the
-file's checksum, and refuses anything that does not match. Nothing is ever unpickled.
+file's checksum (a layer file's when that layer is first read), and refuses anything that does not match.
+Nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -32,12 +36,15 @@ from hybridprune.errors import UserError
 from hybridprune.fsutil import atomic_folder, clean_stale_staging, ensure_writable_dir, file_lock, sha256_file
 
 if TYPE_CHECKING:
+    from torch import Tensor
+
     from hybridprune.calibration.stats import CalibrationStats
 
 SCHEMA_VERSION = 2  # 2: block-influence sums per layer (structured.py)
 KEY_PATTERN = re.compile(r"^[0-9a-f]{20}$")
 STATS_FILE = "stats.safetensors"
 MANIFEST_FILE = "manifest.json"
+LAYER_FILE = "layer-{:05d}.safetensors"
 
 
 @dataclass(frozen=True)
@@ -57,7 +64,7 @@ class StatsKey:
     q_active: float
     mode: str = "dense"  # "dense", or "sequential:<digest of the pruning configuration>"
     schema: int = SCHEMA_VERSION
-    # A partial entry (`calibrate --shard i/N`): the windows of one shard, fitted on an anchor batch
+    #     # A partial entry (`calibrate --shard i/N`): the windows of one shard, fitted on an anchor batch
     # of `anchor_windows` windows. None in a full entry, and then absent from fields() and the digest.
     shard_index: int | None = None
     shard_count: int | None = None
@@ -138,7 +145,8 @@ class StatsCache:
             tensors = load_file(stats_path)
         except (SafetensorError, OSError) as err:
             raise CorruptEntry(f"cache entry {key.digest} cannot be read ({err}): {fix}") from None
-        stats = CalibrationStats(tensors)
+        layer_files = manifest.get("layer_files")
+        stats = CalibrationStats(tensors, LayerShards(folder, layer_files, key.digest) if layer_files is not None else None)
         if stats.num_layers != manifest.get("layers"):
             raise CorruptEntry(f"cache entry {key.digest} has {stats.num_layers} layers, manifest says otherwise: {fix}")
         if "tokens" not in stats.tensors or stats.tokens != manifest.get("tokens"):
@@ -159,27 +167,21 @@ class StatsCache:
 
     def save(self, key: StatsKey, stats: CalibrationStats, info: dict[str, Any]) -> Path:
         """Write the entry atomically (replacing an older one only once the new one is complete)."""
-        from safetensors.torch import save_file
+        with self.writer(key) as writer:
+            writer.finish(stats, info)
+        return self.entry_dir(key.digest)
 
+    @contextmanager
+    def writer(self, key: StatsKey) -> Iterator[EntryWriter]:
+        """An entry written layer by layer: `add_layer` as each layer finishes, then `finish`. The entry appears
+        only when the block ends without error (a temporary folder renamed into place); hold `lock(key)`."""
         final = self.entry_dir(key.digest)
         clean_stale_staging(self.stats_dir)  # what killed runs left, whatever their key
         with atomic_folder(final, replace=True) as staging:
-            stats_path = staging / STATS_FILE
-            save_file({name: tensor.contiguous() for name, tensor in stats.tensors.items()}, str(stats_path))
-            manifest = {
-                "schema": SCHEMA_VERSION,
-                "digest": key.digest,
-                "key": key.fields(),
-                "tool_version": __version__,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "tokens": stats.tokens,
-                "layers": stats.num_layers,
-                "bytes": stats_path.stat().st_size,
-                "sha256": sha256_file(stats_path),
-                **info,
-            }
-            (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
-        return final
+            writer = EntryWriter(staging, key)
+            yield writer
+            if not writer.finished:
+                raise RuntimeError(f"cache entry {key.digest} was not finished")
 
     def entries(self) -> list[dict[str, Any]]:
         """Manifests of all complete entries, newest first (temporary folders are not entries)."""
@@ -213,6 +215,87 @@ class StatsCache:
                 removed += 1
         clean_stale_staging(self.stats_dir)
         return removed
+
+
+class EntryWriter:
+    """Writes one entry's files into its staging folder (see StatsCache.writer)."""
+
+    def __init__(self, staging: Path, key: StatsKey) -> None:
+        self.staging, self.key = staging, key
+        self.layer_files: dict[str, dict[str, Any]] = {}
+        self.finished = False
+
+    def add_layer(self, index: int, tensors: dict[str, Tensor]) -> None:
+        """One decoder layer's entries, into their own file (then they can leave memory)."""
+        from safetensors.torch import save_file
+
+        path = self.staging / LAYER_FILE.format(index)
+        save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, str(path))
+        self.layer_files[path.name] = {"layer": index, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+    def finish(self, stats: CalibrationStats, info: dict[str, Any]) -> None:
+        """The entries held in memory (`stats.tensors`: all of a first-order entry) and the manifest."""
+        from safetensors.torch import save_file
+
+        stats_path = self.staging / STATS_FILE
+        save_file({name: tensor.contiguous() for name, tensor in stats.tensors.items()}, str(stats_path))
+        layers = len(self.layer_files) if self.layer_files else stats.num_layers
+        manifest = {
+            "schema": SCHEMA_VERSION,
+            "digest": self.key.digest,
+            "key": self.key.fields(),
+            "tool_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "tokens": stats.tokens,
+            "layers": layers,
+            "bytes": stats_path.stat().st_size,
+            "sha256": sha256_file(stats_path),
+            **({"layer_files": self.layer_files, "layer_bytes": sum(f["bytes"] for f in self.layer_files.values())}
+               if self.layer_files else {}),
+            **info,
+        }
+        (self.staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+        self.finished = True
+
+
+class LayerShards:
+    """An entry's per-layer files, read one layer at a time (safe_open), each checked against its manifest
+    size and sha256 when it is read. Only the layer read last stays in memory."""
+
+    def __init__(self, folder: Path, layer_files: Any, digest: str) -> None:
+        self.folder, self.digest = folder, digest
+        fix = fix_hint(digest)
+        if not isinstance(layer_files, dict):
+            raise CorruptEntry(f"cache entry {digest} has a malformed list of layer files: {fix}")
+        self.files: dict[int, tuple[Path, dict[str, Any]]] = {}
+        for name, record in layer_files.items():
+            if not (isinstance(record, dict) and isinstance(record.get("layer"), int) and name == LAYER_FILE.format(record["layer"])):
+                raise CorruptEntry(f"cache entry {digest} names an unexpected layer file '{name}': {fix}")
+            path = folder / name
+            if not path.is_file() or path.stat().st_size != record.get("bytes"):
+                raise CorruptEntry(f"cache entry {digest} is incomplete ({name} missing or truncated): {fix}")
+            self.files[record["layer"]] = (path, record)
+        self.num_layers = len(self.files)
+        self._current: tuple[int, dict[str, Tensor]] | None = None
+
+    def layer(self, index: int) -> dict[str, Tensor]:
+        from safetensors import SafetensorError, safe_open
+
+        if self._current is not None and self._current[0] == index:
+            return self._current[1]
+        self._current = None  # the previous layer's tensors go before the next ones are read
+        if index not in self.files:
+            raise CorruptEntry(f"cache entry {self.digest} has no file for layer {index}: {fix_hint(self.digest)}")
+        path, record = self.files[index]
+        if sha256_file(path) != record.get("sha256"):
+            raise CorruptEntry(f"cache entry {self.digest} is corrupt ({path.name}: checksum mismatch): {fix_hint(self.digest)}")
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+        except (SafetensorError, OSError) as err:
+            raise CorruptEntry(f"cache entry {self.digest} cannot be read ({path.name}: {err}): {fix_hint(self.digest)}") from None
+        self._current = (index, tensors)
+        return tensors
 
 
 def _remove(folder: Path) -> None:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from hybridprune import __version__
+from hybridprune.calibration.second_order import inverse_factor
 from hybridprune.calibration.stats import CalibrationStats
 from hybridprune.config import PruneConfig
 from hybridprune.errors import UserError
@@ -28,8 +29,6 @@ from hybridprune.methods.hybrid import (
     sweep_specs,
 )
 from hybridprune.methods.obs import (
-    gram_from_factor,
-    permute_factor,
     refine_swaps,
     shrink_offdiagonal,
     spread_order,
@@ -154,12 +153,12 @@ def prune_layer(
 ) -> None:
     """Compute and apply one layer's masks (in place; structured pruning shrinks the MLP).
 
-    With `hessians` (the second-order entry: per input group, the factor of (x x^T)^-1) and plan.update the kept
+    With `hessians` (the second-order entry: per input group, the Gram x x^T) and plan.update the kept
     weights are updated to compensate for the pruned ones; the Linears that read the same inputs (q/k/v,
     gate/up) are updated together, as one matrix with one factorization. plan.update_mask "fixed" (default)
     applies the hybrid's masks and updates around them (methods/reconstruct.py), "sweep" chooses the masks
-    inside that sweep on the already-updated weights (methods/obs.py). plan.refine > 0 (needs `hessians`, the
-    Gram comes from the cached factor) improves the hybrid's masks by swaps before they are applied.
+    inside that sweep on the already-updated weights (methods/obs.py). plan.refine > 0 (needs `hessians`)
+    improves the hybrid's masks by swaps before they are applied.
     plan.nm_order "spread" (N:M with NeuronRank) permutes the MLP neurons first (the same function).
     """
     linears = adapter.linears(layer)
@@ -203,27 +202,25 @@ def prune_layer(
         return order
 
     def gram_of(group: str) -> torch.Tensor:
-        """The damped X^T X (from the cached factor of its inverse), shrunk toward its diagonal by plan.gram_offdiag."""
+        """The damped X^T X (float32, from the layer's second-order entry), shrunk toward its diagonal by plan.gram_offdiag."""
         def compute() -> torch.Tensor:
             assert hessians is not None
-            gram = gram_from_factor(hessians.inverse_factor(index, group)[0])
-            if (p := permutation(group)) is not None:  # a permuted G is a gather, no refactorization
+            gram = hessians.gram(index, group)[0]
+            if (p := permutation(group)) is not None:  # a permuted G is a gather
                 p = p.to(gram.device)
                 gram = gram[p][:, p]
             return shrink_offdiagonal(gram, plan.gram_offdiag)
         return once("gram", group, compute)
 
     def factor_of(group: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """The factor of H^-1 and the dead channels; below gram_offdiag 1, refactorized from the shrunk H."""
+        """The upper factor of G^-1 (G shrunk as gram_of says; permuted inputs: of the permuted G) and the dead channels."""
         def compute() -> tuple[torch.Tensor, torch.Tensor]:
             assert hessians is not None
-            factor, dead = hessians.inverse_factor(index, group)
+            dead = hessians.layer_entry(index, f"{group}.gram_diag") == 0
             p = permutation(group)
-            if plan.gram_offdiag < 1.0:
-                inverse = torch.cholesky_inverse(torch.linalg.cholesky(gram_of(group)))
-                factor = torch.linalg.cholesky(inverse, upper=True).to(torch.float32)
-            elif p is not None:  # the sweep's order of columns matters: a permuted input needs its own factor
-                factor = permute_factor(factor, p)
+            gram_of(group)
+            # handed over, not kept: the Gram's n x n buffer can go before the factorization makes its own
+            factor = inverse_factor(cached.pop(("gram", group)))
             return factor, (dead if p is None else dead[p.to(dead.device)])
         return once("factor", group, compute)
 

@@ -170,7 +170,7 @@ def test_a_first_run_needing_both_entries_makes_one_forward_pass_with_the_same_e
     tensors two separate passes store; the run says it reused neither."""
     from hybridprune.cache import StatsCache, StatsKey
     from hybridprune.calibration import collect
-    from hybridprune.calibration.session import second_order_key
+    from hybridprune.calibration.session import HESSIAN_MODE, second_order_key
 
     passes = []
     real = collect.run_layerwise
@@ -185,10 +185,16 @@ def test_a_first_run_needing_both_entries_makes_one_forward_pass_with_the_same_e
     assert len(passes) == 2 and second["key"] == run["second_order_statistics"]["key"]
     keys = [StatsKey(**separate.inputs), second_order_key(StatsKey(**separate.inputs))]
     for key in keys:
-        one, two = StatsCache(tmp_path / "one").load(key).tensors, StatsCache(tmp_path / "two").load(key).tensors
-        assert one.keys() == two.keys()
-        for name in one:
-            assert torch.equal(one[name], two[name]), name
+        first, second = StatsCache(tmp_path / "one").load(key), StatsCache(tmp_path / "two").load(key)
+        assert first.num_layers == second.num_layers == 2
+        parts = [(first.tensors, second.tensors)]
+        if key.mode == HESSIAN_MODE:  # the second-order entry: one file per layer, nothing of them in the main file
+            assert first.shards is not None and second.shards is not None and set(first.tensors) == {"tokens"}
+            parts += [(first.shards.layer(index), second.shards.layer(index)) for index in range(2)]
+        for one, two in parts:
+            assert one.keys() == two.keys()
+            for name in one:
+                assert torch.equal(one[name], two[name]), name
     # and a later run reuses both
     again = api.prune(cache_dir=tmp_path / "one", sparsity=0.3, refine=5, **inputs).to_dict()["runs"][0]
     assert again["statistics_reused"] and again["second_order_statistics"]["reused"] and len(passes) == 2

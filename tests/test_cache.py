@@ -95,3 +95,39 @@ def test_a_symlinked_entry_is_unlinked_not_followed(tmp_path: Path):
     assert StatsCache(tmp_path / "cache").clear() == 1
     assert (victim / "file").read_text() == "x" and not any(stats.iterdir())
     record("cache entry that is a symlink to a user folder, then `cache clear`", "link removed, target untouched")
+
+
+def test_second_order_entry_is_one_verified_file_per_layer(tiny_llama_folder: Path, tmp_path: Path):
+    """Written layer by layer, listed in the manifest with size and checksum; a damaged layer file is refused
+    when that layer is read (a truncated or missing one already on load), naming the entry and the fix."""
+    import torch
+
+    from helpers import TRAINING_TEXT
+    from hybridprune import api
+    from hybridprune.calibration.session import second_order_key
+
+    text = tmp_path / "text.txt"
+    text.write_text(TRAINING_TEXT * 20)
+    result = api.calibrate(model=str(tiny_llama_folder), data=str(text), nsamples=4, seqlen=32, topics=4,
+                           cache_dir=tmp_path / "cache", hessians=True)
+    assert result.hessians is not None
+    entry = Path(result.hessians["entry"])
+    manifest = json.loads((entry / "manifest.json").read_text())
+    files = sorted(path.name for path in entry.glob("layer-*.safetensors"))
+    assert files == ["layer-00000.safetensors", "layer-00001.safetensors"] == sorted(manifest["layer_files"])
+    assert manifest["layers"] == 2 and manifest["layer_bytes"] == sum((entry / name).stat().st_size for name in files)
+    key = second_order_key(StatsKey(**result.inputs))
+    stats = StatsCache(tmp_path / "cache").load(key)
+    gram, dead = stats.gram(1, "down_in")
+    assert gram.shape[0] == gram.shape[1] == dead.shape[0] and torch.isfinite(gram).all()
+
+    data = bytearray((entry / files[1]).read_bytes())
+    data[len(data) // 2] ^= 0x10  # same size, in the tensor data: found only when layer 1 is read
+    (entry / files[1]).write_bytes(bytes(data))
+    damaged = StatsCache(tmp_path / "cache").load(key)
+    damaged.gram(0, "down_in")
+    with pytest.raises(CorruptEntry, match=f"{key.digest} is corrupt \\(layer-00001.safetensors: checksum mismatch\\)"):
+        damaged.gram(1, "down_in")
+    (entry / files[0]).write_bytes((entry / files[0]).read_bytes()[:100])
+    with pytest.raises(CorruptEntry, match="layer-00000.safetensors missing or truncated"):
+        StatsCache(tmp_path / "cache").load(key)

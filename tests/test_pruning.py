@@ -162,9 +162,9 @@ def test_sequential_second_order_comes_from_pruned_inputs_and_replays(calibrated
         loaded.model, loaded.adapter, windows, CollectionOptions(topics=4, q_active=0.8), batch_size=4,
         after_layer=sequential_pruner(loaded, config), hessians=True,
     )
-    assert entry.sumsq(1, "attn_in").shape == dense_second.inverse_factor(1, "attn_in")[0].shape[:1]  # both kinds there
-    assert torch.equal(entry.inverse_factor(0, "attn_in")[0], dense_second.inverse_factor(0, "attn_in")[0])
-    assert not torch.allclose(entry.inverse_factor(1, "attn_in")[0], dense_second.inverse_factor(1, "attn_in")[0])
+    assert entry.sumsq(1, "attn_in").shape == dense_second.gram(1, "attn_in")[0].shape[:1]  # both kinds there
+    assert torch.equal(entry.gram(0, "attn_in")[0], dense_second.gram(0, "attn_in")[0])
+    assert not torch.allclose(entry.gram(1, "attn_in")[0], dense_second.gram(1, "attn_in")[0])
     report = sparsity_report(loaded.model, loaded.adapter)
     assert report.total.sparsity == pytest.approx(0.5, abs=1e-3)
     sequential_weights = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}

@@ -10,7 +10,7 @@ import torch
 from hybridprune.calibration.collect import CollectionOptions, collect_statistics
 from hybridprune.config import PruneConfig
 from hybridprune.masks import mask_unstructured
-from hybridprune.methods.reconstruct import inverse_hessian_factor, reconstruct
+from hybridprune.methods.reconstruct import reconstruct
 from hybridprune.models import load_model
 from hybridprune.pruning import prune_model
 from hybridprune.reporting import SilentReporter
@@ -58,8 +58,9 @@ def test_stacked_rows_update_as_each_matrix_alone():
         torch.testing.assert_close(rows, alone)
 
 
-def test_second_order_entry_holds_the_factor_of_the_input_grams(tiny_llama_folder: Path, tiny_cache_dir: Path):
-    """The stored factor is that of the sums x x^T computed directly from the inputs each Linear saw."""
+def test_second_order_entry_holds_the_input_grams(tiny_llama_folder: Path, tiny_cache_dir: Path):
+    """The stored Gram is the sum x x^T computed directly from the inputs each Linear saw (its correlations
+    to float16's precision), and its factor that of the damped Gram."""
     loaded = load_model(str(tiny_llama_folder), cache_dir=tiny_cache_dir)
     windows = torch.randint(0, loaded.model.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
     captured: dict[str, list[torch.Tensor]] = {}
@@ -69,10 +70,18 @@ def test_second_order_entry_holds_the_factor_of_the_input_grams(tiny_llama_folde
     hessians = collect_statistics(loaded.model, loaded.adapter, windows, CollectionOptions(), batch_size=3, hessians=True)
     for name in ("q_proj", "o_proj", "up_proj", "down_proj"):
         flats = [x.reshape(-1, x.shape[-1]).float() for x in captured[name]]
-        expected_factor, expected_dead = inverse_hessian_factor(sum((flat.T @ flat).double() for flat in flats))
-        factor, dead = hessians.inverse_factor(1, loaded.adapter.input_group(name))
-        torch.testing.assert_close(factor, expected_factor, rtol=1e-4, atol=1e-5)
-        assert torch.equal(dead, expected_dead) and torch.equal(factor, factor.triu())
+        exact = sum((flat.T @ flat).double() for flat in flats)
+        expected_dead = exact.diagonal() == 0
+        group = loaded.adapter.input_group(name)
+        gram, dead = hessians.gram(1, group)
+        scale = exact.diagonal().sqrt()
+        damped = exact + 0.01 * exact.diagonal().mean() * torch.eye(exact.shape[0], dtype=torch.float64)
+        assert float(((gram.double() - damped).abs() / torch.outer(scale, scale)).max()) < 1e-3  # float16 correlations
+        assert torch.equal(gram, gram.T) and torch.equal(dead, expected_dead)
+        factor, _ = hessians.inverse_factor(1, group)
+        identity = torch.eye(gram.shape[0], dtype=torch.float64)
+        torch.testing.assert_close((factor.double().T @ factor.double()) @ gram.double(), identity, rtol=0, atol=1e-4)
+        assert torch.equal(factor, factor.triu())
     assert hessians.num_layers == loaded.num_layers and hessians.tokens == windows.numel()
 
 

@@ -9,9 +9,9 @@ import torch
 from torch import Tensor, nn
 
 from hybridprune.calibration.runner import LayerStore, run_layerwise
-from hybridprune.calibration.stats import CalibrationStats, LayerAccumulator, pack_upper
+from hybridprune.calibration.second_order import GramAccumulator, pack_gram
+from hybridprune.calibration.stats import SECOND_ORDER_ENTRIES, CalibrationStats, LayerAccumulator
 from hybridprune.config import default_of
-from hybridprune.methods.reconstruct import inverse_hessian_factor
 from hybridprune.models.adapters import FamilyAdapter
 
 
@@ -84,17 +84,16 @@ def statistics_observer(
 
 def hessian_observer(adapter: FamilyAdapter, finished: dict[str, Tensor]) -> Callable[[int, nn.Module], Callable[[], None]]:
     """An observer that fills `finished` with each layer's second-order entries (see stats.py): the sums
-    x x^T per input group, accumulated in float64 over the batches and factorized once the layer is done."""
+    x x^T per input group, accumulated in float32 over the batches (upper triangle) and packed once the layer
+    is done (calibration/second_order.py)."""
 
     def observe(index: int, layer: nn.Module) -> Callable[[], None]:
-        grams: dict[str, Tensor] = {}
+        grams: dict[str, GramAccumulator] = {}
         linears = adapter.linears(layer)
         firsts = adapter.group_readers()
 
         def tap(group: str, x: Tensor) -> None:
-            flat = x.detach().reshape(-1, x.shape[-1]).float()
-            product = (flat.T @ flat).double()
-            grams[group] = grams[group] + product if group in grams else product
+            grams.setdefault(group, GramAccumulator()).add(x)
 
         handles = [
             linears[name].register_forward_pre_hook(lambda _module, args, group=group: tap(group, args[0]))
@@ -104,13 +103,12 @@ def hessian_observer(adapter: FamilyAdapter, finished: dict[str, Tensor]) -> Cal
         def remove() -> None:
             for handle in handles:
                 handle.remove()
-            for group, gram in grams.items():
-                if torch.isfinite(gram).all():
-                    factor, dead = inverse_hessian_factor(gram)
-                else:  # kept as NaN, so that the finiteness check names this layer
-                    factor, dead = torch.full_like(gram, float("nan")), torch.zeros(gram.shape[0], dtype=torch.bool)
-                finished[f"layer.{index}.{group}.inverse_factor"] = pack_upper(factor)
-                finished[f"layer.{index}.{group}.dead"] = dead.cpu()
+            for group in list(grams):
+                upper = grams.pop(group).gram
+                assert upper is not None
+                for name, tensor in pack_gram(upper).items():  # NaN stays NaN: the finiteness check names this layer
+                    finished[f"layer.{index}.{group}.{name}"] = tensor
+                del upper
 
         return remove
 
@@ -146,6 +144,8 @@ def collect_statistics(
     store: LayerStore | None = None,
     hessians: bool = False,
     first_order: bool | None = None,
+    sink: Callable[[int, dict[str, Tensor]], None] | None = None,
+    rerun: bool = True,
 ) -> CalibrationStats:
     """One pass over `windows` [N, seqlen]; with `after_layer` it is the sequential (pruned-inputs) mode.
 
@@ -171,6 +171,10 @@ def collect_statistics(
     def after(index: int, layer: nn.Module) -> None:
         if after_layer is not None:
             after_layer(index, layer, CalibrationStats(tensors))  # the layers collected so far
+        if sink is not None:
+            prefix = f"layer.{index}."
+            names = [name for name in tensors if name.startswith(prefix) and name.endswith(SECOND_ORDER_ENTRIES)]
+            sink(index, {name: tensors.pop(name) for name in names})
 
     run_layerwise(
         model,
@@ -179,9 +183,10 @@ def collect_statistics(
         batch_size=batch_size,
         device=device,
         observe=observer,
-        after_layer=after if after_layer is not None else None,
+        after_layer=after if after_layer is not None or sink is not None else None,
         on_batch=on_batch,
         lead=anchor,
         store=store,
+        rerun=rerun and after_layer is not None,
     )
     return CalibrationStats(tensors)

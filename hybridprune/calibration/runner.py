@@ -103,11 +103,14 @@ def run_layerwise(
     on_batch: Callable[[int, int], None] | None = None,
     lead: Tensor | None = None,
     store: LayerStore | None = None,
+    rerun: bool = True,
 ) -> list[Tensor]:
     """Run all windows through the decoder layers one layer at a time; return the last layer's outputs.
 
     `after_layer` (used by sequential calibration) may change the layer, for example prune it;
-    the layer's outputs are then recomputed so the next layer sees the changed layer's outputs.
+    the layer's outputs are then recomputed so the next layer sees the changed layer's outputs (with `rerun`
+    False they are not: `after_layer` only reads the layer, or changes it without changing what the next
+    layer sees).
     `lead` windows run as an extra first batch through every layer (its outputs are included).
     With `store` each layer is materialized just before it runs and released after `after_layer`.
     """
@@ -116,7 +119,7 @@ def run_layerwise(
         if store is not None:
             store.materialize(index, layer)
         try:
-            _run_one(layer, index, batches, observe, after_layer, on_batch)
+            _run_one(layer, index, batches, observe, after_layer, on_batch, rerun)
         finally:
             if store is not None:
                 store.release(index, layer)
@@ -154,12 +157,13 @@ def _run_one(
     observe: LayerObserver | None,
     after_layer: Callable[[int, nn.Module], None] | None,
     on_batch: Callable[[int, int], None] | None,
+    rerun: bool = True,
 ) -> None:
-    """Observe and run one layer over every batch; with after_layer, change it and rerun it."""
+    """Observe and run one layer over every batch; with after_layer, change it (and with `rerun`, rerun it)."""
     remove_hooks = observe(index, layer) if observe else (lambda: None)
     try:
         # Without after_layer each batch's inputs can be overwritten at once: one copy of the activations.
-        outputs = _run_layer(layer, index, batches, on_batch, in_place=after_layer is None)
+        outputs = _run_layer(layer, index, batches, on_batch, in_place=after_layer is None or not rerun)
     except BaseException:
         # Ctrl-C or an error mid-layer: the hooks go, but finishing half-collected statistics may fail
         # too, and that must not replace the original exception (a KeyboardInterrupt must stay one).
@@ -169,6 +173,7 @@ def _run_one(
     remove_hooks()
     if after_layer is not None:
         after_layer(index, layer)
+    if after_layer is not None and rerun:
         for batch, output in zip(batches, _run_layer(layer, index, batches, None, in_place=False)):
             batch.hidden = output
     del outputs

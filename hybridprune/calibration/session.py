@@ -24,9 +24,10 @@ from hybridprune.errors import UserError
 from hybridprune.models.loading import LoadedModel
 from hybridprune.reporting import Reporter
 
-HESSIAN_MODE = "hessian"
-"""Key mode of the second-order entry (sum x x^T per input group, for --update): the topic and
-q_active knobs do not change it, so its key holds them as 0."""
+HESSIAN_MODE = "gram"
+"""Key mode of the second-order entry (sum x x^T per input group, for refine and --update, stored one file
+per layer: calibration/second_order.py): the topic and q_active knobs do not change it, so its key holds
+them as 0. ("hessian" entries of earlier versions held the factor of the inverse, whole: never read now.)"""
 FIT_WINDOWS = 4
 """The activity threshold and the topic centroids are fitted on the first FIT_WINDOWS windows, whatever
 --batch-size is (a different batch size runs them as a leading fit-only batch), so the batch size never
@@ -128,7 +129,7 @@ def calibrated_statistics(
             return CalibrationResult(stats, key, True, time.perf_counter() - started, cache.entry_dir(key.digest))
         reporter.note(
             f"[yellow]{'recomputing' if force else 'no cached statistics for these inputs:'} "
-            f"{'collecting second-order statistics (once: every --update run reuses them)' if hessians else 'calibrating first'}"
+            f"{'collecting second-order statistics (once: every refine / --update run reuses them)' if hessians else 'calibrating first'}"
             f"[/] (key {key.digest})"
         )
         started = time.perf_counter()
@@ -158,39 +159,59 @@ def calibrated_statistics(
                 *([] if part is None else [_shard_line(part, windows.shape[0], world)]),
             ],
         )
-        with reporter.progress("calibrating layers", layers * batches) as advance:
-            stats = collect_statistics(
-                loaded.model,
-                loaded.adapter,
-                own,
-                CollectionOptions(topics=request.topics, q_active=request.q_active, seed=request.seed),
-                batch_size=request.batch_size,
-                device=next(loaded.model.parameters()).device,
-                after_layer=after_layer,
-                on_batch=lambda _layer, _batch: (advance(1), time.sleep(test_delay)),
-                anchor=anchor,
-                store=loaded.stream,
-                hessians=hessians or second_order,
-                first_order=True if both else None,
-            )
-        if world is not None:
-            stats = world.reduce_statistics(stats)  # every rank waits here for all the others
-        check_finite(stats, loaded)
-        seconds = time.perf_counter() - started
-        if not leader:
-            return CalibrationResult(stats, key, False, seconds, cache.entry_dir(key.digest))
-        info: dict[str, object] = {"model_source": loaded.source, "seconds": round(seconds, 2)}
-        if shard is not None:
-            info["shard"] = {"index": shard.index, "count": shard.count, "full_digest": key.full().digest}
-        if world is not None:
-            info["ranks"] = world.size
+        # second-order sums go to their entry's layer files as each layer finishes, never all in memory
+        layered_key = second_order_key(dense_key) if both else key if (hessians or second_order) and leader and world is None else None
+        info: dict[str, object] = {"model_source": loaded.source}
+        with contextlib.ExitStack() as stack:
+            writer = None
+            if layered_key is not None:
+                if layered_key != key:
+                    stack.enter_context(cache.lock(layered_key))
+                writer = stack.enter_context(cache.writer(layered_key))
+
+            def sink(index: int, tensors: dict[str, torch.Tensor]) -> None:
+                check_finite(CalibrationStats(tensors), loaded)
+                assert writer is not None
+                writer.add_layer(index, tensors)
+
+            with reporter.progress("calibrating layers", layers * batches) as advance:
+                stats = collect_statistics(
+                    loaded.model,
+                    loaded.adapter,
+                    own,
+                    CollectionOptions(topics=request.topics, q_active=request.q_active, seed=request.seed),
+                    batch_size=request.batch_size,
+                    device=next(loaded.model.parameters()).device,
+                    after_layer=after_layer,
+                    on_batch=lambda _layer, _batch: (advance(1), time.sleep(test_delay)),
+                    anchor=anchor,
+                    store=loaded.stream,
+                    hessians=hessians or second_order,
+                    first_order=True if both else None,
+                    sink=sink if writer is not None else None,
+                )
+            if world is not None:
+                stats = world.reduce_statistics(stats)  # every rank waits here for all the others
+            check_finite(stats, loaded)
+            seconds = time.perf_counter() - started
+            if not leader:
+                return CalibrationResult(stats, key, False, seconds, cache.entry_dir(key.digest))
+            info["seconds"] = round(seconds, 2)
+            if shard is not None:
+                info["shard"] = {"index": shard.index, "count": shard.count, "full_digest": key.full().digest}
+            if world is not None:
+                info["ranks"] = world.size
+            if writer is not None:  # the second-order entry keeps the token count (and, sequential, the first order)
+                writer.finish(CalibrationStats({"tokens": stats.tensors["tokens"]}) if both else stats, info)
         companion = None
         if both:
-            stats, second = stats.split_second_order()
-            second_key = second_order_key(dense_key)
-            with cache.lock(second_key):
-                companion = CalibrationResult(second, second_key, False, seconds, cache.save(second_key, second, info))
-        entry = cache.save(key, stats, info)
+            assert layered_key is not None
+            companion = CalibrationResult(cache.load(layered_key), layered_key, False, seconds, cache.entry_dir(layered_key.digest))
+            entry = cache.save(key, stats, info)
+        elif layered_key is not None:
+            stats, entry = cache.load(key), cache.entry_dir(key.digest)
+        else:
+            entry = cache.save(key, stats, info)
         what = "statistics and second-order statistics" if both else "statistics"
         reporter.note(f"[green]✓[/] collected {what} for {layers} layers in {seconds:.1f}s")
         return CalibrationResult(stats, key, False, seconds, entry, companion)

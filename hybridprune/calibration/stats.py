@@ -16,28 +16,29 @@ Names inside `stats.safetensors` (l = layer index):
 Every entry is a sum over tokens (or windows), so disjoint shards of the text add up.
 (The block.* entries came with cache schema 2; older entries lack them: structured.py asks to recalibrate.)
 
-A second-order entry (key mode "hessian", for --update) holds instead, next to `tokens`, for
-each input group above, from H = sum_t x_t x_t^T over its inputs:
-  layer.l.<group>.inverse_factor [n(n+1)/2]  upper Cholesky factor of (H + 1% mean(diag H) I)^-1
-                                             (methods/reconstruct.py), packed row by row, float32
-  layer.l.<group>.dead           [n] bool    input channels that were always zero (H_jj = 0)
-The factor, not H, is stored: it is all --update needs, and factorizing once at collection
-saves every later run the three Cholesky-sized steps per matrix.
+A second-order entry (key mode "gram", for refine and --update) holds instead, next to `tokens`, for
+each input group above, from H = sum_t x_t x_t^T over its inputs (calibration/second_order.py):
+  layer.l.<group>.gram_diag [n]            float64  H_jj (0: an input channel that was always zero)
+  layer.l.<group>.gram_corr [n(n-1)/2]     float16  H_ij / sqrt(H_ii H_jj), i < j, packed row by row
+On disk these live in one file per layer (cache.py: `layer-00000.safetensors` ...), read one layer at a
+time: `shards` is then set and the tensors dict holds only `tokens`.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
+from hybridprune.calibration.second_order import damped_gram, inverse_factor
 from hybridprune.methods.neuronrank import NeuronStats, assign_topics, kmeans_cosine, quantile_threshold
 from hybridprune.models.adapters import DOWN_IN, INPUT_GROUPS, MLP_IN  # noqa: F401 (INPUT_GROUPS re-exported)
 
 TOPIC_SAMPLE_TOKENS = 2048
-SECOND_ORDER_ENTRIES = (".inverse_factor", ".dead")
+SECOND_ORDER_ENTRIES = (".gram_diag", ".gram_corr")
 PER_WINDOW_ENTRIES = (".nr.window_active", ".nr.window_tokens")
 COUNT_ENTRIES = ("nr.active_tokens", "nr.window_active", "nr.window_tokens", "nr.topic_active", "nr.topic_tokens")
 
@@ -47,6 +48,8 @@ class CalibrationStats:
     """All layers' statistics as one flat dict of tensors (the on-disk format, see module doc)."""
 
     tensors: dict[str, Tensor]
+    shards: LayerReader | None = None
+    """Where per-layer entries live when they are not in `tensors` (a cache entry's layer files)."""
 
     @property
     def tokens(self) -> int:
@@ -54,15 +57,32 @@ class CalibrationStats:
 
     @property
     def num_layers(self) -> int:
+        if self.shards is not None:
+            return self.shards.num_layers
         return len({match.group(1) for name in self.tensors if (match := re.match(r"layer\.(\d+)\.", name))})
+
+    def layer_entry(self, layer: int, name: str) -> Tensor:
+        """`layer.<layer>.<name>`, from memory or from the layer's file."""
+        full = f"layer.{layer}.{name}"
+        if full in self.tensors or self.shards is None:
+            return self.tensors[full]
+        return self.shards.layer(layer)[full]
 
     def sumsq(self, layer: int, group: str) -> Tensor:
         return self.tensors[f"layer.{layer}.{group}.sumsq"]
 
+    def has_second_order(self, layer: int, group: str) -> bool:
+        full = f"layer.{layer}.{group}.gram_diag"
+        return full in self.tensors or (self.shards is not None and full in self.shards.layer(layer))
+
+    def gram(self, layer: int, group: str) -> tuple[Tensor, Tensor]:
+        """A second-order entry's damped Gram G [n, n] (float32) and dead-channel mask [n]."""
+        return damped_gram(self.layer_entry(layer, f"{group}.gram_diag"), self.layer_entry(layer, f"{group}.gram_corr"))
+
     def inverse_factor(self, layer: int, group: str) -> tuple[Tensor, Tensor]:
-        """A second-order entry's factor [n, n] (upper triangular) and dead-channel mask [n]."""
-        prefix = f"layer.{layer}.{group}."
-        return unpack_upper(self.tensors[prefix + "inverse_factor"]), self.tensors[prefix + "dead"]
+        """The upper Cholesky factor [n, n] of G^-1 (what --update's sweep needs) and the dead-channel mask [n]."""
+        gram, dead = self.gram(layer, group)
+        return inverse_factor(gram), dead
 
     def split_second_order(self) -> tuple[CalibrationStats, CalibrationStats]:
         """(first-order, second-order) entries of a pass that collected both (each keeps the token count)."""
@@ -114,21 +134,12 @@ class CalibrationStats:
         return self
 
 
-def pack_upper(matrix: Tensor) -> Tensor:
-    """The upper triangle of a square matrix, row by row, as float32 (half the bytes of the matrix)."""
-    rows, columns = torch.triu_indices(matrix.shape[0], matrix.shape[0], device=matrix.device)
-    return matrix[rows, columns].float()
+class LayerReader(Protocol):
+    """Per-layer entries kept outside memory, read one layer at a time (cache.LayerShards)."""
 
+    num_layers: int
 
-def unpack_upper(packed: Tensor) -> Tensor:
-    """The upper triangular float32 matrix that pack_upper packed (zeros below the diagonal)."""
-    size = int(((8 * packed.numel() + 1) ** 0.5 - 1) / 2)
-    if size * (size + 1) // 2 != packed.numel():
-        raise ValueError(f"{packed.numel()} values are not the upper triangle of a square matrix")
-    matrix = torch.zeros(size, size, dtype=torch.float32, device=packed.device)
-    rows, columns = torch.triu_indices(size, size, device=packed.device)
-    matrix[rows, columns] = packed.float()
-    return matrix
+    def layer(self, index: int) -> dict[str, Tensor]: ...
 
 
 @dataclass

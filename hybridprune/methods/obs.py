@@ -149,19 +149,7 @@ def sweep_prune(
     return updated.to(weight.dtype), keep_all
 
 
-# --- the Gram matrix from the cached factor, and swap refinement of a mask ---------------------------
-
-
-def gram_from_factor(factor: Tensor) -> Tensor:
-    """H + damping (float64) from the upper factor U of its inverse: (U^T U)^-1 (LAPACK potri).
-
-    The cached second-order entry keeps only U; the damped Gram it gives is what `refine_swaps` needs
-    (the 1% damping adds lambda * ||pruned part||^2 to its objective: a mild magnitude term).
-    potri instead of a triangular solve and a product: the same matrix (1e-15 apart) in a third of the
-    time (8960^2 on 2 cores: 4.4 s against 13.1 s).
-    """
-    # LAPACK hands back a column-major matrix: made row-major here, as refine reads whole rows of G
-    return torch.cholesky_inverse(factor.to(torch.float64), upper=True).contiguous()
+# --- the Gram shrunk toward its diagonal, and swap refinement of a mask ---------------------------------
 
 
 def shrink_offdiagonal(gram: Tensor, offdiag: float) -> Tensor:
@@ -463,17 +451,6 @@ def spread_order(score: Tensor, m: int) -> Tensor:
     ranked = torch.argsort(-score.to(torch.float64), stable=True)
     # position p = group * m + band; rank r = band * groups + group
     return ranked.reshape(m, groups).T.reshape(-1)
-
-
-def permute_factor(factor: Tensor, order: Tensor) -> Tensor:
-    """The upper factor of (P H P^T)^-1 from the factor U of H^-1 (U^T U = H^-1), P taking inputs to `order`.
-
-    The sweep's order of columns matters, so a permuted input needs its own factorization (float64)."""
-    upper = factor.to(torch.float64)
-    inverse = upper.T @ upper
-    index = order.to(inverse.device)
-    permuted = inverse[index][:, index]
-    return torch.linalg.cholesky(permuted, upper=True).to(factor.dtype)
 
 
 def kept_metric(metric: Tensor, order: Tensor, n: int, m: int) -> Tensor:

@@ -1,0 +1,121 @@
+"""Second-order statistics: the Gram H = sum_t x_t x_t^T per input group, collected and stored compactly.
+
+What the pruning needs: refine needs the damped Gram G = H + damping, the update needs the upper Cholesky
+factor of G^-1 (SparseGPT's sweep). G serves both (the factor is one factorization away, and every preset
+that updates shrinks G's off-diagonal first, so it refactorized anyway), so G is what is stored:
+
+  <group>.gram_diag  [n]            float64  H_jj = sum_t x_tj^2 (exact; 0 marks a dead input channel)
+  <group>.gram_corr  [n (n-1) / 2]  float16  H_ij / sqrt(H_ii H_jj) for i < j, row by row
+
+The correlations lie in [-1, 1], where float16 keeps 11 significant bits (5e-4 relative): 2 bytes per
+entry instead of 4 (float32) for a matrix that is as large as the weights at 8B-70B. Both the packing and
+the unpacking run row by row (never an index tensor of n^2 entries: at 70B that alone would be 13 GB).
+
+Collection accumulates H in float32 and computes only the upper blocks (H is symmetric): half the flops.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+DAMPING = 0.01
+"""G = H + DAMPING * mean(diag H) I (dead channels' diagonal set to 1 first), as SparseGPT damps."""
+BLOCK = 1024
+"""Columns per block of the upper-triangular accumulation and of the (un)packing."""
+FLOAT64_BYTES = 2**30
+"""The factorization runs in float64 while one n x n float64 matrix takes at most this many bytes (n <= 11585:
+every validated model), in float32 above (SparseGPT's precision), where three float64 n x n buffers would
+exceed the per-layer memory goal (70B down_proj: 3 x 6.6 GB)."""
+
+
+class GramAccumulator:
+    """The upper triangle (and diagonal) of sum_t x_t x_t^T over batches, in float32."""
+
+    def __init__(self) -> None:
+        self.gram: Tensor | None = None
+
+    def add(self, x: Tensor) -> None:
+        flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
+        width = flat.shape[1]
+        if self.gram is None:
+            self.gram = torch.zeros(width, width, dtype=torch.float32, device=flat.device)
+        for start in range(0, width, BLOCK):
+            end = min(start + BLOCK, width)
+            self.gram[start:end, start:].addmm_(flat[:, start:end].T, flat[:, start:])
+
+
+def pack_gram(upper: Tensor) -> dict[str, Tensor]:
+    """{"gram_diag", "gram_corr"} of a Gram whose upper triangle (diagonal included) is filled (see module doc)."""
+    width = upper.shape[0]
+    diag = upper.diagonal().to(torch.float64).cpu().clone()
+    scale = diag.sqrt()
+    inverse = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale)).to(torch.float32).to(upper.device)
+    corr = torch.empty(width * (width - 1) // 2, dtype=torch.float16)
+    offset = 0
+    for start in range(0, width, BLOCK):
+        end = min(start + BLOCK, width)
+        rows = (upper[start:end, start:].to(torch.float32) * inverse[start:end, None] * inverse[None, start:]).clamp_(-1.0, 1.0)
+        rows = rows.to(torch.float16).cpu()
+        for local in range(end - start):
+            length = width - (start + local) - 1
+            corr[offset : offset + length] = rows[local, local + 1 :]
+            offset += length
+    return {"gram_diag": diag, "gram_corr": corr}
+
+
+def unpack_gram(diag: Tensor, corr: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The symmetric Gram H [n, n] that pack_gram packed (its diagonal exact)."""
+    width = diag.shape[0]
+    if corr.numel() != width * (width - 1) // 2:
+        raise ValueError(f"{corr.numel()} correlations do not fit {width} inputs")
+    gram = torch.empty(width, width, dtype=dtype)
+    offset = 0
+    for row in range(width):
+        length = width - row - 1
+        gram[row, row + 1 :] = corr[offset : offset + length]
+        offset += length
+    for start in range(0, width, BLOCK):  # the lower triangle from the upper, a block of rows at a time
+        end = min(start + BLOCK, width)
+        gram[start:end, :start] = gram[:start, start:end].T
+        upper = torch.triu(gram[start:end, start:end], 1)
+        gram[start:end, start:end] = upper + upper.T
+    scale = diag.sqrt().to(dtype)
+    for start in range(0, width, BLOCK):  # s_i s_j is one rounding, the same both ways: G stays exactly symmetric
+        end = min(start + BLOCK, width)
+        gram[start:end].mul_(scale[start:end, None] * scale[None, :])
+    gram.diagonal().copy_(diag.to(dtype))
+    return gram
+
+
+def damped_gram(diag: Tensor, corr: Tensor, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """(G = H + damping, dead-channel mask [n]) from the packed entries: dead channels get diagonal 1 first."""
+    gram = unpack_gram(diag, corr, dtype)
+    dead = diag == 0
+    return damp_(gram, dead), dead
+
+
+def damp_(gram: Tensor, dead: Tensor) -> Tensor:
+    """In place: dead channels' diagonal 1, then DAMPING * mean(diag) on the diagonal."""
+    diagonal = gram.diagonal()
+    diagonal[dead.to(gram.device)] = 1.0
+    diagonal.add_(DAMPING * diagonal.mean())
+    return gram
+
+
+def inverse_factor(gram: Tensor) -> Tensor:
+    """The upper Cholesky factor U of G^-1 (U^T U = G^-1), float32, for a damped Gram G (consumed: freed early).
+
+    Runs in float64 where that fits FLOAT64_BYTES, else in float32, one n x n buffer at a time beyond G."""
+    width = gram.shape[0]
+    dtype = torch.float64 if width * width * 8 <= FLOAT64_BYTES else torch.float32
+    lower = torch.linalg.cholesky(gram.to(dtype))
+    del gram
+    inverse = torch.cholesky_inverse(lower)
+    del lower
+    return torch.linalg.cholesky(inverse, upper=True).to(torch.float32)
+
+
+def entry_bytes(widths: list[int]) -> int:
+    """Bytes of one layer's stored second-order entries for its input groups' widths (see module doc)."""
+    return sum(8 * n + 2 * (n * (n - 1) // 2) for n in widths)
