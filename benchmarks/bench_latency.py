@@ -29,7 +29,7 @@ def main() -> None:
     from hybridprune.evaluation import latency, perplexity
     from hybridprune.fsutil import cache_root
     from hybridprune.models import load_model
-    from hybridprune.pruning import prune_model
+    from hybridprune.passes import prune_model
     from hybridprune.reporting import SilentReporter
 
     dense = load_model(None)

@@ -502,16 +502,8 @@ def prune(
     from hybridprune.export import compress_folder
     from hybridprune.fsutil import atomic_folder
     from hybridprune.models import load_model
-    from hybridprune.pruning import (
-        SAVE_FORMATS,
-        check_output_folder,
-        prune_model,
-        prune_streaming,
-        run_record,
-        save_pruned,
-        sequential_pruner,
-        write_extras,
-    )
+    from hybridprune.passes import prune_model, prune_streaming, sequential_pruner
+    from hybridprune.pruning import SAVE_FORMATS, check_output_folder, run_record, save_pruned, write_extras
     from hybridprune.sparsity import sparsity_report
 
     reporter = reporter or SilentReporter()

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,18 +38,10 @@ from hybridprune.models.adapters import FamilyAdapter
 from hybridprune.models.loading import LoadedModel
 from hybridprune.models.streaming import (
     LayerStream,
-    ShardWriter,
-    outside_layer_names,
-    parameter_name,
 )
-from hybridprune.models.weights import read_tensors
 from hybridprune.reporting import Reporter
 from hybridprune.sparsity import (
-    ModuleCount,
     SparsityReport,
-    assemble_report,
-    layer_counts,
-    zero_count,
 )
 
 METADATA_FILE = "hybridprune.json"
@@ -331,121 +321,6 @@ def _select(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
         bias = linear.bias.detach()
         smaller.bias.data.copy_(bias.index_select(0, index.to(bias.device)) if dim == 0 else bias)
     return smaller
-
-
-@dataclass
-class PruneOutcome:
-    plans: dict[int, LayerPlan]
-    seconds: float
-
-
-def check_layer_count(stats: CalibrationStats, loaded: LoadedModel) -> None:
-    if stats.num_layers != loaded.num_layers:
-        raise UserError(f"statistics have {stats.num_layers} layers, the model {loaded.num_layers}: recalibrate with --force")
-
-
-def prune_model(
-    loaded: LoadedModel,
-    stats: CalibrationStats,
-    config: PruneConfig,
-    reporter: Reporter,
-    hessians: CalibrationStats | None = None,
-) -> PruneOutcome:
-    """Prune every planned layer from the statistics, with a progress bar over layers.
-
-    With `hessians` (config.update: the cached second-order entry) the kept weights are updated too.
-    """
-    started = time.perf_counter()
-    adapter, model = loaded.adapter, loaded.model
-    check_layer_count(stats, loaded)
-    plans = plan_layers(model, adapter, stats, config)
-    scoring = neuron_scoring(config)
-    layers = adapter.layers(model)
-    with reporter.progress("applying pruning" + (" + weight update" if hessians is not None else ""), len(layers)) as advance:
-        for index in range(len(layers)):
-            if index in plans:
-                prune_layer(layers[index], index, adapter, stats, plans[index], scoring, hessians, config.update_shrink)
-            advance(1)
-    finish_structured(loaded, config)
-    return PruneOutcome(plans, time.perf_counter() - started)
-
-
-def prune_streaming(
-    loaded: LoadedModel,
-    stats: CalibrationStats,
-    config: PruneConfig,
-    reporter: Reporter,
-    folder: Path,
-    hessians: CalibrationStats | None = None,
-) -> tuple[PruneOutcome, SparsityReport]:
-    """prune_model for a streamed model: each layer is loaded, pruned, written to `folder` and released.
-
-    Writes the weights as one shard for everything outside the decoder layers plus one shard per layer
-    (with model.safetensors.index.json); the caller adds config, tokenizer and metadata (write_extras).
-    """
-    started = time.perf_counter()
-    adapter, model, stream = loaded.adapter, loaded.model, loaded.stream
-    if stream is None:
-        raise ValueError("prune_streaming needs a model loaded with streaming=True")
-    check_layer_count(stats, loaded)
-    dense_width = getattr(model.config, adapter.intermediate_size_key)
-    plans = plan_layers(model, adapter, stats, config, stream)
-    scoring = neuron_scoring(config)
-    writer = ShardWriter(folder, shards=loaded.num_layers + 1)
-    names, state = outside_layer_names(model, adapter), model.state_dict()
-    outside = {name: state[name] for name in names if not state[name].is_meta}  # the resident trunk, not read twice
-    outside.update(read_tensors(loaded.folder, stream.dtype, set(names) - set(outside)))
-    embedding_name = parameter_name(model, model.get_input_embeddings().weight)
-    head_name = parameter_name(model, model.get_output_embeddings().weight)
-    embeddings = zero_count(outside[embedding_name])
-    lm_head = None if head_name == embedding_name else zero_count(outside[head_name])
-    writer.write(outside)
-    del outside, state
-    stream.release_trunk()  # the layers are pruned from statistics alone
-    counts: list[ModuleCount] = []
-    description = "pruning and writing layers" + (" + weight update" if hessians is not None else "")
-    with reporter.progress(description, loaded.num_layers) as advance:
-        for index in range(loaded.num_layers):
-            with stream.resident(index) as layer:
-                if index in plans:
-                    prune_layer(layer, index, adapter, stats, plans[index], scoring, hessians, config.update_shrink)
-                advance(1)
-                counts.extend(layer_counts(index, layer, adapter, dense_width))
-                writer.write({f"{adapter.layers_path}.{index}.{name}": tensor for name, tensor in layer.state_dict().items()})
-    writer.finish()
-    finish_structured(loaded, config)
-    return PruneOutcome(plans, time.perf_counter() - started), assemble_report(counts, adapter, embeddings, lm_head)
-
-
-def finish_structured(loaded: LoadedModel, config: PruneConfig) -> None:
-    """After structured pruning every pruned layer has the same, smaller intermediate size."""
-    if parse_pattern(config.pattern).kind != "structured":
-        return
-    sizes = {getattr(loaded.adapter.mlp(layer), loaded.adapter.mlp_output).in_features for layer in loaded.adapter.layers(loaded.model)}
-    if len(sizes) != 1:
-        raise UserError(
-            "structured pruning of only some layers gives layers of different sizes, which a standard "
-            "config cannot describe: drop --pruning-last / --preserve-first with --pattern structured"
-        )
-    setattr(loaded.model.config, loaded.adapter.intermediate_size_key, sizes.pop())
-
-
-def sequential_pruner(loaded: LoadedModel, config: PruneConfig):
-    """The after_layer callback of sequential calibration: prune each layer right after its statistics.
-
-    With --update / --refine the sequential pass collects each layer's second-order sums as well, from
-    the same pruned inputs (SparseGPT's order), and the layer is updated / refined from them.
-    """
-    scoring = neuron_scoring(config)
-    pruned = set(config.pruned_layers(loaded.num_layers))
-    plan = layer_plan(config, config.sparsity)
-    second_order = config.needs_second_order
-
-    def prune_now(index: int, layer: nn.Module, stats: CalibrationStats) -> None:
-        if index in pruned:
-            prune_layer(layer, index, loaded.adapter, stats, plan, scoring, stats if second_order else None, config.update_shrink)
-
-    return prune_now
 
 
 def check_output_folder(out: Path, model_folder: Path, overwrite: bool) -> Path:

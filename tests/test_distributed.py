@@ -27,7 +27,7 @@ from hybridprune.cli.main import app
 from hybridprune.config import PruneConfig
 from hybridprune.errors import UserError
 from hybridprune.models import load_model
-from hybridprune.pruning import prune_model
+from hybridprune.passes import prune_model
 from hybridprune.reporting import SilentReporter
 
 REPO = Path(__file__).resolve().parents[1]

@@ -159,7 +159,7 @@ def test_nan_or_inf_is_reported_by_layer(tensor: str, value: float, expected: st
 def test_prune_refuses_nan_weights_by_layer(good_entry: Path, tiny_model_copy, tmp_path: Path):  # type: ignore[no-untyped-def]
     from hybridprune.config import PruneConfig
     from hybridprune.models import load_model
-    from hybridprune.pruning import prune_model
+    from hybridprune.passes import prune_model
     from hybridprune.reporting import SilentReporter
 
     (entry,) = entries(good_entry)

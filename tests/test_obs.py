@@ -173,7 +173,8 @@ from pathlib import Path  # noqa: E402
 from hybridprune.calibration.collect import CollectionOptions, collect_statistics  # noqa: E402
 from hybridprune.config import PruneConfig  # noqa: E402
 from hybridprune.models import load_model  # noqa: E402
-from hybridprune.pruning import permute_neurons, prune_model  # noqa: E402
+from hybridprune.passes import prune_model  # noqa: E402
+from hybridprune.pruning import permute_neurons  # noqa: E402
 from hybridprune.reporting import SilentReporter  # noqa: E402
 from hybridprune.sparsity import sparsity_report  # noqa: E402
 

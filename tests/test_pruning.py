@@ -11,7 +11,8 @@ import torch
 from hybridprune.calibration.collect import CollectionOptions, collect_statistics
 from hybridprune.config import PruneConfig
 from hybridprune.models import load_model
-from hybridprune.pruning import plan_layers, prune_model, save_pruned
+from hybridprune.passes import prune_model
+from hybridprune.pruning import plan_layers, save_pruned
 from hybridprune.reporting import SilentReporter
 from hybridprune.sparsity import sparsity_report
 
@@ -129,7 +130,7 @@ def test_allocations_keep_total_exact(calibrated):
 
 def test_sequential_calibration_prunes_on_pruned_inputs(calibrated, tiny_cache_dir: Path):
     """The original Wanda procedure: layer 1's statistics come from the pruned layer 0."""
-    from hybridprune.pruning import sequential_pruner
+    from hybridprune.passes import sequential_pruner
 
     folder, cache_dir, dense_stats = calibrated
     loaded = load_model(str(folder), cache_dir=cache_dir)
@@ -150,7 +151,7 @@ def test_sequential_second_order_comes_from_pruned_inputs_and_replays(calibrated
     """--sequential with --update / --refine: each layer's x x^T is collected from the pruned layers before it
     (layer 0 sees the dense inputs, layer 1 does not), in the same entry as the first-order statistics; pruning
     the dense model again from that entry (the cached replay) gives the same weights."""
-    from hybridprune.pruning import sequential_pruner
+    from hybridprune.passes import sequential_pruner
 
     folder, cache_dir, _ = calibrated
     loaded = load_model(str(folder), cache_dir=cache_dir)

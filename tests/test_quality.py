@@ -63,7 +63,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory):
 
 def perplexities(setup, config) -> dict[str, float]:
     from hybridprune.evaluation import perplexity
-    from hybridprune.pruning import prune_model
+    from hybridprune.passes import prune_model
     from hybridprune.reporting import SilentReporter
 
     loaded, (stats, hessians), texts, dense = setup

@@ -12,7 +12,7 @@ from hybridprune.config import PruneConfig
 from hybridprune.masks import mask_unstructured
 from hybridprune.methods.reconstruct import reconstruct
 from hybridprune.models import load_model
-from hybridprune.pruning import prune_model
+from hybridprune.passes import prune_model
 from hybridprune.reporting import SilentReporter
 from hybridprune.sparsity import sparsity_report
 

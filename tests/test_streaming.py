@@ -114,7 +114,7 @@ def test_streaming_is_chosen_when_the_weights_do_not_fit(tiny_llama_folder, monk
 @pytest.mark.parametrize("update", [False, True])
 def test_one_layer_is_resident_at_a_time(update, tiny_llama_folder, tiny_cache_dir, tmp_path, monkeypatch):
     from hybridprune.config import PruneConfig
-    from hybridprune.pruning import prune_streaming
+    from hybridprune.passes import prune_streaming
     from hybridprune.reporting import SilentReporter
 
     loaded = load_model(str(tiny_llama_folder), cache_dir=tiny_cache_dir, streaming=True)

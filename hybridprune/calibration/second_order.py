@@ -23,6 +23,8 @@ DAMPING = 0.01
 """G = H + DAMPING * mean(diag H) I (dead channels' diagonal set to 1 first), as SparseGPT damps."""
 BLOCK = 1024
 """Columns per block of the upper-triangular accumulation and of the (un)packing."""
+CORRELATION_DTYPE = torch.float16
+"""Storage of the correlations (benchmarks/second_order_storage.py compares it with float32)."""
 FLOAT64_BYTES = 2**30
 """The factorization runs in float64 while one n x n float64 matrix takes at most this many bytes (n <= 11585:
 every validated model), in float32 above (SparseGPT's precision), where three float64 n x n buffers would
@@ -51,12 +53,12 @@ def pack_gram(upper: Tensor) -> dict[str, Tensor]:
     diag = upper.diagonal().to(torch.float64).cpu().clone()
     scale = diag.sqrt()
     inverse = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale)).to(torch.float32).to(upper.device)
-    corr = torch.empty(width * (width - 1) // 2, dtype=torch.float16)
+    corr = torch.empty(width * (width - 1) // 2, dtype=CORRELATION_DTYPE)
     offset = 0
     for start in range(0, width, BLOCK):
         end = min(start + BLOCK, width)
         rows = (upper[start:end, start:].to(torch.float32) * inverse[start:end, None] * inverse[None, start:]).clamp_(-1.0, 1.0)
-        rows = rows.to(torch.float16).cpu()
+        rows = rows.to(CORRELATION_DTYPE).cpu()
         for local in range(end - start):
             length = width - (start + local) - 1
             corr[offset : offset + length] = rows[local, local + 1 :]
@@ -118,4 +120,5 @@ def inverse_factor(gram: Tensor) -> Tensor:
 
 def entry_bytes(widths: list[int]) -> int:
     """Bytes of one layer's stored second-order entries for its input groups' widths (see module doc)."""
-    return sum(8 * n + 2 * (n * (n - 1) // 2) for n in widths)
+    size = torch.finfo(CORRELATION_DTYPE).bits // 8
+    return sum(8 * n + size * (n * (n - 1) // 2) for n in widths)
