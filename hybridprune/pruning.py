@@ -178,6 +178,7 @@ def prune_layer(
     else:
         order = None
 
+    device = next(iter(weights.values())).device
     cached: dict[tuple[str, str], Any] = {}  # per input group, each computed once per layer and only when asked for
 
     def once(kind: str, group: str, compute: Callable[[], Any]) -> Any:
@@ -195,7 +196,7 @@ def prune_layer(
         """The damped X^T X (float32, from the layer's second-order entry), shrunk toward its diagonal by plan.gram_offdiag."""
         def compute() -> torch.Tensor:
             assert hessians is not None
-            gram = hessians.gram(index, group)[0]
+            gram = hessians.gram(index, group)[0].to(device)  # unpacked on the CPU, then worked on where the layer is
             if (p := permutation(group)) is not None:  # a permuted G is a gather
                 p = p.to(gram.device)
                 gram = gram[p][:, p]
@@ -206,7 +207,7 @@ def prune_layer(
         """The upper factor of G^-1 (G shrunk as gram_of says; permuted inputs: of the permuted G) and the dead channels."""
         def compute() -> tuple[torch.Tensor, torch.Tensor]:
             assert hessians is not None
-            dead = hessians.layer_entry(index, f"{group}.gram_diag") == 0
+            dead = (hessians.layer_entry(index, f"{group}.gram_diag") == 0).to(device)
             p = permutation(group)
             gram_of(group)
             # handed over, not kept: the Gram's n x n buffer can go before the factorization makes its own

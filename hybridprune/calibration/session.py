@@ -149,7 +149,7 @@ def calibrated_statistics(
         reporter.phase(
             "Calibration",
             [
-                f"model     {loaded.source}  ({layers} layers, {dtype_name(loaded.model)})",
+                f"model     {loaded.source}  ({layers} layers, {dtype_name(loaded.model)}, on {loaded.device})",
                 f"text      {key.text_name} [{key.text_split}]  {request.nsamples} x {request.seqlen} tokens, seed {request.seed}",
                 "collect   second-order sums x x^T of every Linear's inputs (for --update)"
                 if hessians
@@ -181,7 +181,7 @@ def calibrated_statistics(
                     own,
                     CollectionOptions(topics=request.topics, q_active=request.q_active, seed=request.seed),
                     batch_size=request.batch_size,
-                    device=next(loaded.model.parameters()).device,
+                    device=loaded.device,
                     after_layer=after_layer,
                     on_batch=lambda _layer, _batch: (advance(1), time.sleep(test_delay)),
                     anchor=anchor,

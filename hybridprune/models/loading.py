@@ -41,6 +41,11 @@ class LoadedModel:
     def num_layers(self) -> int:
         return len(self.adapter.layers(self.model))
 
+    @property
+    def device(self) -> torch.device:
+        """Where the layers are computed (a streamed layer is loaded there while it is used)."""
+        return self.stream.device if self.stream is not None else next(self.model.parameters()).device
+
 
 def resolve_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
@@ -49,10 +54,13 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 
 def resolve_device(name: str) -> torch.device:
+    """A --device value as a torch device: `auto` is the first CUDA device when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {name} was asked for but no CUDA device is available: use --device cpu")
     if not (name == "cpu" or name.startswith("cuda")):
-        raise UserError(f"unknown --device '{name}': use cpu or cuda[:N]")
+        raise UserError(f"unknown --device '{name}': use auto, cpu or cuda[:N]")
     return torch.device(name)
 
 
