@@ -1,9 +1,9 @@
 """The residual update of `--refine` on Qwen's down_proj shape (1536 rows, 8960 inputs, 4 swaps per row):
-the rows of G gathered per row then a batched product (session 4's code) against one CSR x dense product
+the rows of G gathered per row then a batched product (the code before 2d43f06) against one CSR x dense product
 (methods/obs._rows_of_g_combined). One thread, G row-major.
 
-    .venv/bin/python benchmarks/research/refine_residual_update.py
-Session 5, quiet machine: gather + bmm 0.322 s, CSR 0.086 s per step; max difference 3.8e-6.
+    .venv/bin/python benchmarks/refine_residual_update.py
+Measured at 2d43f06 (2026-12-01), quiet machine: gather + bmm 0.322 s, CSR 0.086 s per step; max difference 3.8e-6.
 """
 
 import time

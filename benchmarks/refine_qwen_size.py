@@ -1,10 +1,10 @@
-# ruff: noqa: E402, I001  (a measurement script kept as it was run)
+# ruff: noqa: E401, E402, E702, I001  (a measurement script kept as it was run)
 """Swap refinement on Qwen2.5-1.5B-sized matrices (down_proj 1536 x 8960, gate 8960 x 1536; random weights, Gram of
 2048 random tokens, shrunk 0.25; 50 steps, batch 4, the product's settings), one thread: time against an earlier
 revision's refine_swaps, mask entries that differ, and the refined error of both.
 
-Usage: PYTHONPATH=. python benchmarks/research/refine_qwen_size.py [REV]   (default HEAD)
-Session 7 (one thread, the other core busy with a Qwen run), residual in float32 and no recomputation within 50
+Usage: PYTHONPATH=. python benchmarks/refine_qwen_size.py [REV]   (default HEAD)
+Measured at 42b96cd, 2026-12-01 (one thread, the other core busy with a Qwen run), residual in float32 and no recomputation within 50
 steps against dcd202b (float64 residual recomputed every 25 steps): 1536 x 8960 18.80 s -> 13.94 s (0.74x), 242 of
 13.8M mask entries differ, refined error / unrefined 0.9196823 -> 0.9196827; 8960 x 1536 5.11 s -> 4.63 s (0.91x),
 4 entries differ, 0.9815264 both.

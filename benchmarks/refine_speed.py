@@ -1,7 +1,7 @@
 # ruff: noqa: E401, E402, E702, I001  (a measurement script kept as it was run)
 """Swap refinement cost and error by steps and swaps per step, on SmolLM2 layer 10 (validate.py caches, wiki-vital+code).
 
-Usage: PYTHONPATH=. python benchmarks/research/refine_speed.py
+Usage: PYTHONPATH=. python benchmarks/refine_speed.py
 """
 import sys, time, torch
 sys.path.insert(0, "benchmarks")

@@ -1,11 +1,11 @@
-# ruff: noqa: E402, I001  (a measurement script kept as it was run)
+# ruff: noqa: E401, E402, E702, I001  (a measurement script kept as it was run)
 """Swap refinement against an earlier revision's: time and masks on real SmolLM2 layers (3, 15, 25; all 7
 projections; gram_offdiag 0.5; the product's batches: 4 unstructured, 8 at 2:4), one thread.
 
-Usage: PYTHONPATH=. python benchmarks/research/refine_search_state.py [REV] (default 8e4dcd4: before session 6)
-Session 6 (2 cores shared with a Qwen run, one thread here): unstructured 4.97 s -> 4.24 s, 0 of 10.6M mask
+Usage: PYTHONPATH=. python benchmarks/refine_search_state.py [REV] (default 8e4dcd4: before 00e600a)
+Measured at 00e600a, 2026-12-01 (2 cores shared with a Qwen run, one thread here): unstructured 4.97 s -> 4.24 s, 0 of 10.6M mask
 entries differ; 2:4 7.55 s -> 6.21 s, 10 of 10.6M differ (float ties: the pairs are summed in another order).
-Session 7 (`... refine_search_state.py 31239c7`, three jobs on the 2 cores): the N:M search keeping its swap
+Measured at b25c2a5, 2026-12-01 (`... refine_search_state.py 31239c7`, three jobs on the 2 cores): the N:M search keeping its swap
 constants, 2:4 10.63 s -> 7.60 s (0.71x), 0 of 10.6M entries differ; unstructured unchanged (6.99 / 7.32 s).
 """
 import sys, time
