@@ -3,7 +3,7 @@
     python benchmarks/validate.py                      # the standard run (test halves, both models) + docs
     python benchmarks/validate.py run --model smollm2 --half validation --configs wanda,balanced
     python benchmarks/validate.py report               # docs/validation.md + docs/validation.json from the rows
-    python benchmarks/validate.py ablations            # the ablation rows (test halves) + docs/ablations.md
+    python benchmarks/ablations.py                     # the ablation rows (test halves) + docs/ablations.md
 
 Loads each model once, calibrates once per (model, seed) on the wiki-vital calibration split, and
 applies every configuration in-process with the product's own pruning code
@@ -527,7 +527,7 @@ def goal_lines(s: dict, models: list[str]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", nargs="?", default="all", choices=("all", "run", "report", "ablations"))
+    parser.add_argument("command", nargs="?", default="all", choices=("all", "run", "report"))
     parser.add_argument("--model", default="smollm2", choices=tuple(MODELS))
     parser.add_argument("--half", default="test", choices=("validation", "test"))
     parser.add_argument("--configs", default="dense," + ",".join(HEADLINE))
@@ -546,10 +546,6 @@ def main() -> None:
         run(args.model, args.configs.split(","), args.half, args.domains.split(","), seeds, args.threads)
     elif args.command == "report":
         report()
-    elif args.command == "ablations":
-        import ablations
-
-        ablations.main(args.threads)
     else:
         for model in MODELS:
             run(model, ["dense", *HEADLINE], "test", list(DOMAINS), [0], args.threads)

@@ -647,11 +647,11 @@ def _structured_step(
     loaded: LoadedModel, stats: Any, config: PruneConfig, hessians: Any, request: CalibrationRequest, root: Path, reporter: Reporter,
     dense_config: Any,
 ) -> dict[str, Any] | None:
-    """Heads, layers or the --target-speedup plan (structured.apply_structured), with the user told what was removed."""
+    """Heads, layers or the --target-speedup plan (planner.apply_structured), with the user told what was removed."""
     if not (config.heads_sparsity or config.drop_layers or config.target_speedup):
         return None
     from hybridprune.calibration.session import calibration_windows
-    from hybridprune.structured import apply_structured
+    from hybridprune.planner import apply_structured
 
     probe = calibration_windows(loaded, request, root)[0][:4] if config.target_speedup else None
     with reporter.progress("structured removal" + (f": planning {config.target_speedup:g}x" if config.target_speedup else ""), 1) as advance:
@@ -797,7 +797,8 @@ def _evaluate_one(
     from rich.markup import escape
 
     from hybridprune.data import eval_windows, tokenize
-    from hybridprune.evaluation import check_vocabulary, folder_size, parameter_count, perplexity, zero_shot
+    from hybridprune.evaluation import check_vocabulary, perplexity, zero_shot
+    from hybridprune.latency import folder_size, parameter_count
     from hybridprune.latency import measure_latency as time_latency
     from hybridprune.models import load_model
     from hybridprune.pruning import read_metadata

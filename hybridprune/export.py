@@ -40,7 +40,7 @@ import torch
 
 from hybridprune.errors import UserError
 from hybridprune.fsutil import atomic_write_text
-from hybridprune.models.weights import SAFETENSORS_DTYPES, iter_tensors, read_header, safetensors_files
+from hybridprune.models.safetensors_io import SAFETENSORS_DTYPES, iter_tensors, read_header, safetensors_files
 
 BITMASK = "sparse-bitmask"
 BITMASK_24 = "sparse-24-bitmask"

@@ -13,10 +13,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from hybridprune import __version__
 from hybridprune.calibration.second_order import inverse_factor
 from hybridprune.calibration.stats import CalibrationStats
 from hybridprune.config import PruneConfig
+from hybridprune.env import __version__
 from hybridprune.errors import UserError
 from hybridprune.fsutil import atomic_folder, clean_stale_staging
 from hybridprune.masks import allocate_sparsity, parse_pattern

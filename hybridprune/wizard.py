@@ -17,8 +17,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from hybridprune import network_allowed
 from hybridprune.config import DEFAULT_CALIBRATION_DATA, DEFAULT_EVAL_WINDOWS, DEFAULT_SEQLEN, PruneConfig, default_of
+from hybridprune.env import network_allowed
 from hybridprune.errors import UserError
 from hybridprune.presets import DEFAULT_PRESET, Preset, check_name, load_presets, resolve
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from hybridprune import network_allowed
+from hybridprune.env import network_allowed
 from hybridprune.errors import UserError
 from hybridprune.fsutil import atomic_folder, atomic_write_text, cache_root, file_lock, sha256_file
 from hybridprune.models.adapters import FamilyAdapter, adapter_for
