@@ -24,6 +24,11 @@ DEFAULT_EVAL_WINDOWS = 64
 """Test windows of the benchmark protocol (BENCHMARK.md)."""
 DEFAULT_DATA = "wiki-vital"
 """The evaluation text (its test split): the benchmark protocol's."""
+DEFAULT_DTYPE = "float32"
+"""The dtype models are loaded in (statistics always accumulate in float64)."""
+DEFAULT_DEVICE = "cpu"
+DEFAULT_SAVE_FORMAT = "dense"
+"""How `prune --out` writes the model: plain safetensors with the zeros stored (dense) or compressed."""
 DEFAULT_CALIBRATION_DATA = "wiki-vital+code"
 """The calibration text when --data is not given: wiki-vital with a quarter of Python source, chosen on the
 validation halves of five domains (docs/validation.md): a Gram fitted to wiki alone overfits it."""
