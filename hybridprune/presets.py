@@ -22,6 +22,10 @@ CALIBRATION_KEYS: dict[str, type] = {"topics": int, "q_active": float, "nsamples
 META_KEYS = ("description", "trade_off")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 DEFAULT_PRESET = "balanced"
+NO_PRESET = "none"
+"""The preset a run names when --prune-method is given without --preset: the method with its own defaults."""
+IMPLIED_BY_SPEEDUP = {"pattern": "structured", "sparsity": 0.0}
+"""--target-speedup implies these unless they are given (a conflicting one is refused by PruneConfig.validate)."""
 
 
 @dataclass(frozen=True)
@@ -117,11 +121,13 @@ def get_preset(name: str, extra_file: Path | None = None) -> Preset:
 def resolve(explicit: dict[str, Any], preset: Preset | None) -> PruneConfig:
     """explicit flag (not None) > preset value > PruneConfig default.
 
-    A preset's --refine gives way to explicit choices it cannot work with (--pattern structured,
+    --target-speedup implies --pattern structured --sparsity 0. A preset's --refine gives way to explicit choices it cannot work with (--pattern structured,
     --sequential, --update-mask sweep): see `yielded`, which says so."""
     values = dict(preset.values) if preset else {}
     given = {key: value for key, value in explicit.items() if value is not None}
     values.update(given)
+    if values.get("target_speedup"):  # a speed-up plan can only be a structured removal of its own choosing
+        values.update({key: value for key, value in IMPLIED_BY_SPEEDUP.items() if key not in given})
     config = PruneConfig(**values)
     if "refine" not in given and config.refine and config.refine_conflict():
         config = PruneConfig(**{**values, "refine": 0})

@@ -361,7 +361,7 @@ def prune_model(
     plans = plan_layers(model, adapter, stats, config)
     scoring = neuron_scoring(config)
     layers = adapter.layers(model)
-    with reporter.progress("applying pruning" + (" + weight update" if hessians is not None else ""), len(layers)) as advance:
+    with reporter.progress("applying pruning" + config.second_order_steps(), len(layers)) as advance:
         for index in range(len(layers)):
             if index in plans:
                 prune_layer(layers[index], index, adapter, stats, plans[index], scoring, hessians, config.update_shrink)
@@ -403,7 +403,7 @@ def prune_streaming(
     del outside, state
     stream.release_trunk()  # the layers are pruned from statistics alone
     counts: list[ModuleCount] = []
-    description = "pruning and writing layers" + (" + weight update" if hessians is not None else "")
+    description = "pruning and writing layers" + config.second_order_steps()
     with reporter.progress(description, loaded.num_layers) as advance:
         for index in range(loaded.num_layers):
             with stream.resident(index) as layer:

@@ -292,7 +292,8 @@ def validate_model_folder(text: str) -> bool | str:
     if config is None:
         return f"'{text.strip()}' has no readable config.json: pick a folder written by save_pretrained"
     try:
-        adapter_for(str(config.get("model_type", "unknown")))
+        compressed = config.get("hybridprune_compressed")  # a compressed folder keeps its model_type there (export.py)
+        adapter_for(str(compressed.get("dense_model_type") if isinstance(compressed, dict) else config.get("model_type", "unknown")))
     except UserError as err:
         return str(err)
     if config.get("auto_map"):

@@ -11,9 +11,8 @@ from hybridprune.errors import UserError
 def decompress(folder: PathLike, out: PathLike, *, overwrite: bool = False) -> int:
     """A `--save-format compressed` folder rewritten as plain safetensors (bytes written), atomically.
 
-    transformers 5.x needs compressed-tensors >= 0.15, which dropped the sparse bitmask decompressors,
-    so it cannot read such a folder itself; hybridprune's loader and vLLM can, and this makes a copy that
-    anything loads.
+    No other loader reads such a folder (it is marked so that they refuse it: hybridprune/export.py); this
+    makes a copy that anything loads.
     """
     from hybridprune.export import compression_format, decompress_folder
     from hybridprune.fsutil import atomic_folder

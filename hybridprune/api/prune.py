@@ -14,7 +14,7 @@ from hybridprune.api.results import PruneResult, PruneRun
 from hybridprune.config import PRUNE_FIELDS, CalibrationRequest, PruneConfig, window_length
 from hybridprune.errors import UserError
 from hybridprune.options import PRUNE, Options, api_options
-from hybridprune.presets import DEFAULT_PRESET, Preset, get_preset, resolve, yielded
+from hybridprune.presets import DEFAULT_PRESET, NO_PRESET, Preset, get_preset, resolve, yielded
 from hybridprune.reporting import Reporter, SilentReporter
 
 if TYPE_CHECKING:
@@ -72,7 +72,12 @@ def prune(o: Options, *, reporter: Reporter | None = None, on_run: Callable[[Pru
 
     reporter = reporter or SilentReporter()
     configure_torch()
-    chosen = get_preset(o.preset or DEFAULT_PRESET, as_path(o.presets_file))
+    if o.preset is None and o.prune_method is not None:  # the method as named, not the default preset's extras
+        chosen = Preset(NO_PRESET, {}, "--prune-method without --preset")
+        reporter.note(f"--prune-method {o.prune_method} without --preset: the method's own defaults (no preset's q/k shift, "
+                      "refine or update; add --preset NAME for those)")
+    else:
+        chosen = get_preset(o.preset or DEFAULT_PRESET, as_path(o.presets_file))
     if o.pruning_last is not None and o.pruning_last < 1:
         raise UserError(f"--pruning-last must be a number of layers >= 1, got {o.pruning_last}")
     configs = [resolve({**explicit, "sparsity": value}, chosen).validate() for value in parse_sparsities(o.sparsity)]
@@ -88,8 +93,8 @@ def prune(o: Options, *, reporter: Reporter | None = None, on_run: Callable[[Pru
     root = cache_folder(o.cache_dir)
     out_path = as_path(o.out)
     if o.save_format == "compressed":
-        reporter.note("compressed folders load in hybridprune (eval) and vLLM; transformers 5.x cannot decompress them "
-                      "itself: `hybridprune decompress FOLDER --out DENSE` makes a plain copy")
+        reporter.note("a compressed folder loads only in hybridprune (eval, --model); other loaders refuse it: "
+                      "`hybridprune decompress FOLDER --out DENSE` makes a plain copy")
     streaming = choose_streaming(o.offload, o.model, o.dtype, o.device, root, reporter)
     if streaming and out_path is None:
         raise UserError("with --offload the model is pruned and written layer by layer: pass --out FOLDER")
