@@ -1,4 +1,4 @@
-"""Ablations on the test halves (SmolLM2 protocol of validate.py): writes docs/ablations.md.
+"""Ablations on the test halves (SmolLM2 protocol of validate.py): writes docs/research/2026-12-ablations.md.
 
     python benchmarks/ablations.py [--threads N]   # measures the missing rows, then writes the doc
 
@@ -91,9 +91,9 @@ def write() -> None:
             worsts.append(max(r))
         lines.append(f"| {name} | " + " | ".join(cells)
                      + f" | {statistics.mean(means):.3f} +- {statistics.stdev(means):.3f} | {max(worsts):.3f} |")
-    (v.DOCS).mkdir(exist_ok=True)
-    (v.DOCS / "ablations.md").write_text("\n".join(lines) + "\n")
-    v.log("wrote docs/ablations.md")
+    (v.DOCS / "research").mkdir(parents=True, exist_ok=True)
+    (v.DOCS / "research" / "2026-12-ablations.md").write_text("\n".join(lines) + "\n")
+    v.log("wrote docs/research/2026-12-ablations.md")
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ EMBEDDED_CONFIG = {
 }
 EMBEDDED_UNPACK_SECONDS = 20.0  # converting the GGUF once (BENCHMARK.md: about 18 s)
 # what collecting the second-order statistics in the same pass adds, in calibration passes (0.64 / 0.60 measured,
-# benchmarks/research/one_pass.sh); alone, with the first-order entry cached, they cost 1.3-1.4 passes
+# benchmarks/calibrate_one_pass.sh); alone, with the first-order entry cached, they cost 1.3-1.4 passes
 SECOND_ORDER_PASSES = 0.6
 
 # BENCHMARK.md: 32 x 512 calibration windows take about 20 s on SmolLM2-135M (134.5M parameters,

@@ -10,8 +10,8 @@ MIX=wc (environment): 24 windows of wiki-vital + 8 of Python source from the std
 so the files are disjoint; the same interpreter, so code is "near domain"), no verse: what a product
 default can ship, since the stdlib is on every machine. Plays, poetry and docs stay unseen.
 
-Usage (repo root): [MIX=wc] PYTHONPATH=. python benchmarks/research/mixed_calibration.py CONFIG [CONFIG ...]
-Rows: benchmarks/research/mixed_calibration.jsonl (validation halves, SmolLM2; field "mix").
+Usage (repo root): [MIX=wc] PYTHONPATH=. python benchmarks/mixed_calibration.py CONFIG [CONFIG ...]
+Rows: benchmarks/mixed_calibration.jsonl (validation halves, SmolLM2; field "mix").
 """
 import json
 import sys
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import domains  # noqa: E402
 import validate  # noqa: E402
 
@@ -66,7 +66,7 @@ class MixedBench(validate.Bench):
             sources = {"wiki": (load_text("wiki-vital", "calibration").text, 24), "code": (stdlib_package_code(), 8)}
         else:
             sources = {name: (text, count) for (name, text), count in zip(mixed_texts().items(), (16, 8, 8))}
-        for name, (text, count) in sources.items():
+        for _name, (text, count) in sources.items():
             ids = encode_text(text, self.loaded.tokenizer)
             parts.append(sample_windows(ids, count, seqlen, seed))
         return torch.cat(parts)

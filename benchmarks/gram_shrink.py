@@ -4,8 +4,8 @@ G_a = diag(G) + a * (G - diag(G)). a = 1 is the product's refine; a = 0 makes th
 weight, whose optimum per row is Wanda's mask (refine then does nothing). Ledoit-Wolf-style shrinkage:
 the off-diagonal correlations are what is specific to the calibration text.
 
-Usage (repo root): PYTHONPATH=. python benchmarks/research/gram_shrink.py CONFIG ALPHA [ALPHA ...]
-Rows go to benchmarks/research/gram_shrink.jsonl (validation halves of benchmarks/domains.py, SmolLM2).
+Usage (repo root): PYTHONPATH=. python benchmarks/gram_shrink.py CONFIG ALPHA [ALPHA ...]
+Rows go to benchmarks/gram_shrink.jsonl (validation halves of benchmarks/domains.py, SmolLM2).
 """
 import json
 import sys
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import validate  # noqa: E402
 
 import hybridprune.pruning as pruning  # noqa: E402

@@ -1,11 +1,11 @@
 #!/bin/bash
-# The headline rows the session-6 default changed (--gram-offdiag 0.25 at 50% unstructured: Wanda + update,
+# The headline rows the default of 84ecbf2 (2026-12-01) changed (--gram-offdiag 0.25 at 50% unstructured: Wanda + update,
 # balanced, quality), on the BENCHMARK.md protocol as benchmarks/headline.sh runs them (2:4 rows unchanged).
-# Reproduce: bash benchmarks/research/headline_s6.sh   (writes runs/headline-s6/eval.json)
+# Reproduce: bash benchmarks/headline_gram_offdiag.sh   (writes runs/headline-gram-offdiag/eval.json)
 set -e
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/.."
 H=".venv/bin/hybridprune"
-R=runs/headline-s6
+R=runs/headline-gram-offdiag
 mkdir -p $R
 run() { name=$1; shift; $H prune "$@" --out $R/$name --overwrite --quiet --json > $R/$name.json; echo "$name done $(date +%T)"; }
 run wanda-update --preset wanda --update --sparsity 0.5 --data wiki-vital

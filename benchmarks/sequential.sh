@@ -3,9 +3,9 @@
 # against the same preset from the dense model's cached statistics, on the BENCHMARK.md protocol
 # (calibration 32 x 512 of wiki-vital; --data wiki-vital). Chosen on validation (16 windows), reported on
 # test (64 windows). Needs runs/headline/quality and runs/headline/quality24 (bash benchmarks/headline.sh).
-# Reproduce: bash benchmarks/research/sequential.sh   (writes runs/sequential/*.json)
+# Reproduce: bash benchmarks/sequential.sh   (writes runs/sequential/*.json)
 set -e
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/.."
 H=".venv/bin/hybridprune"
 R=runs/sequential
 mkdir -p $R

@@ -8,8 +8,8 @@ with NSAMPLES windows of 512 tokens: 2 (1024 tokens, 0.67 per down_proj input, Q
 2.7), 32 (16384, 10.7: the protocol's own rows). Rows go to calibration_size-N.jsonl; `table` prints each
 configuration's loss ratio against Wanda at the same calibration size (mean / worst over the five domains).
 
-    PYTHONPATH=. python benchmarks/research/calibration_size.py run NSAMPLES [CONFIGS]
-    PYTHONPATH=. python benchmarks/research/calibration_size.py table
+    PYTHONPATH=. python benchmarks/calibration_size.py run NSAMPLES [CONFIGS]
+    PYTHONPATH=. python benchmarks/calibration_size.py table
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
 import validate
 
 CONFIGS = ["dense", "wanda", "balanced:refine0", "balanced:off0.1", "balanced:off0.25", "balanced:off0.5",
