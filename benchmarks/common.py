@@ -46,3 +46,17 @@ def median(values: list[float]) -> float:
 
 def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def module_at(rev: str, path: str = "hybridprune/methods/obs.py"):
+    """The module at `path` as it was at git revision `rev`, imported under its own name (for A/B timings)."""
+    import importlib.util
+    import tempfile
+
+    source = subprocess.run(["git", "show", f"{rev}:{path}"], check=True, capture_output=True, text=True, cwd=REPO).stdout
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as file:
+        file.write(source)
+    spec = importlib.util.spec_from_file_location(f"{Path(path).stem}_at_{rev}", file.name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -5,8 +5,8 @@ split) into runs/bench/<name>, then `hybridprune eval --compare` measures every 
 dense model) on the test split (64 x 512 windows) and writes the plot. A second part sweeps
 sparsity for magnitude, Wanda and the hybrid and plots perplexity against sparsity.
 
-    .venv/bin/python benchmarks/quality.py                 # table: docs/results.md, docs/results.json
-    .venv/bin/python benchmarks/quality.py --sweep-only    # plot: docs/sweep.png
+    .venv/bin/python benchmarks/quality.py                 # table: docs/research/2026-11-28-results.md, .json
+    .venv/bin/python benchmarks/quality.py --sweep-only    # plot: docs/research/2026-11-28-sweep.png
 """
 
 from __future__ import annotations
@@ -79,8 +79,8 @@ def table(args: argparse.Namespace) -> None:
             f"| {name} | {sparsity['total']['sparsity']:.1%} | {sparsity['attention']['sparsity']:.1%} | "
             f"{sparsity['mlp']['sparsity']:.1%} | {ppl:.2f} | {(ppl - dense) / wanda_loss:.2f} | {seconds:.0f} |"
         )
-    (REPO / "docs" / "results.md").write_text("\n".join(lines) + "\n")
-    (REPO / "docs" / "results.json").write_text(json.dumps(compare, indent=1))
+    (REPO / "docs" / "research" / "2026-11-28-results.md").write_text("\n".join(lines) + "\n")
+    (REPO / "docs" / "research" / "2026-11-28-results.json").write_text(json.dumps(compare, indent=1))
     print("\n".join(lines))
 
 
@@ -92,11 +92,11 @@ def sweep(args: argparse.Namespace) -> None:
         run(["prune", *flags, "--sparsity", "0.3,0.4,0.5,0.6,0.7", "--out", str(runs / method), "--overwrite"])
         folders += sorted((runs / method).iterdir())
     compare = run(["eval", "--windows", str(args.sweep_windows), "--baseline", "embedded", "--compare", *map(str, folders),
-                   "--plot", str(REPO / "docs" / "sweep.png")])
+                   "--plot", str(REPO / "docs" / "research" / "2026-11-28-sweep.png")])
     rows = [f"| {e['method']} | {e['sparsity']['total']['sparsity']:.0%} | {e['perplexity']['ppl']:.2f} |" for e in compare["entries"]]
     text = (f"Test split, {args.sweep_windows} x 512 windows. Dense: {compare['dense_ppl']:.2f}.\n\n"
             "| method | sparsity | test ppl |\n|---|---|---|\n" + "\n".join(rows) + "\n")
-    (REPO / "docs" / "sweep.md").write_text(text)
+    (REPO / "docs" / "research" / "2026-11-28-sweep.md").write_text(text)
     print(text)
 
 
@@ -108,7 +108,7 @@ def main() -> None:
     parser.add_argument("--sweep-only", action="store_true")
     parser.add_argument("--table-only", action="store_true")
     args = parser.parse_args()
-    (REPO / "docs").mkdir(exist_ok=True)
+    (REPO / "docs" / "research").mkdir(parents=True, exist_ok=True)
     if not args.sweep_only:
         table(args)
     if not args.table_only:

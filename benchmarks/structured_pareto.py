@@ -9,7 +9,7 @@ the Pareto front is over all measured points.
 
     .venv/bin/python benchmarks/structured_pareto.py [--targets 1.15,1.3,1.5,1.75,2.0] [--runs 5]
 
-No `--update` compensation (it would lower every kind's perplexity; README's session-3 rows show by how much).
+No `--update` compensation (it would lower every kind's perplexity; README's 87425c2 rows show by how much).
 """
 
 from __future__ import annotations

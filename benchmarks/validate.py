@@ -3,7 +3,7 @@
     python benchmarks/validate.py                      # the standard run (test halves, both models) + docs
     python benchmarks/validate.py run --model smollm2 --half validation --configs wanda,balanced
     python benchmarks/validate.py report               # docs/validation.md + docs/validation.json from the rows
-    python benchmarks/validate.py ablations            # the ablation rows (test halves) + docs/ablations.md
+    python benchmarks/ablations.py                     # the ablation rows (test halves) + docs/research/2026-12-ablations.md
 
 Loads each model once, calibrates once per (model, seed) on the wiki-vital calibration split, and
 applies every configuration in-process with the product's own pruning code
@@ -50,7 +50,7 @@ DOCS = ROOT / "docs"
 MODELS = {
     "smollm2": {"spec": None, "dtype": "float32", "nsamples": 32, "seqlen": 512, "windows": 8, "batch": 4},
     "qwen": {"spec": "/work/models/qwen-coder-1.5b", "dtype": "bfloat16", "nsamples": 16, "seqlen": 256,
-             "windows": 16, "batch": 4},  # 16 windows since session 6 (4 before: rows kept, docs/history.md)
+             "windows": 16, "batch": 4},  # 16 windows since 6c89776, 2026-12-01 (4 before: rows kept, docs/research/2026-12-earlier-results.md)
 }
 TOPICS, Q_ACTIVE = 128, 0.9
 # The calibration text (--calibration): every row records it; rows without the field used wiki-vital.
@@ -73,14 +73,14 @@ def preset(name: str, **overrides) -> PruneConfig:
 # configuration below except the presets spells them out, so that its digest (and its measured rows)
 # does not change when the product defaults do. None of them changes Wanda's masks.
 OLD_DEFAULTS = dict(idf_exp=0.25, nr_doc_rate=0.0, nr_row_bound=1.0, update_shrink=1.0, qk_shift=0.0, gram_offdiag=1.0)
-# `balanced` as it was when the refine / Gram-shrink rows were measured (session 4, before it became the
+# `balanced` as it was when the refine / Gram-shrink rows were measured (2026-12-01, before 7ac1f23 made it the
 # default's definition), spelled out so those rows keep their digests: B(**knobs) is that plus knobs.
-BALANCED_S3 = dict(prune_method="hybrid", hybrid_mlp_method="neuronrank_tfidf", nr_tfidf_mode="doc", qk_shift=0.1,
+BALANCED_AT_87425C2 = dict(prune_method="hybrid", hybrid_mlp_method="neuronrank_tfidf", nr_tfidf_mode="doc", qk_shift=0.1,
                    idf_exp=0.0, nr_doc_rate=0.1, nr_row_bound=0.05, update_shrink=0.25, gram_offdiag=1.0)
 
 
 def B(**overrides) -> PruneConfig:
-    return PruneConfig(**{**BALANCED_S3, **overrides})
+    return PruneConfig(**{**BALANCED_AT_87425C2, **overrides})
 
 
 def P(**overrides) -> PruneConfig:
@@ -92,7 +92,7 @@ def configs() -> dict[str, PruneConfig]:
     c: dict[str, PruneConfig] = {
         "wanda": P(prune_method="wanda"),
         "wanda+update": preset("wanda", update=True),  # the product's update (defaults: full step, Gram off-diagonal 0.5)
-        "wanda+update@full": P(prune_method="wanda", update=True),  # full step, full Gram (session 3's "wanda+update")
+        "wanda+update@full": P(prune_method="wanda", update=True),  # full step, full Gram ("wanda+update" up to 87425c2)
         "wanda+qk0.1": P(prune_method="wanda", qk_shift=0.1),
         "wanda+qk0.1+update": P(prune_method="wanda", qk_shift=0.1, update=True),
         "balanced": preset("balanced"),
@@ -105,21 +105,21 @@ def configs() -> dict[str, PruneConfig]:
     c["wanda+update@2:4"] = preset("wanda", pattern="2:4", update=True)
     c["balanced@2:4"] = preset("balanced", pattern="2:4")
     c["quality@2:4"] = preset("quality", pattern="2:4")
-    # the default presets with one knob changed (session 6: chosen on both models' validation halves)
+    # the default presets with one knob changed (84ecbf2, 2026-12-01: chosen on both models' validation halves)
     for name in ("balanced", "quality"):
         c[f"{name}:refine0"] = preset(name, refine=0, gram_offdiag=0.5)  # as measured (0.5 was the default then)
         for a in (0.1, 0.25, 0.5, 1.0):
             c[f"{name}:off{a}"] = preset(name, gram_offdiag=a)
-    c["wanda+update:off0.5"] = preset("wanda", update=True, gram_offdiag=0.5)  # the product's update before session 6
+    c["wanda+update:off0.5"] = preset("wanda", update=True, gram_offdiag=0.5)  # the product's update before 84ecbf2
     c["balanced@2:4:off0.25"] = preset("balanced", pattern="2:4", gram_offdiag=0.25)
     c["quality@2:4:off0.25"] = preset("quality", pattern="2:4", gram_offdiag=0.25)
     c["balanced@2:4:off0.5"] = preset("balanced", pattern="2:4", gram_offdiag=0.5)
     c["quality@2:4:off0.5"] = preset("quality", pattern="2:4", gram_offdiag=0.5)
     c["balanced@2:4:off1"] = preset("balanced", pattern="2:4", gram_offdiag=1.0)
     c["quality@2:4:off1"] = preset("quality", pattern="2:4", gram_offdiag=1.0)
-    # session 3's presets (session 4 measured them on the new calibration text before they changed)
-    c["balanced@s3"] = B()
-    c["quality@s3"] = B(update=True)
+    # the presets as of 87425c2 (measured on the new calibration text before 7ac1f23 changed them)
+    c["balanced@87425c2"] = B()
+    c["quality@87425c2"] = B(update=True)
     # the defaults and presets before this work (explicit, so they do not follow later changes)
     old = dict(nr_doc_rate=0.0, nr_row_bound=1.0, update_shrink=1.0, idf_exp=0.25, tf_exp=1.0, tf_kind="out_rms")
     c["balanced@old"] = P(nr_tfidf_mode="doc", **old)
@@ -437,7 +437,7 @@ def fmt_table(s: dict, names: list[str], models: list[str], domains: tuple[str, 
     return "\n".join(lines)
 
 
-HEADLINE = ["wanda", "wanda+update", "wanda+update:off0.5", "wanda+qk0.1", "balanced@s3", "quality@s3", "balanced:refine0",
+HEADLINE = ["wanda", "wanda+update", "wanda+update:off0.5", "wanda+qk0.1", "balanced@87425c2", "quality@87425c2", "balanced:refine0",
             "balanced:off0.5", "quality:off0.5", "balanced", "quality", "conservative", "fast", "wanda@2:4",
             "wanda+update@2:4", "balanced@2:4", "quality@2:4"]
 
@@ -467,7 +467,7 @@ def report() -> None:
     log("wrote docs/validation.md and docs/validation.json")
 
 
-SEEDED = ["wanda", "balanced", "quality", "balanced:off0.5", "quality:off0.5"]  # off0.5: session 5's presets, the ones seeded
+SEEDED = ["wanda", "balanced", "quality", "balanced:off0.5", "quality:off0.5"]  # off0.5: the presets before 84ecbf2, the ones seeded
 
 
 def seed_lines(rows: list[dict], names: list[str], models: list[str], half: str = "test") -> str:
@@ -527,7 +527,7 @@ def goal_lines(s: dict, models: list[str]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", nargs="?", default="all", choices=("all", "run", "report", "ablations"))
+    parser.add_argument("command", nargs="?", default="all", choices=("all", "run", "report"))
     parser.add_argument("--model", default="smollm2", choices=tuple(MODELS))
     parser.add_argument("--half", default="test", choices=("validation", "test"))
     parser.add_argument("--configs", default="dense," + ",".join(HEADLINE))
@@ -546,10 +546,6 @@ def main() -> None:
         run(args.model, args.configs.split(","), args.half, args.domains.split(","), seeds, args.threads)
     elif args.command == "report":
         report()
-    elif args.command == "ablations":
-        import ablations
-
-        ablations.main(args.threads)
     else:
         for model in MODELS:
             run(model, ["dense", *HEADLINE], "test", list(DOMAINS), [0], args.threads)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hybridprune import __version__
+from hybridprune.env import __version__
 from hybridprune.errors import UserError
 from hybridprune.fsutil import atomic_folder, clean_stale_staging, ensure_writable_dir, file_lock, sha256_file
 

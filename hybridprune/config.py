@@ -24,6 +24,11 @@ DEFAULT_EVAL_WINDOWS = 64
 """Test windows of the benchmark protocol (BENCHMARK.md)."""
 DEFAULT_DATA = "wiki-vital"
 """The evaluation text (its test split): the benchmark protocol's."""
+DEFAULT_DTYPE = "float32"
+"""The dtype models are loaded in (statistics always accumulate in float64)."""
+DEFAULT_DEVICE = "cpu"
+DEFAULT_SAVE_FORMAT = "dense"
+"""How `prune --out` writes the model: plain safetensors with the zeros stored (dense) or compressed."""
 DEFAULT_CALIBRATION_DATA = "wiki-vital+code"
 """The calibration text when --data is not given: wiki-vital with a quarter of Python source, chosen on the
 validation halves of five domains (docs/validation.md): a Gram fitted to wiki alone overfits it."""
@@ -169,6 +174,9 @@ class PruneConfig:
             raise UserError(f"--drop-layers must leave at least one of the model's {num_layers or '?'} layers, got {self.drop_layers}")
         if self.target_speedup and not 1.0 < self.target_speedup <= 10.0:
             raise UserError(f"--target-speedup must be a factor above 1 (such as 1.5), got {self.target_speedup}")
+        if self.target_speedup and pattern.kind != "structured":
+            raise UserError(f"--target-speedup plans a structured removal (it implies --pattern structured --sparsity 0): "
+                            f"drop --pattern {self.pattern}")
         if structural and pattern.kind != "structured":
             raise UserError(
                 "--heads-sparsity, --drop-layers and --target-speedup remove whole heads, layers or neurons: use them with "
@@ -176,7 +184,7 @@ class PruneConfig:
             )
         if self.target_speedup and (self.heads_sparsity or self.drop_layers or self.sparsity):
             raise UserError("--target-speedup plans neurons, heads and layers itself: drop --heads-sparsity / --drop-layers "
-                            "and pass --sparsity 0")
+                            "and --sparsity")
         if structural and (self.sequential or self.pruning_last or self.preserve_first):
             raise UserError("structured heads / layers / --target-speedup apply to every layer of the dense statistics: "
                             "drop --sequential, --pruning-last and --preserve-first")
@@ -217,6 +225,10 @@ class PruneConfig:
     def needs_second_order(self) -> bool:
         """--update and --refine read the second-order statistics (dense, cached; or from --sequential's pass)."""
         return bool(self.update or self.refine)
+
+    def second_order_steps(self) -> str:
+        """What runs after the masks, for progress labels: ' + refine', ' + weight update', both, or ''."""
+        return (" + refine" if self.refine else "") + (" + weight update" if self.update else "")
 
     def refine_conflict(self) -> str:
         """The choice that excludes swap refinement ('--pattern structured', ...), or '' when --refine can run."""

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybridprune.errors import UserError
+from hybridprune.latency import time_prefill
 from hybridprune.reporting import Reporter, SilentReporter
 
 LM_EVAL_INSTALL = "pip install 'hybridprune[lm-eval]'"
@@ -86,22 +87,11 @@ def perplexity(
 def latency(model: nn.Module, seqlen: int, runs: int = 5, warmup: int = 1) -> float:
     """Median seconds of one batch-1 forward over `seqlen` tokens, after `warmup` untimed runs
     (latency.time_prefill, the one prefill timer; latency.measure_latency adds decode)."""
-    from hybridprune.latency import time_prefill  # latency.py imports this module
 
     if runs <= 0 or seqlen <= 0:
         raise UserError(f"latency needs at least one run of at least one token (got {runs} x {seqlen})")
     timings = [time_prefill(model, seqlen) for _ in range(warmup + runs)]
     return statistics.median(timings[warmup:])
-
-
-def parameter_count(model: nn.Module) -> int:
-    """Parameters, each shared tensor (a tied LM head) once."""
-    return sum(p.numel() for p in model.parameters())
-
-
-def folder_size(folder: Path) -> int:
-    """Bytes of every file under `folder` (what a copy of the model costs on disk)."""
-    return sum(path.stat().st_size for path in Path(folder).rglob("*") if path.is_file())
 
 
 def check_vocabulary(model: nn.Module, tokenizer: Any, windows: torch.Tensor) -> None:

@@ -1,27 +1,29 @@
-"""Compressed storage of pruned models: compressed-tensors' sparse bitmask formats.
+"""Compressed storage of pruned models: a sparse bitmask layout that only hybridprune reads.
 
 A pruned Linear keeps its zeros in a dense folder, so the folder is as large as the dense model.
-The `sparse-bitmask` format (compressed-tensors / llm-compressor, read by vLLM) stores for each
-targeted weight `<module>.shape`, `<module>.compressed` (the non-zero values, row-major, 1-D),
-`<module>.bitmask` (one bit per weight, numpy.packbits(bitorder="little") per row, uint8
-[rows, ceil(cols/8)]) and `<module>.row_offsets` (int64, where each row starts in `compressed`).
-Its 2:4 variant `sparse-24-bitmask` stores `compressed` as [rows, cols/2] (exactly half the
-values of each row), `bitmask` the same way and `shape` as [2, 1]; no row offsets.
-config.json gets `quantization_config = {"quant_method": "compressed-tensors", "format": <fmt>,
-"sparsity_config": {...}}`, as llm-compressor's ModelCompressor.update_config writes it.
+The `sparse-bitmask` layout (compressed-tensors' bit layout) stores for each targeted weight
+`<module>.weight` (the non-zero values, row-major, 1-D), `<module>.bitmask` (one bit per weight,
+numpy.packbits(bitorder="little") per row, uint8 [rows, ceil(cols/8)]), `<module>.shape` and
+`<module>.row_offsets` (int64, where each row starts in the values). Its 2:4 variant
+`sparse-24-bitmask` stores the values as [rows, cols/2] (exactly half of each row), `bitmask` the
+same way and `shape` as [2, 1]; no row offsets.
+
+No maintained loader reads such folders in 2026 (compressed-tensors 0.15 removed its sparse
+compressors, transformers 5.10+ its sparsity path, vLLM its 2:4 sparse models), and one that
+half-understands them loads random weights. So a compressed folder must never look loadable:
+- config.json's `model_type` is COMPRESSED_MODEL_TYPE, which names `hybridprune decompress`:
+  AutoConfig / AutoModel* (any transformers, with or without compressed-tensors) and vLLM refuse it
+  with that name in the message; the real model_type and the format sit in `hybridprune_compressed`;
+- the values are stored under the weight's own name with another shape, so loading with a model
+  class directly (LlamaForCausalLM.from_pretrained) stops on a size mismatch, never on random weights.
+hybridprune's own loader (models/loading.py, models/weights.py) reads the folder back, and
+`hybridprune decompress` (decompress_folder) writes a plain dense folder that anything loads.
+Folders of earlier versions (compressed-tensors `quantization_config`, values under `.compressed`)
+are still read.
 
 Everything here streams tensor by tensor: `compress_folder` rewrites each safetensors file in two
 passes (sizes, then data) with a hand-written safetensors header, so the peak memory is about one
-tensor, whatever the model's size; the per-layer shards of a streamed prune are handled the same
-way. `read_decompressed` is what hybridprune's own loader (models/weights.py) uses to read such a
-folder back; `decompress_folder` writes a plain dense folder again.
-
-Loader support (checked Dec 2026): compressed-tensors 0.15+ removed the sparse compressors
-("the Sparse24 format is no longer supported as of compressed-tensors>0.14.0", ModelCompressor.
-from_compression_config), and transformers 5.x requires compressed-tensors>=0.15, so plain
-`transformers.from_pretrained` of 5.x cannot decompress these folders: `hybridprune decompress`
-(decompress_folder) or hybridprune's own loader restores them; vLLM and transformers 4.x with
-compressed-tensors<=0.14 read them natively. `ensure_loadable_with_transformers` reports this.
+tensor, whatever the model's size; the per-layer shards of a streamed prune are handled the same way.
 """
 
 from __future__ import annotations
@@ -40,12 +42,16 @@ import torch
 
 from hybridprune.errors import UserError
 from hybridprune.fsutil import atomic_write_text
-from hybridprune.models.weights import SAFETENSORS_DTYPES, iter_tensors, read_header, safetensors_files
+from hybridprune.models.safetensors_io import SAFETENSORS_DTYPES, iter_tensors, read_header, safetensors_files
 
 BITMASK = "sparse-bitmask"
 BITMASK_24 = "sparse-24-bitmask"
 FORMATS = (BITMASK, BITMASK_24)
-PARTS = {BITMASK: ("shape", "compressed", "bitmask", "row_offsets"), BITMASK_24: ("shape", "compressed", "bitmask")}
+PARTS = {BITMASK: ("shape", "weight", "bitmask", "row_offsets"), BITMASK_24: ("shape", "weight", "bitmask")}
+LEGACY_VALUES = "compressed"  # where folders of earlier versions keep the values
+CONFIG_KEY = "hybridprune_compressed"
+COMPRESSED_MODEL_TYPE = "hybridprune-compressed: run `hybridprune decompress FOLDER --out DENSE` for a plain folder"
+"""config.json's model_type in a compressed folder: what transformers and vLLM quote when they refuse it."""
 DEFAULT_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 INDEX_FILE = "model.safetensors.index.json"
 _DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
@@ -125,7 +131,7 @@ def compress_weight(prefix: str, weight: torch.Tensor, fmt: str) -> dict[str, to
         counts = torch.from_numpy(mask.numpy().sum(axis=1, dtype=numpy.int64))
         return {
             f"{prefix}.shape": torch.tensor(list(weight.shape), dtype=torch.int64),
-            f"{prefix}.compressed": _select(weight, mask),
+            f"{prefix}.weight": _select(weight, mask),
             f"{prefix}.bitmask": pack_bitmask(mask),
             f"{prefix}.row_offsets": (torch.cumsum(counts, 0) - counts).to(torch.int64),
         }
@@ -135,7 +141,7 @@ def compress_weight(prefix: str, weight: torch.Tensor, fmt: str) -> dict[str, to
         mask = _mask_24(weight)
         return {
             f"{prefix}.shape": torch.tensor(list(weight.shape), dtype=torch.int64).reshape(-1, 1),
-            f"{prefix}.compressed": _select(weight, mask).reshape(weight.shape[0], weight.shape[1] // 2),
+            f"{prefix}.weight": _select(weight, mask).reshape(weight.shape[0], weight.shape[1] // 2),
             f"{prefix}.bitmask": pack_bitmask(mask),
         }
     raise ValueError(f"unknown compression format {fmt!r}: use one of {', '.join(FORMATS)}")
@@ -150,21 +156,21 @@ def compressed_spec(prefix: str, weight: torch.Tensor, fmt: str) -> list[tuple[s
         count = int(numpy.count_nonzero(_nonzero_mask(weight).numpy()))
         return [
             (f"{prefix}.shape", "I64", [2], 16),
-            (f"{prefix}.compressed", dtype, [count], count * size),
+            (f"{prefix}.weight", dtype, [count], count * size),
             (f"{prefix}.bitmask", "U8", packed, packed[0] * packed[1]),
             (f"{prefix}.row_offsets", "I64", [rows], rows * 8),
         ]
     return [
         (f"{prefix}.shape", "I64", [2, 1], 16),
-        (f"{prefix}.compressed", dtype, [rows, columns // 2], rows * columns // 2 * size),
+        (f"{prefix}.weight", dtype, [rows, columns // 2], rows * columns // 2 * size),
         (f"{prefix}.bitmask", "U8", packed, packed[0] * packed[1]),
     ]
 
 
 def decompress_weight(parts: dict[str, torch.Tensor], fmt: str) -> torch.Tensor:
-    """The dense weight from its stored tensors (keyed by part name: shape, compressed, bitmask[, row_offsets])."""
+    """The dense weight from its stored tensors (keyed by part name: shape, weight (the values), bitmask[, row_offsets])."""
     shape = [int(v) for v in parts["shape"].flatten().tolist()]
-    values = parts["compressed"].reshape(-1)
+    values = parts["weight"].reshape(-1)
     mask = numpy.unpackbits(parts["bitmask"].numpy(), axis=-1, count=shape[-1], bitorder="little").view(bool)
     dense = numpy.zeros(shape, dtype=_raw(values[:0]).dtype)
     dense[mask] = _raw(values)
@@ -180,18 +186,31 @@ def compression_format(folder: Path) -> str | None:
         config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return None
-    quantization = config.get("quantization_config") or {}
-    if quantization.get("quant_method") != "compressed-tensors":
-        return None
-    sparsity = quantization.get("sparsity_config") or {}
-    fmt = sparsity.get("format")
+    if isinstance(config.get(CONFIG_KEY), dict):
+        fmt = config[CONFIG_KEY].get("format")
+    else:  # an earlier version's folder: compressed-tensors' quantization_config
+        quantization = config.get("quantization_config") or {}
+        if quantization.get("quant_method") != "compressed-tensors":
+            return None
+        if quantization.get("config_groups"):
+            raise UserError(f"'{folder}' is quantized as well as sparse: hybridprune reads sparse-only folders")
+        fmt = (quantization.get("sparsity_config") or {}).get("format")
     if fmt in (None, "dense"):
         return None
     if fmt not in FORMATS:
-        raise UserError(f"'{folder}' is stored as compressed-tensors '{fmt}', which hybridprune cannot read")
-    if quantization.get("config_groups"):
-        raise UserError(f"'{folder}' is quantized as well as sparse: hybridprune reads sparse-only folders")
+        raise UserError(f"'{folder}' is stored as '{fmt}', which hybridprune cannot read")
     return fmt
+
+
+def dense_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A compressed folder's config.json as the dense model's: its own model_type back, the marks removed."""
+    config = dict(config)
+    marks = config.pop(CONFIG_KEY, None)
+    if isinstance(marks, dict) and "dense_model_type" in marks:
+        config["model_type"] = marks["dense_model_type"]
+    if (config.get("quantization_config") or {}).get("quant_method") == "compressed-tensors":
+        config.pop("quantization_config")
+    return config
 
 
 def _is_target(name: str, modules: tuple[str, ...]) -> bool:
@@ -297,40 +316,18 @@ def compress_folder(
     return CompressionResult(fmt, before, after, stats["count"], sparsity)
 
 
-def compression_config(fmt: str, global_sparsity: float) -> dict[str, Any]:
-    """The config.json `quantization_config` block llm-compressor writes for a sparse-only model."""
-    return {
-        "quant_method": "compressed-tensors",
-        "format": fmt,
-        "quantization_status": "compressed",
-        "sparsity_config": {
-            "format": fmt,
-            "global_sparsity": round(float(global_sparsity), 6),
-            "ignore": ["lm_head"],
-            "registry_requires_subclass": False,
-            "sparsity_structure": "2:4" if fmt == BITMASK_24 else "unstructured",
-            "targets": ["Linear"],
-        },
-        "version": _compressed_tensors_version(),
-    }
-
-
-def _compressed_tensors_version() -> str:
-    try:
-        import importlib.metadata as metadata
-
-        return metadata.version("compressed-tensors")
-    except Exception:
-        return "0.14.0"
-
-
 def _write_compression_config(folder: Path, fmt: str | None, sparsity: float = 0.0) -> None:
+    """Mark config.json as compressed (`fmt`) or dense again (None)."""
     path = folder / "config.json"
-    config = json.loads(path.read_text(encoding="utf-8"))
-    if fmt is None:
-        config.pop("quantization_config", None)
-    else:
-        config["quantization_config"] = compression_config(fmt, sparsity)
+    config = dense_config(json.loads(path.read_text(encoding="utf-8")))
+    if fmt is not None:
+        config[CONFIG_KEY] = {
+            # not "model_type": transformers' config classes would take a nested dict with their model_type as the config
+            "format": fmt, "dense_model_type": config.get("model_type"), "global_sparsity": round(float(sparsity), 6),
+            "sparsity_structure": "2:4" if fmt == BITMASK_24 else "unstructured",
+            "load_with": "hybridprune (eval, prune --model), or `hybridprune decompress FOLDER --out DENSE` for any other loader",
+        }
+        config["model_type"] = COMPRESSED_MODEL_TYPE
     _write_json(path, config)
 
 
@@ -352,10 +349,10 @@ def save_compressed(model: torch.nn.Module, folder: Path, fmt: str = "auto", tok
 
 def dense_names(names: Iterable[str], fmt: str) -> set[str]:
     """The dense tensor names a compressed folder's stored names stand for."""
-    suffixes = tuple("." + part for part in PARTS[fmt])
+    suffixes = tuple("." + part for part in (*PARTS[fmt], LEGACY_VALUES))
     dense = set()
     for name in names:
-        if name.endswith(suffixes) and not name.endswith(".weight"):
+        if name.endswith(suffixes):
             dense.add(name.rsplit(".", 1)[0] + ".weight")
         else:
             dense.add(name)
@@ -393,36 +390,28 @@ def decompress_folder(source: Path, target: Path) -> int:
 
 
 def _read_file_decompressed(path: Path, fmt: str, names: set[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """One file's tensors with compressed weights rebuilt (all, or only the dense `names`)."""
+    """One file's tensors with compressed weights rebuilt (all, or only the dense `names`). A weight is compressed
+    when its module has a bitmask; its values are `<module>.weight` (or `.compressed` in earlier versions' folders)."""
     parts_of = PARTS[fmt]
     stored = set(read_header(path)[0])
     wanted = None
     if names is not None:
         wanted = set()
         for name in names:
-            if name.endswith(".weight") and f"{name[:-7]}.compressed" in stored:
-                wanted.update(f"{name[:-7]}.{part}" for part in parts_of)
+            if name.endswith(".weight") and f"{name[:-7]}.bitmask" in stored:
+                wanted.update(f"{name[:-7]}.{part}" for part in (*parts_of, LEGACY_VALUES))
             elif name in stored:
                 wanted.add(name)
+    wanted = wanted & stored if wanted is not None else None
     pending: dict[str, dict[str, torch.Tensor]] = {}
     for name, tensor in iter_tensors(path, wanted):
         prefix, _, part = name.rpartition(".")
-        if part in parts_of and f"{prefix}.compressed" in stored:
+        if f"{prefix}.bitmask" in stored and part in (*parts_of, LEGACY_VALUES):
             bucket = pending.setdefault(prefix, {})
-            bucket[part] = tensor
+            bucket["weight" if part == LEGACY_VALUES else part] = tensor
             if len(bucket) == len(parts_of):
                 yield f"{prefix}.weight", decompress_weight(pending.pop(prefix), fmt)
         else:
             yield name, tensor
     if pending:
         raise ValueError(f"{path.name}: incomplete compressed weights {', '.join(sorted(pending))}")
-
-
-def transformers_reads_sparse() -> bool:
-    """Whether the installed compressed-tensors still has the sparse bitmask decompressors (<= 0.14)."""
-    try:
-        from compressed_tensors.compressors import BaseCompressor
-
-        return BITMASK in BaseCompressor.registered_names() or "sparse_bitmask" in BaseCompressor.registered_names()
-    except Exception:
-        return False

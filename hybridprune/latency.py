@@ -18,7 +18,16 @@ import torch
 from torch import nn
 
 from hybridprune.errors import UserError
-from hybridprune.evaluation import folder_size, parameter_count
+
+
+def parameter_count(model: nn.Module) -> int:
+    """Parameters, each shared tensor (a tied LM head) once."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def folder_size(folder: Path) -> int:
+    """Bytes of every file under `folder` (what a copy of the model costs on disk)."""
+    return sum(path.stat().st_size for path in Path(folder).rglob("*") if path.is_file())
 
 
 @dataclass

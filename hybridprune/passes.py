@@ -53,7 +53,7 @@ def prune_model(
     plans = plan_layers(model, adapter, stats, config)
     scoring = neuron_scoring(config)
     layers = adapter.layers(model)
-    with reporter.progress("applying pruning" + work_label(config, hessians), len(layers)) as advance:
+    with reporter.progress("applying pruning" + config.second_order_steps(), len(layers)) as advance:
         for index in range(len(layers)):
             if index in plans:
                 prune_layer(layers[index], index, adapter, stats, plans[index], scoring, hessians, config.update_shrink)
@@ -84,7 +84,7 @@ def prune_streaming(
     scoring = neuron_scoring(config)
     output = StreamedOutput(loaded, folder)
     stream.release_trunk()  # the layers are pruned from statistics alone
-    description = "pruning and writing layers" + work_label(config, hessians)
+    description = "pruning and writing layers" + config.second_order_steps()
     with reporter.progress(description, loaded.num_layers) as advance:
         for index in range(loaded.num_layers):
             with stream.resident(index) as layer:
@@ -95,14 +95,6 @@ def prune_streaming(
     report = output.finish()
     finish_structured(loaded, config)
     return PruneOutcome(plans, time.perf_counter() - started), report
-
-
-def work_label(config: PruneConfig, hessians: object | None) -> str:
-    """What a pruning pass does beyond the masks, as its progress bar says it."""
-    if hessians is None:
-        return ""
-    steps = (["swap refinement"] if config.refine > 0 else []) + (["weight update"] if config.update else [])
-    return "".join(f" + {step}" for step in steps)
 
 
 class StreamedOutput:
@@ -197,7 +189,7 @@ def prune_recompute(
             output.write_layer(index, layer)
 
     batches = -(-windows.shape[0] // batch_size)
-    description = "collecting x x^T and pruning layers" + work_label(config, True)
+    description = "collecting x x^T and pruning layers" + config.second_order_steps()
     with reporter.progress(description, loaded.num_layers * batches) as advance:
         collect_statistics(
             model, adapter, windows, CollectionOptions(), batch_size=batch_size, device=next(model.parameters()).device,

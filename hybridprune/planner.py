@@ -34,16 +34,21 @@ from hybridprune.errors import UserError
 from hybridprune.latency import paired_prefill_ratios
 from hybridprune.methods.hybrid import NeuronScoring, score_neurons
 from hybridprune.models.adapters import DOWN_IN, O_IN, FamilyAdapter
+from hybridprune.pruning import neuron_scoring
 from hybridprune.structured import (
+    _channels,
     attention_shape,
     drop_layers,
     head_keep,
     head_scores,
     layer_energy,
     neuron_energy,
+    removal_summary,
     remove_heads,
+    remove_layers,
     remove_neurons,
     residual_energy,
+    shrink_attention,
 )
 
 
@@ -105,7 +110,6 @@ def _shrunk_copy(model: nn.Module, adapter: FamilyAdapter, neurons: int = 0, hea
         scores = {i: torch.arange(width, 0, -1, dtype=torch.float64) for i in range(len(layers))}
         remove_neurons(clone, adapter, scores, neurons)
     if heads_per_group:
-        from hybridprune.structured import shrink_attention
 
         for layer in layers:
             keep_query, keep_kv = head_keep(torch.arange(shape.heads, 0, -1, dtype=torch.float64), shape, "query", heads_per_group)
@@ -366,3 +370,56 @@ def target_speedup(
         aim = aim * measured * target  # measured too slow by this factor: ask for that much more
         del pruned
     raise AssertionError("unreachable")
+
+
+# --- the prune step: --drop-layers, --heads-sparsity or the --target-speedup plan ------------
+
+
+def apply_structured(
+    loaded: Any,
+    stats: CalibrationStats,
+    config: Any,
+    hessians: CalibrationStats | None = None,
+    probe_windows: Tensor | None = None,
+    seqlen: int = 512,
+    progress: Any = None,
+    dense_config: Any = None,
+) -> dict[str, Any] | None:
+    """The structured step of `prune` after the masks (config: PruneConfig; loaded: LoadedModel, changed in place):
+    --drop-layers, then --heads-sparsity, or the --target-speedup plan. None when none of them is asked for.
+
+    Compensation (with `hessians`) may move weights that the masks zeroed; those zeros are put back, so the
+    sparsity the masks gave is kept. Returns what was removed (removal_summary, plus the plan).
+    """
+    if not (config.heads_sparsity or config.drop_layers or config.target_speedup):
+        return None
+    model, adapter = loaded.model, loaded.adapter
+    dense_config = dense_config if dense_config is not None else copy.deepcopy(model.config)  # before any removal
+    zeros = {(i, name): linear.weight == 0 for i, layer in enumerate(adapter.layers(model))
+             for name, linear in adapter.linears(layer).items()}
+    outcome = None
+    if config.target_speedup:
+        model, outcome = target_speedup(model, adapter, stats, config.target_speedup, neuron_scoring(config), hessians,
+                                        seqlen=seqlen, probe_windows=probe_windows, progress=progress)
+        loaded.model = model
+    else:
+        indices = list(range(len(adapter.layers(model))))
+        if config.drop_layers:
+            dropped = remove_layers(model, adapter, stats, config.drop_layers)
+            indices = [index for index in indices if index not in dropped]
+        removal = None
+        if config.heads_sparsity:
+            shape = attention_shape(model.config)
+            removal = remove_heads(model, adapter, stats, config.heads_sparsity, hessians=hessians, layer_indices=indices)
+        with torch.no_grad():
+            for index, layer in zip(indices, adapter.layers(model)):
+                for name, linear in adapter.linears(layer).items():
+                    before = zeros[(index, name)]
+                    if removal is not None and name == adapter.attention_output and index in removal.kept:
+                        before = before[:, _channels(torch.tensor(removal.kept[index]), shape.head_dim)]
+                    if before.shape == linear.weight.shape:  # q/k/v rows of removed heads: those rows are gone
+                        linear.weight.masked_fill_(before.to(linear.weight.device), 0.0)
+    summary = removal_summary(dense_config, model, adapter)
+    if outcome is not None:
+        summary["speedup_plan"] = outcome.to_dict()
+    return summary

@@ -1,4 +1,4 @@
-"""Presets: named sets of flags from presets.toml (shipped in the package) and user files.
+"""Presets: named sets of flags from presets.toml (the repository root's; a wheel carries it in the package) and user files.
 
 A preset may set any PruneConfig field and the calibration inputs below; anything else is
 refused with the key named, so a typo never silently does nothing.
@@ -19,9 +19,15 @@ from hybridprune.errors import UserError
 from hybridprune.fsutil import atomic_write_text
 
 CALIBRATION_KEYS: dict[str, type] = {"topics": int, "q_active": float, "nsamples": int, "seqlen": int, "data": str}
-META_KEYS = ("description", "trade_off")
+META_KEYS = ("summary", "description", "trade_off")
+SUMMARY_WIDTH = 56
+"""A summary longer than this is cut (`hybridprune presets` lists name + summary in 80 columns)."""
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 DEFAULT_PRESET = "balanced"
+NO_PRESET = "none"
+"""The preset a run names when --prune-method is given without --preset: the method with its own defaults."""
+IMPLIED_BY_SPEEDUP = {"pattern": "structured", "sparsity": 0.0}
+"""--target-speedup implies these unless they are given (a conflicting one is refused by PruneConfig.validate)."""
 
 
 @dataclass(frozen=True)
@@ -32,6 +38,13 @@ class Preset:
     description: str = ""
     trade_off: str = ""
     calibration: dict[str, Any] = field(default_factory=dict)
+    summary: str = ""  # one line for `hybridprune presets`; the description is the long text (`presets --show NAME`)
+
+    @property
+    def line(self) -> str:
+        """The one-line summary, else the description's first sentence, cut to SUMMARY_WIDTH characters."""
+        text = (self.summary or self.description.split(". ")[0] or self.trade_off).strip()
+        return text if len(text) <= SUMMARY_WIDTH else text[: SUMMARY_WIDTH - 1].rstrip() + "…"
 
 
 def user_presets_path() -> Path:
@@ -46,11 +59,19 @@ def check_name(name: str) -> str:
     return name
 
 
+def builtin_text() -> str:
+    """The built-in presets: the copy a wheel carries in the package (setup.py puts it there), else the repository's
+    presets.toml (an editable install or a source checkout: the one file, no copy to keep in step)."""
+    packaged = resources.files("hybridprune").joinpath("presets.toml")
+    if packaged.is_file():
+        return packaged.read_text(encoding="utf-8")
+    return (Path(__file__).resolve().parent.parent / "presets.toml").read_text(encoding="utf-8")
+
+
 def load_presets(extra_file: Path | None = None) -> dict[str, Preset]:
     """Built-in presets, then the user's file, then --presets FILE (later ones override by name)."""
     presets: dict[str, Preset] = {}
-    builtin = resources.files("hybridprune").joinpath("presets.toml").read_text(encoding="utf-8")
-    presets.update(_parse(builtin, "built-in"))
+    presets.update(_parse(builtin_text(), "built-in"))
     for path in (user_presets_path(), extra_file):
         if path is None:
             continue
@@ -92,7 +113,8 @@ def _parse(text: str, source: str) -> dict[str, Preset]:
         except UserError as err:
             raise UserError(f"preset '{name}' in {source}: {err}") from None
         parsed[name] = Preset(
-            name, values, source, str(table.get("description", "")), str(table.get("trade_off", "")), calibration
+            name, values, source, str(table.get("description", "")), str(table.get("trade_off", "")), calibration,
+            str(table.get("summary", "")),
         )
     return parsed
 
@@ -117,11 +139,13 @@ def get_preset(name: str, extra_file: Path | None = None) -> Preset:
 def resolve(explicit: dict[str, Any], preset: Preset | None) -> PruneConfig:
     """explicit flag (not None) > preset value > PruneConfig default.
 
-    A preset's --refine gives way to explicit choices it cannot work with (--pattern structured,
+    --target-speedup implies --pattern structured --sparsity 0. A preset's --refine gives way to explicit choices it cannot work with (--pattern structured,
     --sequential, --update-mask sweep): see `yielded`, which says so."""
     values = dict(preset.values) if preset else {}
     given = {key: value for key, value in explicit.items() if value is not None}
     values.update(given)
+    if values.get("target_speedup"):  # a speed-up plan can only be a structured removal of its own choosing
+        values.update({key: value for key, value in IMPLIED_BY_SPEEDUP.items() if key not in given})
     config = PruneConfig(**values)
     if "refine" not in given and config.refine and config.refine_conflict():
         config = PruneConfig(**{**values, "refine": 0})

@@ -11,10 +11,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from hybridprune import __version__
 from hybridprune.calibration.second_order import inverse_factor
 from hybridprune.calibration.stats import CalibrationStats
 from hybridprune.config import PruneConfig
+from hybridprune.env import __version__
 from hybridprune.errors import UserError
 from hybridprune.fsutil import atomic_folder, clean_stale_staging
 from hybridprune.masks import allocate_sparsity, parse_pattern
@@ -50,8 +50,8 @@ SAVE_FORMATS = {"dense": None, "compressed": "auto"}
 "auto": compressed-tensors' sparse bitmask, its 2:4 variant when every weight follows 2:4)."""
 SWEEP_BLOCK = 128  # columns per block of the OBS sweep (SparseGPT's)
 REFINE_BATCH_NM = 8  # N:M refinement: up to 8 swaps (in distinct groups) per row and step (faster, as good)
-# unstructured: up to 4 swaps per row and step; on SmolLM2 layer 10 (gram_offdiag 0.5, session 5) it took 0.57 / 1.08 / 0.20 s
-# for gate / down / q against 0.83 / 1.66 / 0.28 s one swap at a time, at the same or lower error (benchmarks/research/refine_speed.py).
+# unstructured: up to 4 swaps per row and step; on SmolLM2 layer 10 (gram_offdiag 0.5, 2026-12-01) it took 0.57 / 1.08 / 0.20 s
+# for gate / down / q against 0.83 / 1.66 / 0.28 s one swap at a time, at the same or lower error (benchmarks/refine_speed.py).
 REFINE_BATCH = 4
 
 

@@ -94,9 +94,9 @@ def emit_json(document: Any) -> None:
     sys.stdout.flush()
 
 
-def table(title: str, columns: list[str], rows: list[list[Any]], justify_numbers: bool = True) -> Table:
+def table(title: str, columns: list[str], rows: list[list[Any]], justify_numbers: bool = True, header: bool = True) -> Table:
     """A summary table; numeric columns right-aligned."""
-    view = Table(title=title, title_justify="left", header_style="bold")
+    view = Table(title=title, title_justify="left", header_style="bold", show_header=header)
     for index, name in enumerate(columns):
         view.add_column(name, justify="right" if justify_numbers and index > 0 else "left")
     for row in rows:

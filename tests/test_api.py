@@ -4,6 +4,7 @@ calibration on a cache miss)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -222,7 +223,7 @@ def test_structured_options_need_the_structured_pattern(world):
 def test_compressed_save_format_through_the_api(world, compressed_folder):
     out, result = compressed_folder
     config = json.loads((out / "config.json").read_text())
-    assert config["quantization_config"]["format"] == "sparse-bitmask"
+    assert config["hybridprune_compressed"]["format"] == "sparse-bitmask"
     evaluated = api.evaluate(str(out), data=str(world["text"]), split="all", windows=2, seqlen=32, cache_dir=world["cache"])
     assert abs(evaluated.model.sparsity.total.sparsity - result.runs[0].report.total.sparsity) < 1e-6
 
@@ -236,7 +237,7 @@ def test_decompress_gives_a_folder_plain_transformers_loads(world, compressed_fo
     assert cli.exit_code == 0, cli.output
     model = AutoModelForCausalLM.from_pretrained(dense)
     ours = api.evaluate(str(compressed), data=str(world["text"]), split="all", windows=2, seqlen=32, cache_dir=world["cache"])
-    assert "quantization_config" not in json.loads((dense / "config.json").read_text())
+    assert "hybridprune_compressed" not in json.loads((dense / "config.json").read_text())
     zeros = sum(int((p == 0).sum()) for n, p in model.named_parameters() if n.endswith("proj.weight"))
     assert zeros == ours.model.sparsity.total.zeros
     refused = CliRunner().invoke(app, ["decompress", str(world["model"]), "--out", str(world["work"] / "nope")])
@@ -260,3 +261,58 @@ def test_a_full_gram_on_few_calibration_tokens_is_noted(world):
     api.prune(sparsity=0.5, refine=5, reporter=default, **common)
     assert sum("--gram-offdiag 1 with 128 calibration tokens" in line for line in full.lines) == 1, full.lines
     assert not any("--gram-offdiag" in line for line in default.lines)
+
+
+class RecordingReporter:
+    """Keeps every note and progress label a run shows."""
+
+    def __init__(self) -> None:
+        self.notes: list[str] = []
+        self.labels: list[str] = []
+
+    def phase(self, title: str, lines: list[str]) -> None:
+        self.labels.append(title)
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+
+    @contextlib.contextmanager
+    def progress(self, description: str, total: int):
+        self.labels.append(description)
+        yield lambda steps: None
+
+
+def test_prune_method_without_a_preset_is_that_method_with_its_own_defaults(world):
+    reporter = RecordingReporter()
+    run = api.prune(model=str(world["model"]), data=str(world["text"]), cache_dir=world["cache"], prune_method="wanda",
+                    sparsity=0.5, reporter=reporter, **SMALL).runs[0]
+    assert run.preset == "none" and (run.config.qk_shift, run.config.refine, run.config.update) == (0.0, 0, False)
+    assert any("--prune-method wanda without --preset" in note for note in reporter.notes)
+    named = api.prune(model=str(world["model"]), data=str(world["text"]), cache_dir=world["cache"], prune_method="wanda",
+                      preset="fast", sparsity=0.5, **SMALL).runs[0]
+    assert named.preset == "fast" and named.config.prune_method == "wanda"  # a named preset still applies
+
+
+def test_target_speedup_implies_the_structured_pattern_and_refuses_a_conflicting_one():
+    from hybridprune.presets import get_preset, resolve
+
+    config = resolve({"target_speedup": 1.5, "sparsity": None}, get_preset("balanced")).validate()
+    assert (config.pattern, config.sparsity, config.refine) == ("structured", 0.0, 0)
+    with pytest.raises(UserError, match="implies --pattern structured.*drop --pattern 2:4"):
+        resolve({"target_speedup": 1.5, "pattern": "2:4", "sparsity": 0.5}, get_preset("balanced")).validate()
+    with pytest.raises(UserError, match="drop --heads-sparsity / --drop-layers and --sparsity"):
+        resolve({"target_speedup": 1.5, "sparsity": 0.3}, None).validate()
+
+
+def test_progress_says_what_runs_after_the_masks(world):
+    """A refine-only run (balanced) never claims a weight update; an update run says so."""
+    reporter = RecordingReporter()
+    api.prune(model=str(world["model"]), data=str(world["text"]), cache_dir=world["cache"], sparsity=0.5, refine=2,
+              reporter=reporter, **SMALL)
+    shown = " | ".join(reporter.labels + reporter.notes)
+    assert "applying pruning + refine" in shown
+    assert "weight update" not in shown and "every --update run" not in shown
+    reporter = RecordingReporter()
+    api.prune(model=str(world["model"]), data=str(world["text"]), cache_dir=world["cache"], sparsity=0.5, refine=0,
+              update=True, reporter=reporter, **SMALL)
+    assert "applying pruning + weight update" in reporter.labels

@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 from helpers import TRAINING_TEXT, make_tiny_model_folder
 from hybridprune.cli.main import app
 from hybridprune.errors import UserError
-from hybridprune.evaluation import check_vocabulary, folder_size, latency, parameter_count, perplexity, prepare_tasks
+from hybridprune.evaluation import check_vocabulary, latency, perplexity, prepare_tasks
+from hybridprune.latency import folder_size, parameter_count
 from hybridprune.models import load_model
 from hybridprune.plotting import plot_sweep
 from hybridprune.sparsity import sparsity_report

@@ -75,7 +75,7 @@ def test_weight_round_trip(fmt, dtype):
     keep = torch.zeros_like(blocks, dtype=torch.bool).scatter_(1, blocks.topk(2, dim=1).indices, True)
     weight = weight * keep.reshape(weight.shape)
     parts = compress_weight("m.q_proj", weight, fmt)
-    assert parts["m.q_proj.compressed"].dtype == dtype
+    assert parts["m.q_proj.weight"].dtype == dtype
     assert follows_24(weight)
     restored = decompress_weight({name.rsplit(".", 1)[1]: t for name, t in parts.items()}, fmt)
     assert torch.equal(restored, weight)
@@ -98,13 +98,14 @@ def test_compressed_folder_loads_to_the_same_logits(tiny_llama_folder: Path, tin
     assert result.global_sparsity == pytest.approx(0.5, abs=0.01)
     assert compression_format(tmp_path / "compressed") == result.format
     config = json.loads((tmp_path / "compressed" / "config.json").read_text())
-    assert config["quantization_config"]["sparsity_config"]["format"] == result.format
+    assert config["hybridprune_compressed"]["format"] == result.format and "quantization_config" not in config
     # smaller on disk than the dense-format folder
     size = lambda folder: sum(p.stat().st_size for p in folder.glob("*.safetensors"))  # noqa: E731
     assert size(tmp_path / "compressed") < 0.85 * size(dense)
     ids = torch.randint(0, loaded.model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
     decompress_folder(tmp_path / "compressed", tmp_path / "restored")
-    assert "quantization_config" not in json.loads((tmp_path / "restored" / "config.json").read_text())
+    restored_config = json.loads((tmp_path / "restored" / "config.json").read_text())
+    assert "hybridprune_compressed" not in restored_config and restored_config == json.loads((dense / "config.json").read_text())
     reference, ours, restored = fresh_logits(
         [(dense, "transformers"), (tmp_path / "compressed", "hybridprune"), (tmp_path / "restored", "transformers")], ids, dtype
     )
@@ -141,3 +142,26 @@ def test_weight_bytes_counts_compressed_weights_dense(tiny_llama_folder: Path, t
     save_compressed(loaded.model, tmp_path / "c", tokenizer=loaded.tokenizer)
     dense = weight_bytes(tiny_llama_folder, torch.float32)
     assert dense <= weight_bytes(tmp_path / "c", torch.float32) <= dense * 1.05  # packed columns round up to 8
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_plain_transformers_refuses_a_compressed_folder_naming_decompress(tiny_llama_folder: Path, tiny_cache_dir: Path,
+                                                                           tmp_path: Path, pattern):
+    """No loader but ours may read a compressed folder with random weights: AutoModelForCausalLM stops with a message
+    that names `hybridprune decompress`; a model class used directly stops on the stored shapes."""
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    loaded = load_model(str(tiny_llama_folder), cache_dir=tiny_cache_dir)
+    prune_in_place(loaded.model, pattern)
+    folder = tmp_path / "compressed"
+    save_compressed(loaded.model, folder, tokenizer=loaded.tokenizer)
+    model = None
+    with pytest.raises(Exception, match="hybridprune decompress"):
+        model = AutoModelForCausalLM.from_pretrained(folder)
+    with pytest.raises(RuntimeError, match="mismatched_sizes|size mismatch"):  # transformers 5: the load report; 4.x: "size mismatch"
+        model = LlamaForCausalLM.from_pretrained(folder)
+    assert model is None
+    # hybridprune itself still reads it, weight for weight
+    ours = load_model(str(folder), cache_dir=tiny_cache_dir).model.state_dict()
+    for name, tensor in loaded.model.state_dict().items():
+        assert torch.equal(ours[name], tensor), name

@@ -31,9 +31,36 @@ def test_preset_names_cannot_escape(name: str, tmp_path: Path, monkeypatch: pyte
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_the_packaged_presets_are_the_repository_file():
-    """presets.toml lives at the repository root (where users look); the package ships an identical copy."""
-    assert (REPO / "hybridprune" / "presets.toml").read_bytes() == (REPO / "presets.toml").read_bytes()
+def test_one_presets_file_read_in_a_checkout_and_carried_by_a_wheel(tmp_path: Path):
+    """presets.toml lives at the repository root only; a checkout (or an editable install) reads it there, and a
+    built wheel carries it in the package (setup.py), so an installed copy finds it too."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    from hybridprune.presets import builtin_text
+
+    tracked = subprocess.run(["git", "ls-files", "*presets.toml"], cwd=REPO, capture_output=True, text=True).stdout.split()
+    assert tracked == ["presets.toml"]
+    assert builtin_text() == (REPO / "presets.toml").read_text(encoding="utf-8")
+    source = tmp_path / "source"  # what a clean clone holds (no build leftovers in the repository)
+    source.mkdir()
+    for name in ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md", "presets.toml"):
+        shutil.copy2(REPO / name, source / name)
+    shutil.copytree(REPO / "hybridprune", source / "hybridprune", ignore=shutil.ignore_patterns("__pycache__", "presets.toml"))
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-q",
+                            "-w", str(tmp_path / "wheel")], capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr
+    (wheel,) = (tmp_path / "wheel").glob("hybridprune-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        assert archive.read("hybridprune/presets.toml") == (REPO / "presets.toml").read_bytes()
+        archive.extractall(tmp_path / "installed")
+    loaded = subprocess.run([sys.executable, "-c", "import hybridprune.presets as p; print(p.__file__); print(sorted(p.load_presets()))"],
+                            cwd=tmp_path, env={"PYTHONPATH": str(tmp_path / "installed"), "XDG_CONFIG_HOME": str(tmp_path),
+                                               "PATH": "/usr/bin:/bin"}, capture_output=True, text=True)
+    assert loaded.returncode == 0, loaded.stderr
+    assert str(tmp_path / "installed") in loaded.stdout and "'balanced'" in loaded.stdout
 
 
 def test_every_builtin_preset_validates_and_resolves(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
@@ -85,3 +112,23 @@ def test_a_presets_refine_gives_way_to_choices_it_cannot_work_with():
     with pytest.raises(UserError, match="--refine"):
         resolve({"pattern": "structured", "refine": 10}, balanced).validate()
     assert yielded({"pattern": "2:4", "sparsity": 0.5}, balanced, resolve({"pattern": "2:4", "sparsity": 0.5}, balanced)) == []
+
+
+def test_presets_list_fits_80_columns_and_show_gives_the_long_text(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from typer.testing import CliRunner
+
+    from hybridprune.cli.main import app
+    from hybridprune.presets import load_presets
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    monkeypatch.setenv("COLUMNS", "80")
+    listed = CliRunner().invoke(app, ["presets"])
+    assert listed.exit_code == 0, listed.output
+    lines = listed.output.splitlines()
+    assert max(len(line.rstrip()) for line in lines) <= 80
+    for name, preset in load_presets().items():  # one row a preset: its name and its one-line summary, nothing wrapped
+        assert sum(line.startswith(f"│ {name} ") for line in lines) == 1 and any(preset.line in line for line in lines), name
+    assert "Default choice" not in listed.output  # the long description waits for --show
+    shown = CliRunner().invoke(app, ["presets", "--show", "balanced"])
+    assert shown.exit_code == 0 and "Default choice" in shown.output and "--refine 50" in shown.output.replace("\n", " ")
+    assert CliRunner().invoke(app, ["presets", "--show", "nope"]).exit_code != 0

@@ -272,7 +272,9 @@ def test_built_in_extra_presets_are_listed_with_their_trade_off(script):
 
 
 def test_calibration_estimate_counts_the_second_order_pass_when_the_preset_needs_it(monkeypatch):
-    monkeypatch.setattr(wizard, "machine_flops", lambda: 1e10)
+    from hybridprune import estimates
+
+    monkeypatch.setattr(estimates, "machine_flops", lambda: 1e10)
     plain = wizard.calibration_estimate(135_000_000, 32, 512, second_order=False)
     both = wizard.calibration_estimate(135_000_000, 32, 512, second_order=True)
     assert plain == "about 7 min 22 s"  # 32 x 512 tokens x 2 x 135M / 1e10 flop/s = 442 s

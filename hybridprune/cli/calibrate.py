@@ -3,65 +3,17 @@
 from __future__ import annotations
 
 import os
-from typing import Annotated
-
-import typer
+from typing import Any
 
 from hybridprune import api
-from hybridprune.cli.common import (
-    BatchOpt,
-    CacheDirOpt,
-    CalibrateOffloadOpt,
-    DataOpt,
-    DeviceOpt,
-    DtypeOpt,
-    ForceOpt,
-    JsonOpt,
-    ModelOpt,
-    NsamplesOpt,
-    QActiveOpt,
-    QuietOpt,
-    SeedOpt,
-    SeqlenOpt,
-    TextFieldOpt,
-    TopicsOpt,
-    TrustOpt,
-    handle_errors,
-)
+from hybridprune.cli.common import JsonOpt, QuietOpt, cli_options, handle_errors
 from hybridprune.cli.output import Output
-
-HessiansOpt = Annotated[
-    bool,
-    typer.Option("--hessians", help="Also collect the second-order statistics (x x^T per input) that --update and the quality preset use."),
-]
-ShardOpt = Annotated[
-    str | None,
-    typer.Option("--shard", help="Calibrate only shard i of N (i/N) into a partial entry; `hybridprune cache merge` joins the N shards."),
-]
+from hybridprune.options import CALIBRATE
 
 
 @handle_errors
-def calibrate(
-    model: ModelOpt = None,
-    data: DataOpt = None,
-    text_field: TextFieldOpt = None,
-    nsamples: NsamplesOpt = None,
-    seqlen: SeqlenOpt = None,
-    seed: SeedOpt = 0,
-    topics: TopicsOpt = None,
-    q_active: QActiveOpt = None,
-    batch_size: BatchOpt = 4,
-    dtype: DtypeOpt = "float32",
-    device: DeviceOpt = "cpu",
-    cache_dir: CacheDirOpt = None,
-    force: ForceOpt = False,
-    trust_remote_code: TrustOpt = False,
-    shard: ShardOpt = None,
-    hessians: HessiansOpt = False,
-    offload: CalibrateOffloadOpt = None,
-    json_output: JsonOpt = False,
-    quiet: QuietOpt = False,
-) -> None:
+@cli_options(CALIBRATE)
+def calibrate(json_output: JsonOpt = False, quiet: QuietOpt = False, **options: Any) -> None:
     """Collect Wanda and NeuronRank statistics once; every sparsity, preset and knob reuses them.
 
     Under `torchrun --nproc-per-node N -m hybridprune calibrate ...` the N processes split the
@@ -70,11 +22,7 @@ def calibrate(
     # under torchrun one rank (0) speaks for all: RANK is the rank torchrun gives the process group
     follower = "WORLD_SIZE" in os.environ and os.environ.get("RANK", "0") != "0"
     output = Output(json_output and not follower, quiet or follower)
-    result = api.calibrate(
-        model=model, data=data, text_field=text_field, nsamples=nsamples, seqlen=seqlen, seed=seed, topics=topics,
-        q_active=q_active, batch_size=batch_size, dtype=dtype, device=device, cache_dir=cache_dir, force=force,
-        trust_remote_code=trust_remote_code, shard=shard, hessians=hessians, offload=offload, reporter=output.reporter,
-    )
+    result = api.calibrate(**options, reporter=output.reporter)
     if result.leader:
         output.result(result.to_dict(), lambda: render(output, result))
 

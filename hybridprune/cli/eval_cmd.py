@@ -2,76 +2,35 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
 
 from hybridprune import api, ui
-from hybridprune.cli.common import (
-    BatchOpt,
-    CacheDirOpt,
-    DeviceOpt,
-    DtypeOpt,
-    EvalDataOpt,
-    JsonOpt,
-    ModelOpt,
-    QuietOpt,
-    TextFieldOpt,
-    TrustOpt,
-    handle_errors,
-)
+from hybridprune.cli.common import JsonOpt, QuietOpt, cli_options, handle_errors
 from hybridprune.cli.output import Output
-from hybridprune.config import DEFAULT_DATA, DEFAULT_EVAL_WINDOWS, DEFAULT_SEQLEN
 from hybridprune.errors import UserError
+from hybridprune.options import EVALUATE
 
 
 @handle_errors
+@cli_options(EVALUATE)
 def eval_command(
     folders: Annotated[list[str] | None, typer.Argument(help="More folders to compare (with --compare).", show_default=False)] = None,
-    model: ModelOpt = None,
-    data: EvalDataOpt = DEFAULT_DATA,
-    split: Annotated[str, typer.Option("--split", help="calibration | validation | test | all.")] = "test",
-    text_field: TextFieldOpt = None,
-    seqlen: Annotated[
-        int | None, typer.Option("--seqlen", help=f"Tokens per eval window (default {DEFAULT_SEQLEN}, capped by the model).")
-    ] = None,
-    windows: Annotated[str, typer.Option("--windows", help="Eval windows from the start of the split: N or 'all'.")] = str(DEFAULT_EVAL_WINDOWS),
-    batch_size: BatchOpt = 4,
-    baseline: Annotated[
-        str | None, typer.Option("--baseline", help="Also evaluate this model (folder, hub id or 'embedded') and show deltas.")
-    ] = None,
-    compare: Annotated[
-        list[str] | None, typer.Option("--compare", help="Folders to compare (repeatable, or list them after it); plots ppl vs sparsity.")
-    ] = None,
-    plot: Annotated[Path | None, typer.Option("--plot", help="Where --compare writes its plot (default hybridprune-compare.png).")] = None,
-    latency: Annotated[
-        bool, typer.Option("--latency", help="Also time prefill (batch 1 x --seqlen) and decode (tokens/s over 128 greedy tokens).")
-    ] = False,
     per_layer: Annotated[bool, typer.Option("--per-layer", help="Show the sparsity of every layer and module.")] = False,
-    tasks: Annotated[str | None, typer.Option("--tasks", help="Zero-shot lm-eval tasks, comma-separated (hellaswag,arc_easy).")] = None,
-    include_path: Annotated[Path | None, typer.Option("--include-path", help="A folder of your own lm-eval task YAML files.")] = None,
-    limit: Annotated[int | None, typer.Option("--limit", help="Only the first N documents of each task (a quick look, not a result).")] = None,
-    dtype: DtypeOpt = "float32",
-    device: DeviceOpt = "cpu",
-    cache_dir: CacheDirOpt = None,
-    trust_remote_code: TrustOpt = False,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
+    **options: Any,
 ) -> None:
     """Perplexity on the benchmark protocol and achieved sparsity; optionally a baseline, a comparison, zero-shot tasks."""
     output = Output(json_output, quiet, unit="tokens")
-    if folders and not compare:
+    if folders and not options["compare"]:
         raise UserError(
             f"unexpected argument '{folders[0]}': use --model FOLDER to evaluate one model, or --compare FOLDER ... to compare several"
         )
-    result = api.evaluate(
-        model, compare=[*(compare or []), *(folders or [])], baseline=baseline, data=data or DEFAULT_DATA, split=split,
-        text_field=text_field, seqlen=seqlen, windows=windows, batch_size=batch_size, plot=plot, latency=latency, tasks=tasks,
-        include_path=include_path, limit=limit, dtype=dtype, device=device, cache_dir=cache_dir,
-        trust_remote_code=trust_remote_code, reporter=output.reporter, show_task_progress=not quiet,
-    )
+    options["compare"] = [*(options["compare"] or []), *(folders or [])]
+    result = api.evaluate(**options, reporter=output.reporter, show_task_progress=not quiet)
     output.result(result.to_dict(), lambda: (show_compare if result.compare else show_single)(output, result, per_layer))
 
 

@@ -14,7 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Iterable
 
-from hybridprune import network_allowed
+from hybridprune.env import network_allowed
 from hybridprune.errors import UserError
 
 SPLITS = ("calibration", "validation", "test", "all")

@@ -250,7 +250,7 @@ RESYNC = 100
 """Steps between recomputations of the residual G delta (each a [rows, columns] x [columns, columns] product: for
 Qwen2.5-1.5B's down_proj 1.9 s in float32 on one thread, 3.0 s in float64, against 0.3 s for a whole step). Its
 float32 updates drift little: 50 steps without a recomputation changed 94 of 13.8M mask entries of a 1536 x 8960
-layer and the refined error by 1e-7 relative (session 7); the product's 50 steps need none."""
+layer and the refined error by 1e-7 relative (measured at 42b96cd, 2026-12-01); the product's 50 steps need none."""
 
 
 class _Search:
@@ -291,7 +291,7 @@ class _NMSearch:
     A swap's change is const + 2 w_k r_k - 2 w_p r_p, const = w_k^2 G_kk + w_p^2 G_pp - 2 w_p w_k G_pk: the
     constant parts are kept per (row, group) and recomputed only for the groups a step changed (this search took
     0.59 of a 2:4 `balanced` run while it gathered them every step; kept, the refine takes 0.71x the time with
-    identical masks: benchmarks/research/refine_search_state.py, session 7)."""
+    identical masks: benchmarks/refine_search_state.py, measured at b25c2a5, 2026-12-01)."""
 
     def __init__(self, w: Tensor, keep: Tensor, squared: Tensor, g: Tensor, nm: tuple[int, int]) -> None:
         rows, columns = w.shape
@@ -360,7 +360,7 @@ def _rows_of_g_combined(g: Tensor, w: Tensor, r: Tensor, revive: Tensor, prune: 
 
     As a sparse (CSR, only the used slots) times dense product: it reads the rows of G it needs without
     materialising them per row first (index_select + bmm made a [rows, 2T, columns] copy: for Qwen's
-    down_proj, 1536 x 8 x 8960 floats per step; 0.32 s against 0.09 s, `benchmarks/research/refine_residual_update.py`).
+    down_proj, 1536 x 8 x 8960 floats per step; 0.32 s against 0.09 s, `benchmarks/refine_residual_update.py`).
     """
     rows = r.shape[0]
     columns = torch.cat([revive, prune], 1)

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from hybridprune import network_allowed
+from hybridprune.env import network_allowed
 from hybridprune.errors import UserError
 from hybridprune.fsutil import atomic_folder, atomic_write_text, cache_root, file_lock, sha256_file
 from hybridprune.models.adapters import FamilyAdapter, adapter_for
@@ -99,10 +99,24 @@ def _looks_like_hub_id(spec: str) -> bool:
 
 
 def read_config(folder: Path) -> dict[str, Any]:
+    """The folder's config.json as the dense model's (a compressed folder's own model_type restored: export.py)."""
+    from hybridprune.export import dense_config
+
     try:
-        return json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        return dense_config(json.loads((folder / "config.json").read_text(encoding="utf-8")))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise UserError(f"cannot read {folder / 'config.json'} ({err}): is this a Hugging Face model folder?") from None
+
+
+def hf_config(folder: Path, trust_remote_code: bool) -> Any:
+    """The transformers config of the folder; a compressed folder's is built from its dense config.json, since
+    transformers refuses the marked one by design (export.COMPRESSED_MODEL_TYPE)."""
+    from transformers import AutoConfig
+
+    if not sparse_compressed(folder):
+        return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    values = read_config(folder)
+    return AutoConfig.for_model(values.pop("model_type"), **values)
 
 
 def load_model(
@@ -137,7 +151,7 @@ def load_model(
             model, stream = _open_streaming(folder, adapter, torch_dtype, torch_device, trust_remote_code, streaming is None)
         if stream is None:
             model = _load_weights(folder, torch_dtype, torch_device, trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code, config=hf_config(folder, trust_remote_code))
     except pickle.UnpicklingError:
         raise UserError(
             f"cannot load the model in '{folder}': its pickle weights hold more than plain tensors and "
@@ -164,11 +178,9 @@ def load_model(
 def _skeleton(folder: Path, dtype: torch.dtype, trust_remote_code: bool) -> torch.nn.Module:
     """The model on the meta device (buffers real), tied parameters made one."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    if sparse_compressed(folder):  # decompressed by our reader: the model in memory is a plain dense one
-        del config.quantization_config
+    config = hf_config(folder, trust_remote_code)  # a compressed folder's: dense (our reader decompresses)
     with init_empty_weights(include_buffers=False):
         skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     skeleton.tie_weights()  # tied parameters become one, so the checkpoint's single copy covers them
@@ -211,7 +223,7 @@ def _load_weights(folder: Path, dtype: torch.dtype, device: torch.device, trust_
 
 
 def sparse_compressed(folder: Path) -> bool:
-    """Whether the folder is stored in a compressed-tensors sparse bitmask format (hybridprune/export.py)."""
+    """Whether the folder is stored in a sparse bitmask format (hybridprune/export.py)."""
     from hybridprune.export import compression_format
 
     return compression_format(folder) is not None

@@ -30,14 +30,14 @@ MEMORY_HEADROOM = 0.8
 
 def weight_bytes(folder: Path, dtype: torch.dtype) -> int:
     """Bytes the checkpoint's floating-point tensors take at `dtype` (from the safetensors headers only)."""
-    from hybridprune.export import PARTS, compression_format
+    from hybridprune.export import LEGACY_VALUES, PARTS, compression_format
 
     fmt = compression_format(folder)
     total = 0
     for path in safetensors_files(folder):
         header = read_header(path)[0]
         for name, info in header.items():
-            if fmt is not None and name.rsplit(".", 1)[-1] in PARTS[fmt] and f"{name.rsplit('.', 1)[0]}.bitmask" in header:
+            if fmt is not None and name.rsplit(".", 1)[-1] in (*PARTS[fmt], LEGACY_VALUES) and f"{name.rsplit('.', 1)[0]}.bitmask" in header:
                 if name.endswith(".bitmask"):  # a compressed weight: its dense size (8 weights per mask byte)
                     total += info["shape"][0] * info["shape"][1] * 8 * dtype.itemsize
                 continue

@@ -8,60 +8,21 @@ same path the streaming mode uses to load one decoder layer at a time. Nothing i
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
 
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-}
+from hybridprune.export import compression_format, dense_names, read_decompressed
+from hybridprune.models.safetensors_io import SAFETENSORS_DTYPES, iter_tensors, read_header, safetensors_files
 
-
-def safetensors_files(folder: Path) -> list[Path]:
-    return sorted(folder.glob("*.safetensors"))
-
-
-def read_header(path: Path) -> tuple[dict, int]:
-    """The safetensors JSON header and the byte offset where tensor data starts."""
-    with open(path, "rb") as handle:
-        length = int.from_bytes(handle.read(8), "little")
-        if length > path.stat().st_size - 8:
-            raise ValueError(f"{path.name} is truncated or not a safetensors file (its header runs past the end)")
-        header = json.loads(handle.read(length))
-    if not isinstance(header, dict):
-        raise ValueError(f"{path.name} is not a safetensors file (its header is not a table)")
-    header.pop("__metadata__", None)
-    return header, 8 + length
-
-
-def iter_tensors(path: Path, names: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for the tensors of one file (all, or only `names`), each read into fresh memory."""
-    header, base = read_header(path)
-    wanted = set(header) if names is None else set(names) & set(header)
-    with open(path, "rb", buffering=0) as handle:
-        for name in sorted(wanted, key=lambda n: header[n]["data_offsets"][0]):
-            info = header[name]
-            start, end = info["data_offsets"]
-            raw = torch.empty(end - start, dtype=torch.uint8)
-            handle.seek(base + start)
-            view = memoryview(raw.numpy())
-            filled = 0
-            while filled < len(view):
-                got = handle.readinto(view[filled:])
-                if not got:
-                    raise ValueError(f"{path.name} is truncated: tensor '{name}' runs past the end of the file")
-                filled += got
-            yield name, raw.view(SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+__all__ = ["SAFETENSORS_DTYPES", "iter_tensors", "read_header", "safetensors_files", "checkpoint_names", "read_tensors", "load_into",
+           "plan_direct_load"]
 
 
 def checkpoint_names(folder: Path) -> set[str]:
     """The (dense) tensor names of the folder's checkpoint; a compressed folder's weights count under their dense names."""
-    from hybridprune.export import compression_format, dense_names
-
     names = {name for path in safetensors_files(folder) for name in read_header(path)[0]}
     fmt = compression_format(folder)
     return dense_names(names, fmt) if fmt else names
@@ -72,8 +33,6 @@ def read_tensors(folder: Path, dtype: torch.dtype, names: set[str] | None = None
 
     A folder stored in a sparse bitmask format (hybridprune/export.py) is decompressed on the fly.
     """
-    from hybridprune.export import compression_format, read_decompressed
-
     fmt = compression_format(folder)
     if fmt is not None:
         yield from read_decompressed(folder, fmt, dtype, names)
