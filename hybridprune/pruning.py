@@ -51,7 +51,7 @@ SAVE_FORMATS = {"dense": None, "compressed": "auto"}
 SWEEP_BLOCK = 128  # columns per block of the OBS sweep (SparseGPT's)
 REFINE_BATCH_NM = 8  # N:M refinement: up to 8 swaps (in distinct groups) per row and step (faster, as good)
 # unstructured: up to 4 swaps per row and step; on SmolLM2 layer 10 (gram_offdiag 0.5, 2026-12-01) it took 0.57 / 1.08 / 0.20 s
-# for gate / down / q against 0.83 / 1.66 / 0.28 s one swap at a time, at the same or lower error (benchmarks/refine_speed.py).
+# for gate / down / q against 0.83 / 1.66 / 0.28 s one swap at a time, at the same or lower error (benchmarks/refine_speed.py at 5946eb9).
 REFINE_BATCH = 4
 
 

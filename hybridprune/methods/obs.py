@@ -291,7 +291,7 @@ class _NMSearch:
     A swap's change is const + 2 w_k r_k - 2 w_p r_p, const = w_k^2 G_kk + w_p^2 G_pp - 2 w_p w_k G_pk: the
     constant parts are kept per (row, group) and recomputed only for the groups a step changed (this search took
     0.59 of a 2:4 `balanced` run while it gathered them every step; kept, the refine takes 0.71x the time with
-    identical masks: benchmarks/refine_search_state.py, measured at b25c2a5, 2026-12-01)."""
+    identical masks: benchmarks/refine_search_state.py at 5946eb9, measured at b25c2a5, 2026-12-01)."""
 
     def __init__(self, w: Tensor, keep: Tensor, squared: Tensor, g: Tensor, nm: tuple[int, int]) -> None:
         rows, columns = w.shape
