@@ -66,13 +66,14 @@ def prune(o: Options, *, reporter: Reporter | None = None, on_run: Callable[[Pru
     configure_torch()
     if o.preset is None and o.prune_method is not None:  # the method as named, not the default preset's extras
         chosen = Preset(NO_PRESET, {}, "--prune-method without --preset")
-        reporter.note(f"--prune-method {o.prune_method} without --preset: the method's own defaults (no preset's q/k shift, "
-                      "refine or update; add --preset NAME for those)")
     else:
         chosen = get_preset(o.preset or DEFAULT_PRESET, as_path(o.presets_file))
     if o.pruning_last is not None and o.pruning_last < 1:
         raise UserError(f"--pruning-last must be a number of layers >= 1, got {o.pruning_last}")
     configs = [resolve({**explicit, "sparsity": value}, chosen).validate() for value in parse_sparsities(o.sparsity)]
+    if chosen.name == NO_PRESET:  # after validation: a method that does not exist gets only its error
+        reporter.note(f"--prune-method {o.prune_method} without --preset: the method's own defaults (no preset's q/k shift, "
+                      "refine or update; add --preset NAME for those)")
     for line in dict.fromkeys(line for config in configs for line in yielded(explicit, chosen, config)):
         reporter.note(line)
     request = calibration_request(chosen, vars(o))
