@@ -26,7 +26,12 @@ DEFAULT_DATA = "wiki-vital"
 """The evaluation text (its test split): the benchmark protocol's."""
 DEFAULT_DTYPE = "float32"
 """The dtype models are loaded in (statistics always accumulate in float64)."""
-DEFAULT_DEVICE = "cpu"
+DEFAULT_DEVICE = "auto"
+"""Where models are computed: `auto` is the first CUDA device when there is one, else the CPU."""
+SECOND_ORDER_MODES = ("cache", "recompute")
+"""How refine and --update get the sums x x^T: a cache entry made once and reused, or collected in the pass
+that prunes, one layer at a time, and never stored (SparseGPT's way: a forward pass more per run)."""
+DEFAULT_SECOND_ORDER = "cache"
 DEFAULT_SAVE_FORMAT = "dense"
 """How `prune --out` writes the model: plain safetensors with the zeros stored (dense) or compressed."""
 DEFAULT_CALIBRATION_DATA = "wiki-vital+code"

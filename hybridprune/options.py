@@ -30,9 +30,11 @@ from hybridprune.config import (
     DEFAULT_DTYPE,
     DEFAULT_EVAL_WINDOWS,
     DEFAULT_SAVE_FORMAT,
+    DEFAULT_SECOND_ORDER,
     DEFAULT_SEQLEN,
     GRAM_OFFDIAG,
     NM_ORDERS,
+    SECOND_ORDER_MODES,
     UPDATE_MASKS,
     default_of,
 )
@@ -64,7 +66,7 @@ def opt(name: str, *flags: str, type: Any = None, default: Any = None, help: str
 
 MODEL = opt("model", help="Model folder, hub id (with HYBRIDPRUNE_ONLINE=1), or nothing for the embedded SmolLM2-135M.")
 DTYPE = opt("dtype", type=str, default=DEFAULT_DTYPE, help="float32 | bfloat16 | float16 (statistics stay float64).")
-DEVICE = opt("device", type=str, default=DEFAULT_DEVICE, help="cpu | cuda[:N].")
+DEVICE = opt("device", type=str, default=DEFAULT_DEVICE, help="auto (CUDA when available, else CPU) | cpu | cuda[:N].")
 CACHE_DIR = opt("cache_dir", type=Path | None, help="Cache folder (default: $HYBRIDPRUNE_CACHE or ~/.cache/hybridprune).",
                 api_type=str | Path | None)
 TRUST = opt("trust_remote_code", type=bool, default=False, help="Allow a model folder's own Python code to run.")
@@ -147,6 +149,10 @@ PRUNE_OUTPUT = (
     opt("evaluate", "--eval", type=bool, default=False, help="Perplexity of each result (and dense) on the test split; a sweep also plots."),
     opt("eval_windows", type=int, default=DEFAULT_EVAL_WINDOWS, help="Test windows for --eval."),
 )
+SECOND_ORDER = opt("second_order", type=str, default=DEFAULT_SECOND_ORDER,
+                   help=f"{' | '.join(SECOND_ORDER_MODES)}: the x x^T that refine and --update need, stored once and reused "
+                   "(about 1x a bfloat16 model's bytes at 8B, see README) or collected again in each prune, one layer at a "
+                   "time, nothing stored (a forward pass more per run).")
 OFFLOAD = opt("offload", "--offload/--no-offload", type=bool | None,
               help="Load one decoder layer at a time (default: only when the model does not fit).")
 
@@ -209,7 +215,7 @@ SCORE = Command((
 PRUNE = Command((
     MODEL, *PRESETS,
     opt("prune_method", help=f"{registry.choices(registry.METHODS)}."),
-    MLP_METHOD, TFIDF_MODE, *PRUNE_KNOBS, *PRUNE_OUTPUT, *CALIBRATION, *RUNTIME, OFFLOAD,
+    MLP_METHOD, TFIDF_MODE, *PRUNE_KNOBS, *PRUNE_OUTPUT, *CALIBRATION, *RUNTIME, OFFLOAD, SECOND_ORDER,
 ))
 EVALUATE = Command((
     MODEL,

@@ -316,3 +316,36 @@ def test_progress_says_what_runs_after_the_masks(world):
     api.prune(model=str(world["model"]), data=str(world["text"]), cache_dir=world["cache"], sparsity=0.5, refine=0,
               update=True, reporter=reporter, **SMALL)
     assert "applying pruning + weight update" in reporter.labels
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_second_order_recompute_prunes_as_the_cache_does_and_stores_none(world, tmp_path, offload):
+    """--second-order recompute: the x x^T of each layer collected in the pass that prunes it, never stored; the
+    saved weights are those of the run that reads the cached entry (in memory and streamed)."""
+    inputs = dict(model=str(world["model"]), data=str(world["text"]), preset="quality", refine=3, sparsity=0.5, offload=offload, **SMALL)
+    cached = api.prune(cache_dir=tmp_path / "cached", out=tmp_path / "a", **inputs).to_dict()["runs"][0]
+    assert cached["second_order_statistics"]["reused"] is False
+    recomputed = api.prune(cache_dir=tmp_path / "recomputed", out=tmp_path / "b", second_order="recompute", **inputs)
+    record = recomputed.runs[0].record
+    assert record["second_order_statistics"] == "recomputed in the pruning pass"
+    modes = [json.loads(path.read_text())["key"]["mode"] for path in (tmp_path / "recomputed").glob("stats/*/manifest.json")]
+    assert modes == ["dense"]  # the first-order entry only
+    expected, got = weights_of(tmp_path / "a"), weights_of(tmp_path / "b")
+    assert expected.keys() == got.keys()
+    for name, tensor in got.items():
+        assert torch.equal(tensor, expected[name]), name
+
+
+def weights_of(folder: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(path))
+    return tensors
+
+
+def test_second_order_recompute_refuses_what_it_cannot_serve(world, tmp_path):
+    with pytest.raises(UserError, match="unknown --second-order 'later'"):
+        api.prune(model=str(world["model"]), data=str(world["text"]), cache_dir=tmp_path, second_order="later", **SMALL)
+    with pytest.raises(UserError, match="structured removal with --update reads the cached entry"):
+        api.prune(model=str(world["model"]), data=str(world["text"]), cache_dir=tmp_path, second_order="recompute",
+                  pattern="structured", sparsity=0.25, update=True, **SMALL)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from hybridprune.api.common import as_path, cache_folder, calibration_request, choose_streaming, configure_torch
 from hybridprune.api.results import PruneResult, PruneRun
-from hybridprune.config import PRUNE_FIELDS, CalibrationRequest, PruneConfig, window_length
+from hybridprune.config import PRUNE_FIELDS, SECOND_ORDER_MODES, CalibrationRequest, PruneConfig, window_length
 from hybridprune.errors import UserError
 from hybridprune.options import PRUNE, Options, api_options
 from hybridprune.presets import DEFAULT_PRESET, NO_PRESET, Preset, get_preset, resolve, yielded
@@ -54,11 +54,12 @@ def prune(o: Options, *, reporter: Reporter | None = None, on_run: Callable[[Pru
     # the PruneConfig knobs and calibration inputs, by the same names (None = from the preset, else the default)
     explicit = {name: value for name, value in vars(o).items() if name in PRUNE_FIELDS and name != "sparsity"}
     from hybridprune.cache import StatsCache
-    from hybridprune.calibration.session import HESSIAN_MODE, calibrated_statistics
+    from hybridprune.calibration.session import HESSIAN_MODE, calibrated_statistics, calibration_windows
     from hybridprune.export import compress_folder
     from hybridprune.fsutil import atomic_folder
+    from hybridprune.masks import parse_pattern
     from hybridprune.models import load_model
-    from hybridprune.passes import prune_model, prune_streaming, sequential_pruner
+    from hybridprune.passes import prune_model, prune_recompute, prune_streaming, sequential_pruner
     from hybridprune.pruning import SAVE_FORMATS, check_output_folder, run_record, save_pruned, write_extras
     from hybridprune.sparsity import sparsity_report
 
@@ -88,6 +89,13 @@ def prune(o: Options, *, reporter: Reporter | None = None, on_run: Callable[[Pru
     if o.save_format == "compressed":
         reporter.note("a compressed folder loads only in hybridprune (eval, --model); other loaders refuse it: "
                       "`hybridprune decompress FOLDER --out DENSE` makes a plain copy")
+    if o.second_order not in SECOND_ORDER_MODES:
+        raise UserError(f"unknown --second-order '{o.second_order}': use {' or '.join(SECOND_ORDER_MODES)}")
+    recompute = o.second_order == "recompute"
+    if recompute and any(c.needs_second_order and (c.heads_sparsity or c.drop_layers or c.target_speedup
+                                                   or parse_pattern(c.pattern).kind == "structured") for c in configs):
+        raise UserError("--second-order recompute serves refine and --update of masks; structured removal with --update "
+                        "reads the cached entry: drop --second-order recompute")
     streaming = choose_streaming(o.offload, o.model, o.dtype, o.device, root, reporter)
     if streaming and out_path is None:
         raise UserError("with --offload the model is pruned and written layer by layer: pass --out FOLDER")
@@ -111,7 +119,7 @@ def prune(o: Options, *, reporter: Reporter | None = None, on_run: Callable[[Pru
     if out_path is not None:
         out_path = check_output_folder(out_path, loaded.folder, o.overwrite)
     if pre_calibrate:
-        needs_second_order = any(config.needs_second_order and not config.sequential for config in configs)
+        needs_second_order = not recompute and any(config.needs_second_order and not config.sequential for config in configs)
         # one forward pass for both entries when both are missing
         dense_stats = calibrated_statistics(loaded, request, cache, reporter, force=o.force, with_second_order=needs_second_order)
         if needs_second_order:
@@ -142,10 +150,17 @@ def prune(o: Options, *, reporter: Reporter | None = None, on_run: Callable[[Pru
             if config.needs_second_order:  # the pass's own second-order sums (pruned inputs), in the same entry
                 hessians = calibration.stats
         else:
-            if dense_stats is None:
-                dense_stats = calibrated_statistics(loaded, request, cache, reporter, force=o.force)
+            if dense_stats is None:  # streamed: both entries in one pass when both are missing
+                dense_stats = calibrated_statistics(loaded, request, cache, reporter, force=o.force,
+                                                    with_second_order=config.needs_second_order and not recompute)
+                second_order = second_order or dense_stats.second_order
             calibration = dense_stats
-            if config.needs_second_order:
+            if config.needs_second_order and recompute:
+                windows = calibration_windows(loaded, request, root)[0]
+                if (note := config.gram_note(windows.numel(), dense_width)) not in noted:
+                    noted.add(note)
+                    reporter.note(note)
+            elif config.needs_second_order:
                 if second_order is None:
                     second_order = calibrated_statistics(loaded, request, cache, reporter, force=o.force, mode=HESSIAN_MODE)
                 hessians = second_order.stats
@@ -156,19 +171,29 @@ def prune(o: Options, *, reporter: Reporter | None = None, on_run: Callable[[Pru
         if streaming:
             assert target is not None
             with atomic_folder(target, replace=o.overwrite or sweep) as staging:
-                report = prune_streaming(loaded, calibration.stats, config, reporter, staging, hessians)[1]
+                if config.needs_second_order and recompute and not config.sequential:
+                    report = prune_recompute(loaded, calibration.stats, config, reporter, windows, batch_size=request.batch_size,
+                                             folder=staging)[1]
+                else:
+                    report = prune_streaming(loaded, calibration.stats, config, reporter, staging, hessians)[1]
                 record = run_record(config, chosen.name, calibration, report, loaded.source, dense_width, second_order)
                 record["save_format"] = o.save_format
+                if config.needs_second_order and recompute:
+                    record["second_order_statistics"] = "recomputed in the pruning pass"
                 write_extras(loaded, staging, record)
                 if SAVE_FORMATS[o.save_format]:
                     compress_folder(staging, None, SAVE_FORMATS[o.save_format])
         else:
             dense_config = copy.deepcopy(loaded.model.config)
-            if replay:
+            if config.needs_second_order and recompute and not config.sequential:
+                prune_recompute(loaded, calibration.stats, config, reporter, windows, batch_size=request.batch_size)
+            elif replay:
                 prune_model(loaded, calibration.stats, config, reporter, hessians)
             structure = _structured_step(loaded, calibration.stats, config, hessians, request, root, reporter, dense_config)
             report = sparsity_report(loaded.model, loaded.adapter, dense_intermediate_size=dense_width)
             record = run_record(config, chosen.name, calibration, report, loaded.source, dense_width, second_order)
+            if config.needs_second_order and recompute:
+                record["second_order_statistics"] = "recomputed in the pruning pass"
             if structure is not None:
                 record["structure"] = structure
         run = PruneRun(config, chosen.name, calibration.key.digest, calibration.reused, report, record)
