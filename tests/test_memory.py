@@ -30,7 +30,7 @@ print("PEAK_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 def peak_rss(folder: Path, text: Path, cache: Path, out: Path) -> int:
     arguments = ["prune", "--model", str(folder), "--data", str(text), "--preset", "quality", "--refine", "2", "--offload",
                  "--nsamples", "4", "--seqlen", "64", "--topics", "4", "--cache-dir", str(cache), "--out", str(out), "--quiet"]
-    done = subprocess.run([sys.executable, "-c", RUN, json.dumps(arguments)], capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-c", RUN, json.dumps(arguments)], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     return int(done.stdout.split("PEAK_KB")[-1].split()[0]) * 1024
 

@@ -14,6 +14,7 @@ from hybridprune.calibration.second_order import (
     pack_gram,
     unpack_gram,
 )
+from hybridprune.methods import reconstruct
 
 
 def inputs(tokens: int = 400, features: int = 70, seed: int = 0) -> torch.Tensor:
@@ -76,7 +77,7 @@ def test_damped_gram_marks_dead_channels_and_damps_like_sparsegpt():
 @pytest.mark.parametrize("float64", [True, False])
 def test_inverse_factor_is_the_upper_factor_of_the_inverse(monkeypatch: pytest.MonkeyPatch, float64: bool):
     """float64 where it fits the memory bound, float32 (SparseGPT's precision) above: both factor G^-1."""
-    monkeypatch.setattr(second_order, "FLOAT64_BYTES", 2**40 if float64 else 0)
+    monkeypatch.setattr(reconstruct, "FLOAT64_BYTES", 2**40 if float64 else 0)
     x = inputs()
     packed = pack_gram((x.double().T @ x.double()).float())
     gram, _ = damped_gram(packed["gram_diag"], packed["gram_corr"])

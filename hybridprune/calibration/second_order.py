@@ -19,16 +19,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from hybridprune.methods.reconstruct import inverse_factor  # noqa: F401 (the factor of a stored Gram, re-exported)
+
 DAMPING = 0.01
 """G = H + DAMPING * mean(diag H) I (dead channels' diagonal set to 1 first), as SparseGPT damps."""
 BLOCK = 1024
 """Columns per block of the upper-triangular accumulation and of the (un)packing."""
 CORRELATION_DTYPE = torch.float16
 """Storage of the correlations (benchmarks/second_order_storage.py compares it with float32)."""
-FLOAT64_BYTES = 2**30
-"""The factorization runs in float64 while one n x n float64 matrix takes at most this many bytes (n <= 11585:
-every validated model), in float32 above (SparseGPT's precision), where three float64 n x n buffers would
-exceed the per-layer memory goal (70B down_proj: 3 x 6.6 GB)."""
 
 
 class GramAccumulator:
@@ -103,19 +101,6 @@ def damp_(gram: Tensor, dead: Tensor) -> Tensor:
     diagonal[dead.to(gram.device)] = 1.0
     diagonal.add_(DAMPING * diagonal.mean())
     return gram
-
-
-def inverse_factor(gram: Tensor) -> Tensor:
-    """The upper Cholesky factor U of G^-1 (U^T U = G^-1), float32, for a damped Gram G (consumed: freed early).
-
-    Runs in float64 where that fits FLOAT64_BYTES, else in float32, one n x n buffer at a time beyond G."""
-    width = gram.shape[0]
-    dtype = torch.float64 if width * width * 8 <= FLOAT64_BYTES else torch.float32
-    lower = torch.linalg.cholesky(gram.to(dtype))
-    del gram
-    inverse = torch.cholesky_inverse(lower)
-    del lower
-    return torch.linalg.cholesky(inverse, upper=True).to(torch.float32)
 
 
 def entry_bytes(widths: list[int]) -> int:
