@@ -13,7 +13,7 @@ import pytest
 
 from helpers import TRAINING_TEXT, make_tiny_model_folder
 
-HIDDEN, INTERMEDIATE = 512, 2048
+HIDDEN, INTERMEDIATE = 384, 1536
 
 RUN = """
 import json, resource, sys
@@ -41,7 +41,7 @@ def test_peak_memory_of_a_quality_prune_does_not_grow_with_depth(tmp_path: Path)
 
     text = tmp_path / "text.txt"
     text.write_text(TRAINING_TEXT * 20)
-    shape = dict(hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_attention_heads=8, num_key_value_heads=2, head_dim=64)
+    shape = dict(hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_attention_heads=6, num_key_value_heads=2, head_dim=64)
     peaks = {}
     for layers in (2, 8):
         folder = make_tiny_model_folder(tmp_path / f"model-{layers}", num_hidden_layers=layers, **shape)
