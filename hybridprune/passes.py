@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from hybridprune.calibration.collect import CollectionOptions, collect_statistics
+from hybridprune.calibration.runner import return_freed_memory
 from hybridprune.calibration.stats import CalibrationStats
 from hybridprune.config import PruneConfig
 from hybridprune.errors import UserError
@@ -92,6 +93,7 @@ def prune_streaming(
                     prune_layer(layer, index, loaded.adapter, stats, plans[index], scoring, hessians, config.update_shrink)
                 advance(1)
                 output.write_layer(index, layer)
+            return_freed_memory()  # the layer's Gram, factor and refine state: back to the OS, not kept in the heap
     report = output.finish()
     finish_structured(loaded, config)
     return PruneOutcome(plans, time.perf_counter() - started), report

@@ -12,7 +12,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 MAX_LINES = 500
-OVER_THE_LIMIT = {"hybridprune/pruning.py"}
+OVER_THE_LIMIT: set[str] = set()
 """Modules still over MAX_LINES while they are being split; the test fails as soon as one of them fits (take it out
 of this set then) and for any other module over the limit."""
 

@@ -33,7 +33,9 @@ class World:
         if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
             yield None
             return
-        on_cuda = torch.device(device).type == "cuda"
+        from hybridprune.models.loading import resolve_device
+
+        on_cuda = resolve_device(device).type == "cuda"
         local = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if on_cuda else torch.device("cpu")
         if on_cuda:
             torch.cuda.set_device(local)  # nccl needs each rank on its own GPU
