@@ -53,6 +53,10 @@ REFINE_BATCH_NM = 8  # N:M refinement: up to 8 swaps (in distinct groups) per ro
 # unstructured: up to 4 swaps per row and step; on SmolLM2 layer 10 (gram_offdiag 0.5, 2026-12-01) it took 0.57 / 1.08 / 0.20 s
 # for gate / down / q against 0.83 / 1.66 / 0.28 s one swap at a time, at the same or lower error (benchmarks/refine_speed.py at 5946eb9).
 REFINE_BATCH = 4
+REFINE_CHUNK_ELEMENTS = 2**26
+"""Rows refine independently (the same masks whatever the grouping, tested), so a stacked matrix is refined
+in chunks of at most this many weights: the refine keeps about ten float32 buffers of its rows x inputs
+(5 GB for Llama-3.1-8B's gate/up stacked, 20 GB at 70B: benchmarks/scale.py), a chunk about 2.7 GB."""
 
 
 def neuron_scoring(config: PruneConfig) -> NeuronScoring:
@@ -235,12 +239,16 @@ def prune_layer(
             for group in dict.fromkeys(adapter.input_group(name) for name in masks):
                 names = [name for name in masks if adapter.input_group(name) == group]
                 device = weights[names[0]].device
-                refined = refine_swaps(
-                    torch.cat([weights[name] for name in names]), torch.cat([masks[name].to(device) for name in names]),
-                    gram_of(group).to(device), steps=plan.refine,
+                stacked = torch.cat([weights[name] for name in names])
+                keep = torch.cat([masks[name].to(device) for name in names])
+                gram = gram_of(group).to(device)
+                rows = max(1, REFINE_CHUNK_ELEMENTS // stacked.shape[1])  # the refine's state is ~10 rows x inputs buffers
+                refined = torch.cat([refine_swaps(
+                    stacked[start : start + rows], keep[start : start + rows], gram, steps=plan.refine,
                     nm=(pattern.n, pattern.m) if pattern.kind == "nm" else None,
                     batch=REFINE_BATCH_NM if pattern.kind == "nm" else REFINE_BATCH,
-                )
+                ) for start in range(0, stacked.shape[0], rows)])
+                del stacked, keep
                 masks.update(zip(names, refined.split([weights[name].shape[0] for name in names])))
         if hessians is None or not plan.update:
             for name, mask in masks.items():

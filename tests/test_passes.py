@@ -65,3 +65,21 @@ def test_recompute_streams_layer_by_layer_into_the_folder(tiny_llama_folder: Pat
     assert expected.keys() == got.keys()
     for tensor_name, tensor in got.items():
         assert torch.equal(tensor, expected[tensor_name]), tensor_name
+
+
+def test_refining_in_chunks_of_rows_changes_nothing(tiny_llama_folder: Path, tiny_cache_dir: Path, monkeypatch: pytest.MonkeyPatch):
+    """The refine of a stacked matrix runs in chunks of rows (memory at 70B): the same masks as one piece."""
+    import hybridprune.pruning as pruning
+
+    config = PruneConfig(sparsity=0.5, **CONFIGS["quality"]).validate()
+    results = []
+    for chunk in (pruning.REFINE_CHUNK_ELEMENTS, 64 * 5):  # the tiny model's inputs are 64 or 128 wide: a few rows a chunk
+        monkeypatch.setattr(pruning, "REFINE_CHUNK_ELEMENTS", chunk)
+        loaded = load_model(str(tiny_llama_folder), cache_dir=tiny_cache_dir)
+        windows = windows_for(loaded)
+        stats = collect_statistics(loaded.model, loaded.adapter, windows, CollectionOptions(topics=4), batch_size=2)
+        hessians = collect_statistics(loaded.model, loaded.adapter, windows, CollectionOptions(), batch_size=2, hessians=True)
+        prune_model(loaded, stats, config, SilentReporter(), hessians)
+        results.append(dict(loaded.model.named_parameters()))
+    for name, parameter in results[1].items():
+        assert torch.equal(parameter, results[0][name]), name
