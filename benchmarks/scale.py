@@ -122,6 +122,21 @@ def available() -> int:
     return psutil.virtual_memory().available
 
 
+def scaled_estimate(document: dict[str, Any], shape: Shape, tokens: int, phases: tuple[str, ...]) -> float:
+    """Bytes that `phases` may need at `shape`: the fixed part plus the largest peak (above the phase's start) measured
+    for them at the widest smaller shape in `document`, scaled by (widest input / its widest input)^2 (their buffers
+    are n x n); 0 when no smaller shape has them."""
+    best = None
+    for entry in document.get("shapes", {}).values():
+        other = Shape(**entry["shape"])
+        peaks = [row["peak_rss_above_start"] for row in entry.get("rows", []) if row.get("phase") in phases]
+        if peaks and other.widest_input <= shape.widest_input and (best is None or other.widest_input > best[0].widest_input):
+            best = (other, max(peaks))
+    if best is None:
+        return 0.0
+    return memory_estimate(shape, tokens)["fixed"] + best[1] * (shape.widest_input / best[0].widest_input) ** 2
+
+
 def memory_estimate(shape: Shape, tokens: int) -> dict[str, float]:
     """Bytes a shape's run may need: the fixed part (weights of the built layers + a restore copy + activations)
     and the second-order phases (n^2 float64 buffers of the widest input group: the Gram, its factor and their
@@ -135,6 +150,9 @@ def memory_estimate(shape: Shape, tokens: int) -> dict[str, float]:
 # --- the measured child ------------------------------------------------------------------------------------
 
 
+COMMIT = ""  # the product's commit, set by the child (each row carries it: partial reruns mix commits)
+
+
 class Recorder:
     """Times a phase (median of repeats, or once when it is long) with its peak RSS above the phase's start."""
 
@@ -142,6 +160,7 @@ class Recorder:
         self.partial, self.repeats, self.long_phase = partial, repeats, long_phase
 
     def emit(self, row: dict[str, Any]) -> None:
+        row = {**row, "commit": COMMIT, "at": time.strftime("%Y-%m-%d %H:%M:%S")}
         with self.partial.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
@@ -281,6 +300,8 @@ def measure_shape(args: argparse.Namespace) -> None:
     from hybridprune.presets import get_preset, resolve
     from hybridprune.pruning import neuron_scoring, plan_layers, prune_layer
 
+    global COMMIT
+    COMMIT = commit()
     shape = SHAPES[args.shape]
     recorder = Recorder(Path(args.partial), args.repeats, args.long_phase)
     tokens = args.nsamples * args.seqlen
@@ -337,7 +358,11 @@ def measure_shape(args: argparse.Namespace) -> None:
         if want("hybrid"):
             recorder.measure("hybrid", prune_with("balanced", None, refine=0), before=restore)
         restore()
-        if want("sparsegpt"):
+        need = args.estimate_sparsegpt
+        if want("sparsegpt") and available() < need:
+            recorder.emit({"phase": "refused", "reason": f"{shape.name}: SparseGPT needs about {need / GB:.1f} GB, "
+                           f"{available() / GB:.1f} GB available"})
+        elif want("sparsegpt"):
             grams = recorder.measure("sparsegpt_gram", lambda: collect_grams(model, adapter, windows, batch), tokens=tokens,
                                      **per_layer)
             linears = adapter.linears(layer)
@@ -360,7 +385,7 @@ def measure_shape(args: argparse.Namespace) -> None:
             restore()
         if not (want("second_order") or want("balanced") or want("quality")):
             return
-        need = memory_estimate(shape, tokens)["second_order"]
+        need = args.estimate_second_order or memory_estimate(shape, tokens)["second_order"]
         if available() < need:
             recorder.emit({"phase": "refused", "reason": f"{shape.name}: second-order phases need about {need / GB:.1f} GB, "
                            f"{available() / GB:.1f} GB available"})
@@ -437,6 +462,9 @@ def run_shapes(args: argparse.Namespace) -> None:
                    "--long-phase", str(args.long_phase), "--partial", str(partial)]
         if args.phases:
             command += ["--phases", args.phases]
+        for flag, phases in (("--estimate-sparsegpt", ("sparsegpt", "sparsegpt_gram")),
+                             ("--estimate-second-order", ("second_order", "balanced", "quality"))):
+            command += [flag, f"{scaled_estimate(document, shape, tokens, phases):.0f}"]
         if args.profile and key in args.profile.split(","):
             command.append("--profile")
         box = args.time_box if key == "llama70b" or args.box_all else None
@@ -685,7 +713,7 @@ def markdown(document, order, tables, fitted, png: str) -> str:
             ratio_s = value / anchor if anchor else None
             cells.append(f"{_s(value)} ({_x(ratio_f)} fwd, {_x(ratio_s)} SG)")
         lines.append(f"| {PHASE_LABELS[phase]} | " + " | ".join(cells) + " |")
-    lines += ["", "SparseGPT's parts and the second-order fit:", ""]
+    lines += ["", "SparseGPT's parts, and the fits a + b x tokens of the passes (per layer):", ""]
     for key in order:
         t = tables[key]
         parts = t["parts"]
@@ -694,8 +722,11 @@ def markdown(document, order, tables, fitted, png: str) -> str:
             bits.append(f"inverse {_s(parts['inverse'])}, sweep {_s(parts['sweep'])}")
         if "sparsegpt_gram" in t["seconds"]:
             bits.append(f"its X^T X collection {_s(t['seconds']['sparsegpt_gram'])}")
-        if "second_order" in t["notes"]:
-            bits.append(f"second-order collection {t['notes']['second_order']}")
+        for phase in ("forward", "first_order", "second_order"):
+            if phase in t["notes"]:
+                bits.append(f"{PHASE_LABELS[phase]} {t['notes'][phase]}")
+        commits = sorted({row.get("commit", "?").split(" ")[0] for row in t["rows"].values() if "seconds" in row})
+        bits.append(f"product commit{'s' if len(commits) > 1 else ''} {', '.join(commits)}")
         lines.append(f"- {SHAPES[key].name}: " + "; ".join(bits))
     lines += ["", "## Per layer at the product's 16384 calibration tokens", "",
               "Ratios to the plain forward pass at 16384 tokens and to SparseGPT's per-layer time (the goals of issue 21: "
@@ -826,6 +857,8 @@ def main() -> None:
     shape.add_argument("--partial", required=True)
     shape.add_argument("--phases", default="")
     shape.add_argument("--profile", action="store_true")
+    shape.add_argument("--estimate-sparsegpt", type=float, default=0.0, help="bytes SparseGPT may need (0: not checked)")
+    shape.add_argument("--estimate-second-order", type=float, default=0.0, help="bytes the second-order phases may need")
     rep = commands.add_parser("report", help="docs/scale.md and docs/scale.png from docs/scale.json")
     rep.add_argument("--json", default=str(DOCS / "scale.json"))
     rep.add_argument("--out", default=str(DOCS / "scale.md"))
