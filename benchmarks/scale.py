@@ -156,8 +156,8 @@ COMMIT = ""  # the product's commit, set by the child (each row carries it: part
 class Recorder:
     """Times a phase (median of repeats, or once when it is long) with its peak RSS above the phase's start."""
 
-    def __init__(self, partial: Path, repeats: int, long_phase: float) -> None:
-        self.partial, self.repeats, self.long_phase = partial, repeats, long_phase
+    def __init__(self, partial: Path, repeats: int, long_phase: float, profile: tuple[str, ...] = ()) -> None:
+        self.partial, self.repeats, self.long_phase, self.profile = partial, repeats, long_phase, profile
 
     def emit(self, row: dict[str, Any]) -> None:
         row = {**row, "commit": COMMIT, "at": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -169,6 +169,7 @@ class Recorder:
         from hybridprune.calibration.runner import return_freed_memory
 
         seconds, cpu, peaks, result = [], [], [], None
+        profiler = cProfile.Profile() if phase in self.profile else None
         for _ in range(self.repeats):
             if before is not None:
                 before()
@@ -178,7 +179,11 @@ class Recorder:
             start_rss = _status("VmRSS")
             reset_peak()
             started, started_cpu = time.perf_counter(), time.process_time()
+            if profiler is not None:
+                profiler.enable()
             result = run()
+            if profiler is not None:
+                profiler.disable()
             seconds.append(time.perf_counter() - started)
             cpu.append(time.process_time() - started_cpu)
             peaks.append(_status("VmHWM") - start_rss)
@@ -188,6 +193,8 @@ class Recorder:
         row = {"phase": phase, "seconds": ordered[len(ordered) // 2], "runs": seconds, "cpu_seconds": cpu, "peak_rss_above_start": max(peaks),
                "rss_at_start": start_rss, **extra}
         self.emit(row)
+        if profiler is not None:
+            self.emit({"phase": f"{phase}_profile", "runs": len(seconds), "top": profile_top(profiler)})
         return result
 
 
@@ -278,7 +285,7 @@ def lm_head_rate(hidden: int, threads: int) -> dict[str, float]:
     return {"seconds": seconds, "flops": 2.0 * 512 * hidden * 8192, "flops_per_second": 2.0 * 512 * hidden * 8192 / seconds}
 
 
-def profile_top(profiler: cProfile.Profile, limit: int = 25) -> list[dict[str, Any]]:
+def profile_top(profiler: cProfile.Profile, limit: int = 40) -> list[dict[str, Any]]:
     stats = pstats.Stats(profiler, stream=io.StringIO())
     rows = []
     for (filename, line, function), (_calls, ncalls, tottime, cumtime, _callers) in stats.stats.items():  # type: ignore[attr-defined]
@@ -303,7 +310,8 @@ def measure_shape(args: argparse.Namespace) -> None:
     global COMMIT
     COMMIT = commit()
     shape = SHAPES[args.shape]
-    recorder = Recorder(Path(args.partial), args.repeats, args.long_phase)
+    profiled = ("first_order", "second_order", "balanced", "quality") if args.profile else ()
+    recorder = Recorder(Path(args.partial), args.repeats, args.long_phase, profiled)
     tokens = args.nsamples * args.seqlen
     estimate = memory_estimate(shape, tokens)
     free = available()
@@ -403,20 +411,7 @@ def measure_shape(args: argparse.Namespace) -> None:
         for preset in ("balanced", "quality"):
             if not want(preset):
                 continue
-            run = prune_with(preset, hessians)
-            if args.profile:
-                profiler = cProfile.Profile()
-
-                def run(inner=run, profiler=profiler) -> None:
-                    profiler.enable()
-                    try:
-                        inner()
-                    finally:
-                        profiler.disable()
-
-            recorder.measure(preset, run, before=restore)
-            if args.profile:
-                recorder.emit({"phase": f"{preset}_profile", "top": profile_top(profiler)})
+            recorder.measure(preset, prune_with(preset, hessians), before=restore)
     recorder.emit({"phase": "done", "seconds": time.perf_counter() - started})
 
 
