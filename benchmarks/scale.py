@@ -137,6 +137,17 @@ def scaled_estimate(document: dict[str, Any], shape: Shape, tokens: int, phases:
     return memory_estimate(shape, tokens)["fixed"] + best[1] * (shape.widest_input / best[0].widest_input) ** 2
 
 
+def wait_for(need: float, what: str, minutes: float) -> bool:
+    """True once `need` bytes are available (polled every 60 s for up to `minutes`), False if they never were."""
+    deadline = time.monotonic() + 60 * minutes
+    while available() < need:
+        if time.monotonic() >= deadline:
+            return False
+        print(f"{what}: waiting for {need / GB:.1f} GB free ({available() / GB:.1f} GB now)", flush=True)
+        time.sleep(60)
+    return True
+
+
 def memory_estimate(shape: Shape, tokens: int) -> dict[str, float]:
     """Bytes a shape's run may need: the fixed part (weights of the built layers + a restore copy + activations)
     and the second-order phases (n^2 float64 buffers of the widest input group: the Gram, its factor and their
@@ -310,7 +321,7 @@ def measure_shape(args: argparse.Namespace) -> None:
     global COMMIT
     COMMIT = commit()
     shape = SHAPES[args.shape]
-    profiled = ("first_order", "second_order", "balanced", "quality") if args.profile else ()
+    profiled = ("first_order", "wanda", "hybrid", "second_order", "balanced", "quality") if args.profile else ()
     recorder = Recorder(Path(args.partial), args.repeats, args.long_phase, profiled)
     tokens = args.nsamples * args.seqlen
     estimate = memory_estimate(shape, tokens)
@@ -367,7 +378,7 @@ def measure_shape(args: argparse.Namespace) -> None:
             recorder.measure("hybrid", prune_with("balanced", None, refine=0), before=restore)
         restore()
         need = args.estimate_sparsegpt
-        if want("sparsegpt") and available() < need:
+        if want("sparsegpt") and not wait_for(need, f"{shape.name} SparseGPT", args.wait_minutes):
             recorder.emit({"phase": "refused", "reason": f"{shape.name}: SparseGPT needs about {need / GB:.1f} GB, "
                            f"{available() / GB:.1f} GB available"})
         elif want("sparsegpt"):
@@ -394,7 +405,7 @@ def measure_shape(args: argparse.Namespace) -> None:
         if not (want("second_order") or want("balanced") or want("quality")):
             return
         need = args.estimate_second_order or memory_estimate(shape, tokens)["second_order"]
-        if available() < need:
+        if not wait_for(need, f"{shape.name} second-order phases", args.wait_minutes):
             recorder.emit({"phase": "refused", "reason": f"{shape.name}: second-order phases need about {need / GB:.1f} GB, "
                            f"{available() / GB:.1f} GB available"})
             return
@@ -852,6 +863,7 @@ def main() -> None:
     shape.add_argument("--partial", required=True)
     shape.add_argument("--phases", default="")
     shape.add_argument("--profile", action="store_true")
+    shape.add_argument("--wait-minutes", type=float, default=20.0, help="how long a phase waits for free memory")
     shape.add_argument("--estimate-sparsegpt", type=float, default=0.0, help="bytes SparseGPT may need (0: not checked)")
     shape.add_argument("--estimate-second-order", type=float, default=0.0, help="bytes the second-order phases may need")
     rep = commands.add_parser("report", help="docs/scale.md and docs/scale.png from docs/scale.json")
