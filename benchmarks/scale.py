@@ -296,13 +296,16 @@ def lm_head_rate(hidden: int, threads: int) -> dict[str, float]:
     return {"seconds": seconds, "flops": 2.0 * 512 * hidden * 8192, "flops_per_second": 2.0 * 512 * hidden * 8192 / seconds}
 
 
-def profile_top(profiler: cProfile.Profile, limit: int = 40) -> list[dict[str, Any]]:
+def profile_top(profiler: cProfile.Profile, limit: int = 40) -> dict[str, list[dict[str, Any]]]:
+    """The functions with the most cumulative time and the most own time (torch's C functions show up there)."""
     stats = pstats.Stats(profiler, stream=io.StringIO())
     rows = []
     for (filename, line, function), (_calls, ncalls, tottime, cumtime, _callers) in stats.stats.items():  # type: ignore[attr-defined]
-        rows.append({"function": f"{Path(filename).name}:{line}({function})", "calls": ncalls, "tottime": tottime, "cumtime": cumtime})
-    rows.sort(key=lambda row: row["cumtime"], reverse=True)
-    return rows[:limit]
+        where = f"{Path(filename).parent.name}/{Path(filename).name}:{line}" if filename != "~" else "builtin"
+        rows.append({"function": f"{where}({function})", "calls": ncalls, "tottime": tottime, "cumtime": cumtime})
+    by_cumulative = sorted(rows, key=lambda row: row["cumtime"], reverse=True)[:limit]
+    by_own = sorted(rows, key=lambda row: row["tottime"], reverse=True)[:limit]
+    return {"cumulative": by_cumulative, "own": by_own}
 
 
 def measure_shape(args: argparse.Namespace) -> None:
