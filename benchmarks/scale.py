@@ -380,6 +380,26 @@ def measure_shape(args: argparse.Namespace) -> None:
         if want("hybrid"):
             recorder.measure("hybrid", prune_with("balanced", None, refine=0), before=restore)
         restore()
+        # the order within a time box: the default preset's phases first, then the two with an n^3 factorization
+        hessians = None
+        if want("second_order") or want("balanced") or want("quality"):
+            need = args.estimate_second_order or memory_estimate(shape, tokens)["second_order"]
+            if not wait_for(need, f"{shape.name} second-order phases", args.wait_minutes):
+                recorder.emit({"phase": "refused", "reason": f"{shape.name}: second-order phases need about "
+                               f"{need / GB:.1f} GB, {available() / GB:.1f} GB available"})
+            else:
+                for part, label in ((half, "second_order_half"), (windows, "second_order")):
+                    hessians = None
+                    gc.collect()
+                    hessians = recorder.measure(
+                        label, lambda part=part: collect_statistics(model, adapter, part, options, batch_size=batch,
+                                                                    hessians=True, first_order=False),
+                        tokens=part.numel(), **per_layer)
+                recorder.emit({"phase": "second_order_bytes", "layer_bytes": layer_tensor_bytes(hessians),
+                               "file_bytes": written_bytes(hessians), "built_layers": shape.built_layers})
+                if want("balanced"):
+                    recorder.measure("balanced", prune_with("balanced", hessians), before=restore)
+                    restore()
         need = args.estimate_sparsegpt
         if want("sparsegpt") and not wait_for(need, f"{shape.name} SparseGPT", args.wait_minutes):
             recorder.emit({"phase": "refused", "reason": f"{shape.name}: SparseGPT needs about {need / GB:.1f} GB, "
@@ -405,27 +425,8 @@ def measure_shape(args: argparse.Namespace) -> None:
             recorder.emit({"phase": "sparsegpt_parts", **parts})
             del grams
             restore()
-        if not (want("second_order") or want("balanced") or want("quality")):
-            return
-        need = args.estimate_second_order or memory_estimate(shape, tokens)["second_order"]
-        if not wait_for(need, f"{shape.name} second-order phases", args.wait_minutes):
-            recorder.emit({"phase": "refused", "reason": f"{shape.name}: second-order phases need about {need / GB:.1f} GB, "
-                           f"{available() / GB:.1f} GB available"})
-            return
-        hessians = None
-        for part, label in ((half, "second_order_half"), (windows, "second_order")):
-            hessians = None
-            gc.collect()
-            hessians = recorder.measure(
-                label, lambda part=part: collect_statistics(model, adapter, part, options, batch_size=batch, hessians=True,
-                                                            first_order=False),
-                tokens=part.numel(), **per_layer)
-        recorder.emit({"phase": "second_order_bytes", "layer_bytes": layer_tensor_bytes(hessians),
-                       "file_bytes": written_bytes(hessians), "built_layers": shape.built_layers})
-        for preset in ("balanced", "quality"):
-            if not want(preset):
-                continue
-            recorder.measure(preset, prune_with(preset, hessians), before=restore)
+        if hessians is not None and want("quality"):
+            recorder.measure("quality", prune_with("quality", hessians), before=restore)
     recorder.emit({"phase": "done", "seconds": time.perf_counter() - started})
 
 
@@ -489,8 +490,8 @@ def run_shapes(args: argparse.Namespace) -> None:
         rows = [json.loads(line) for line in partial.read_text().splitlines() if line.strip()]
         partial.unlink()
         measured_phases = {row["phase"] for row in rows}
-        running = next((p for p in ("forward", "first_order", "wanda", "hybrid", "sparsegpt", "second_order_half",
-                                    "second_order", "balanced", "quality") if p not in measured_phases), None)
+        running = next((p for p in ("forward", "first_order", "wanda", "hybrid", "second_order_half", "second_order",
+                                    "balanced", "sparsegpt", "quality") if p not in measured_phases), None)
         previous = document["shapes"].get(key, {})
         if args.phases and previous:  # a partial rerun replaces only the phases it measured
             kept = [row for row in previous.get("rows", []) if row["phase"] not in measured_phases]
@@ -794,6 +795,8 @@ def markdown(document, order, tables, fitted, png: str) -> str:
                   f"{anchor:.2f} by more than 0.05): " + (", ".join(faster) if faster else "none") + "."]
     lines += ["", "## What the default preset costs on a whole model here", ""]
     lines += default_paragraph(document, order, tables, wholes)
+    lines += goals(document, tables, fitted)
+    lines += profiles(document)
     unmeasured = [f"- {SHAPES[k].name}: {document['shapes'][k]['status']}"
                   + (f" (during {document['shapes'][k]['unfinished_phase']})" if document['shapes'][k].get('unfinished_phase') else "")
                   + "".join(f"; {row['reason']}" for row in tables[k]["rows"].values() if row.get("phase") == "refused")
@@ -826,6 +829,73 @@ def default_paragraph(document, order, tables, wholes) -> list[str]:
             have = ", ".join(f"{PHASE_LABELS[p]} {_s(w[p])}" for p in PHASES if p in w)
             lines.append(f"- {shape.name} ({shape.layers} layers): not every phase of the default preset was measured "
                          f"(see below); measured, for the whole model: {have or 'nothing'}.")
+    return lines
+
+
+def goals(document, tables, fitted) -> list[str]:
+    """Issue 21's per-layer goals at the Llama-3.1-8B shape, each met or missed with its figure."""
+    if "llama8b" not in tables:
+        return []
+    t = tables["llama8b"]
+    p, rows = t["at_product"], t["rows"]
+    shape = SHAPES["llama8b"]
+    checks = []
+
+    def ratio(name: str, over: str, limit: float, label: str) -> None:
+        if name in p and over in p and p[over] > 0:
+            value = p[name] / p[over]
+            checks.append((label, f"{value:.2f}x", value <= limit))
+        else:
+            checks.append((label, "not measured", None))
+
+    ratio("balanced", "sparsegpt", 1.0, "balanced <= 1.0x SparseGPT per layer")
+    ratio("quality", "sparsegpt", 1.5, "quality <= 1.5x SparseGPT per layer")
+    ratio("first_order", "forward", 1.1, "first-order calibration <= 1.1x forward (16384 tokens)")
+    ratio("second_order", "forward", 1.5, "second-order collection (+ factorization, if any) <= 1.5x forward (16384 tokens)")
+    second = t["bytes"].get("second_order")
+    if second:
+        value = second / (2 * shape.layer_parameters)
+        checks.append(("second-order storage <= 0.5x the layer's bf16 weights", f"{value:.2f}x ({_b(second)} per layer)",
+                       value <= 0.5))
+    if "quality" in rows:
+        peak = rows["quality"]["rss_at_start"] + rows["quality"]["peak_rss_above_start"]
+        checks.append(("quality prune of one layer: process peak RSS (one layer resident + a restore copy) < 8 GB",
+                       _b(peak), peak < 8 * GB))
+    anchor = fitted.get("sparsegpt", {}).get("slope")
+    if anchor is not None:
+        worst = max(((fitted[k]["slope"], k) for k in PHASES if k in fitted and k != "sparsegpt"), default=None)
+        if worst is not None:
+            checks.append(("no phase grows faster with width than SparseGPT (log-log slope)",
+                           f"steepest: {PHASE_LABELS[worst[1]]} {worst[0]:.2f} vs SparseGPT {anchor:.2f}", worst[0] <= anchor + 0.05))
+    lines = ["", "## Issue 21's per-layer goals at the Llama-3.1-8B shape", "", "| goal | measured | met |", "|---|---|---|"]
+    for label, value, met in checks:
+        lines.append(f"| {label} | {value} | {'-' if met is None else ('yes' if met else 'no')} |")
+    return lines
+
+
+def profiles(document) -> list[str]:
+    """Where the time goes (cProfile of the phases run with --profile), for the largest profiled shape."""
+    lines = []
+    for key in reversed(list(SHAPES)):
+        entry = document["shapes"].get(key)
+        if entry is None:
+            continue
+        found = [row for row in entry["rows"] if row["phase"].endswith("_profile")]
+        if not found:
+            continue
+        lines += ["", f"## Where the time goes at the {SHAPES[key].name} shape (cProfile)", "",
+                  "Top functions by cumulative and by own time (torch's C functions appear by own time) of each profiled "
+                  "phase (all its runs together).", ""]
+        for row in found:
+            top = row["top"] if isinstance(row["top"], dict) else {"cumulative": row["top"], "own": []}
+            phase = row["phase"].removesuffix("_profile")
+            lines += [f"### {PHASE_LABELS.get(phase, phase)}", "", "| function | calls | own s | cumulative s |", "|---|---|---|---|"]
+            shown = [r for r in top["cumulative"] if "scale.py" not in r["function"]][:14]
+            shown += [r for r in top["own"][:10] if r not in shown]
+            for r in shown:
+                lines.append(f"| `{r['function']}` | {r['calls']} | {r['tottime']:.2f} | {r['cumtime']:.2f} |")
+            lines.append("")
+        break
     return lines
 
 
