@@ -545,9 +545,17 @@ def phase_table(entry: dict[str, Any]) -> dict[str, Any]:
     for derived, (minuend, subtrahend) in {"refine": ("balanced", "hybrid"), "update": ("quality", "balanced")}.items():
         if minuend in seconds and subtrahend in seconds:
             seconds[derived] = at_product[derived] = seconds[minuend] - seconds[subtrahend]
+    cpu: dict[str, float] = {}
+    for phase in ("forward", "first_order", "second_order", "wanda", "hybrid", "balanced", "quality", "sparsegpt"):
+        if phase in rows and rows[phase].get("cpu_seconds"):
+            ordered = sorted(rows[phase]["cpu_seconds"])
+            cpu[phase] = ordered[len(ordered) // 2] / (built if phase in PER_TOKEN else 1)
+    for derived, (minuend, subtrahend) in {"refine": ("balanced", "hybrid"), "update": ("quality", "balanced")}.items():
+        if minuend in cpu and subtrahend in cpu:
+            cpu[derived] = cpu[minuend] - cpu[subtrahend]
     bytes_written = {order: rows[f"{order}_bytes"]["file_bytes"] / built for order in ("first_order", "second_order")
                      if f"{order}_bytes" in rows}
-    return {"tokens": tokens, "seconds": seconds, "at_product": at_product, "peaks": peaks, "notes": notes,
+    return {"tokens": tokens, "seconds": seconds, "cpu": cpu, "at_product": at_product, "peaks": peaks, "notes": notes,
             "bytes": bytes_written, "parts": rows.get("sparsegpt_parts"), "rows": rows}
 
 
@@ -722,6 +730,20 @@ def markdown(document, order, tables, fitted, png: str) -> str:
             ratio_f = value / forward if forward else None
             ratio_s = value / anchor if anchor else None
             cells.append(f"{_s(value)} ({_x(ratio_f)} fwd, {_x(ratio_s)} SG)")
+        lines.append(f"| {PHASE_LABELS[phase]} | " + " | ".join(cells) + " |")
+    lines += ["", "The same as CPU seconds of this process (both threads; less sensitive to the other jobs' load than wall "
+              "time, though a thread waiting for the other can spin): ratio to the forward pass and to SparseGPT.", "",
+              header, "|---|" + "---|" * len(order)]
+    for phase in PHASES:
+        cells = []
+        for key in order:
+            c = tables[key]["cpu"]
+            value = c.get(phase)
+            if value is None:
+                cells.append("-")
+                continue
+            cells.append(f"{_s(value)} ({_x(value / c['forward'] if c.get('forward') else None)} fwd, "
+                         f"{_x(value / c['sparsegpt'] if c.get('sparsegpt') else None)} SG)")
         lines.append(f"| {PHASE_LABELS[phase]} | " + " | ".join(cells) + " |")
     lines += ["", "SparseGPT's parts, and the fits a + b x tokens of the passes (per layer):", ""]
     for key in order:
