@@ -171,7 +171,7 @@ class Recorder:
         self.partial, self.repeats, self.long_phase, self.profile = partial, repeats, long_phase, profile
 
     def emit(self, row: dict[str, Any]) -> None:
-        row = {**row, "commit": COMMIT, "at": time.strftime("%Y-%m-%d %H:%M:%S")}
+        row = {**row, "commit": COMMIT, "at": time.strftime("%Y-%m-%d %H:%M:%S"), "load1": os.getloadavg()[0]}
         with self.partial.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
