@@ -759,6 +759,9 @@ def markdown(document, order, tables, fitted, png: str) -> str:
                 bits.append(f"{PHASE_LABELS[phase]} {t['notes'][phase]}")
         commits = sorted({row.get("commit", "?").split(" ")[0] for row in t["rows"].values() if "seconds" in row})
         bits.append(f"product commit{'s' if len(commits) > 1 else ''} {', '.join(commits)}")
+        loads = [row["load1"] for row in t["rows"].values() if "load1" in row]
+        if loads:
+            bits.append(f"1-minute load average on the 2 cores during the run {min(loads):.1f}-{max(loads):.1f}")
         lines.append(f"- {SHAPES[key].name}: " + "; ".join(bits))
     lines += ["", "## Per layer at the product's 16384 calibration tokens", "",
               "Ratios to the plain forward pass at 16384 tokens and to SparseGPT's per-layer time (the goals of issue 21: "
