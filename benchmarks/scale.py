@@ -88,6 +88,7 @@ SHAPES = {
 }
 PER_TOKEN = ("forward", "first_order", "second_order", "sparsegpt_gram")
 PHASES = ("forward", "first_order", "second_order", "wanda", "hybrid", "refine", "balanced", "update", "quality", "sparsegpt")
+TABLE_PHASES = (*PHASES[:7], "hybrid_update", *PHASES[7:])  # the tables also show the measured hybrid + update
 PHASE_LABELS = {
     "forward": "plain forward (reference)",
     "first_order": "first-order calibration",
@@ -96,7 +97,8 @@ PHASE_LABELS = {
     "hybrid": "hybrid masks",
     "refine": "refine (balanced - hybrid)",
     "balanced": "balanced (hybrid + refine)",
-    "update": "update (quality - balanced)",
+    "hybrid_update": "hybrid masks + update (quality, refine 0)",
+    "update": "update",
     "quality": "quality (balanced + update)",
     "sparsegpt": "SparseGPT (inverse + sweep)",
 }
@@ -324,7 +326,7 @@ def measure_shape(args: argparse.Namespace) -> None:
     global COMMIT
     COMMIT = commit()
     shape = SHAPES[args.shape]
-    profiled = ("first_order", "wanda", "hybrid", "second_order", "balanced", "quality") if args.profile else ()
+    profiled = ("first_order", "wanda", "hybrid", "second_order", "balanced", "hybrid_update", "quality") if args.profile else ()
     recorder = Recorder(Path(args.partial), args.repeats, args.long_phase, profiled)
     tokens = args.nsamples * args.seqlen
     estimate = memory_estimate(shape, tokens)
@@ -382,7 +384,7 @@ def measure_shape(args: argparse.Namespace) -> None:
         restore()
         # the order within a time box: the default preset's phases first, then the two with an n^3 factorization
         hessians = None
-        if want("second_order") or want("balanced") or want("quality"):
+        if want("second_order") or want("balanced") or want("quality") or want("hybrid_update"):
             need = args.estimate_second_order or memory_estimate(shape, tokens)["second_order"]
             if not wait_for(need, f"{shape.name} second-order phases", args.wait_minutes):
                 recorder.emit({"phase": "refused", "reason": f"{shape.name}: second-order phases need about "
@@ -399,6 +401,9 @@ def measure_shape(args: argparse.Namespace) -> None:
                                "file_bytes": written_bytes(hessians), "built_layers": shape.built_layers})
                 if want("balanced"):
                     recorder.measure("balanced", prune_with("balanced", hessians), before=restore)
+                    restore()
+                if want("hybrid_update"):  # the update alone: quality's masks without refine, then the OBS update
+                    recorder.measure("hybrid_update", prune_with("quality", hessians, refine=0), before=restore)
                     restore()
         need = args.estimate_sparsegpt
         if want("sparsegpt") and not wait_for(need, f"{shape.name} SparseGPT", args.wait_minutes):
@@ -467,8 +472,9 @@ def run_shapes(args: argparse.Namespace) -> None:
             time.sleep(60)
         with tempfile.NamedTemporaryFile(prefix=f"scale-{key}-", suffix=".jsonl", delete=False) as handle:
             partial = Path(handle.name)
+        repeats = args.big_repeats if key == "llama70b" else args.repeats
         command = [sys.executable, __file__, "shape", key, "--nsamples", str(nsamples), "--seqlen", str(args.seqlen),
-                   "--threads", str(args.threads), "--repeats", str(args.repeats), "--batch-size", str(args.batch_size),
+                   "--threads", str(args.threads), "--repeats", str(repeats), "--batch-size", str(args.batch_size),
                    "--long-phase", str(args.long_phase), "--partial", str(partial)]
         if args.phases:
             command += ["--phases", args.phases]
@@ -491,10 +497,11 @@ def run_shapes(args: argparse.Namespace) -> None:
         partial.unlink()
         measured_phases = {row["phase"] for row in rows}
         running = next((p for p in ("forward", "first_order", "wanda", "hybrid", "second_order_half", "second_order",
-                                    "balanced", "sparsegpt", "quality") if p not in measured_phases), None)
+                                    "balanced", "hybrid_update", "sparsegpt", "quality") if p not in measured_phases), None)
         previous = document["shapes"].get(key, {})
-        if args.phases and previous:  # a partial rerun replaces only the phases it measured
-            kept = [row for row in previous.get("rows", []) if row["phase"] not in measured_phases]
+        if args.phases and previous:  # a partial rerun replaces only the phases it measured (and drops --drop)
+            dropped = set(args.drop.split(",")) if args.drop else set()
+            kept = [row for row in previous.get("rows", []) if row["phase"] not in measured_phases | dropped]
             rows = kept + rows
         document["shapes"][key] = {
             "shape": asdict(shape), "status": status, "wall_seconds": time.perf_counter() - started, "rows": rows,
@@ -538,21 +545,35 @@ def phase_table(entry: dict[str, Any]) -> dict[str, Any]:
             notes[phase] = f"{constant:.2f} s per layer + {slope * 1e3:.3f} ms per token"
         else:
             at_product[phase] = full * PRODUCT_TOKENS / tokens
-    for phase in ("wanda", "hybrid", "balanced", "quality", "sparsegpt"):
+    for phase in ("wanda", "hybrid", "balanced", "hybrid_update", "quality", "sparsegpt"):
         if phase in rows:
             seconds[phase] = at_product[phase] = rows[phase]["seconds"]
             peaks[phase] = rows[phase]["peak_rss_above_start"]
-    for derived, (minuend, subtrahend) in {"refine": ("balanced", "hybrid"), "update": ("quality", "balanced")}.items():
+    # refine = balanced - hybrid masks; update = (hybrid masks + update) - hybrid masks where measured so, else
+    # quality - balanced; quality = balanced + update where it was not measured itself
+    for derived, (minuend, subtrahend) in {"refine": ("balanced", "hybrid"), "update": ("hybrid_update", "hybrid")}.items():
         if minuend in seconds and subtrahend in seconds:
             seconds[derived] = at_product[derived] = seconds[minuend] - seconds[subtrahend]
+            notes[derived] = f"{minuend} - {subtrahend}"
+    if "update" not in seconds and "quality" in seconds and "balanced" in seconds:
+        seconds["update"] = at_product["update"] = seconds["quality"] - seconds["balanced"]
+        notes["update"] = "quality - balanced"
+    if "quality" not in seconds and "balanced" in seconds and "update" in seconds:
+        seconds["quality"] = at_product["quality"] = seconds["balanced"] + seconds["update"]
+        notes["quality"] = "balanced + update"
     cpu: dict[str, float] = {}
-    for phase in ("forward", "first_order", "second_order", "wanda", "hybrid", "balanced", "quality", "sparsegpt"):
+    for phase in ("forward", "first_order", "second_order", "wanda", "hybrid", "balanced", "hybrid_update", "quality",
+                  "sparsegpt"):
         if phase in rows and rows[phase].get("cpu_seconds"):
             ordered = sorted(rows[phase]["cpu_seconds"])
             cpu[phase] = ordered[len(ordered) // 2] / (built if phase in PER_TOKEN else 1)
-    for derived, (minuend, subtrahend) in {"refine": ("balanced", "hybrid"), "update": ("quality", "balanced")}.items():
+    for derived, (minuend, subtrahend) in {"refine": ("balanced", "hybrid"), "update": ("hybrid_update", "hybrid")}.items():
         if minuend in cpu and subtrahend in cpu:
             cpu[derived] = cpu[minuend] - cpu[subtrahend]
+    if "update" not in cpu and "quality" in cpu and "balanced" in cpu:
+        cpu["update"] = cpu["quality"] - cpu["balanced"]
+    if "quality" not in cpu and "balanced" in cpu and "update" in cpu:
+        cpu["quality"] = cpu["balanced"] + cpu["update"]
     bytes_written = {order: rows[f"{order}_bytes"]["file_bytes"] / built for order in ("first_order", "second_order")
                      if f"{order}_bytes" in rows}
     return {"tokens": tokens, "seconds": seconds, "cpu": cpu, "at_product": at_product, "peaks": peaks, "notes": notes,
@@ -718,7 +739,7 @@ def markdown(document, order, tables, fitted, png: str) -> str:
     ]
     header = "| phase | " + " | ".join(SHAPES[k].name for k in order) + " |"
     lines += [header, "|---|" + "---|" * len(order)]
-    for phase in PHASES:
+    for phase in TABLE_PHASES:
         cells = []
         for key in order:
             t = tables[key]
@@ -731,10 +752,15 @@ def markdown(document, order, tables, fitted, png: str) -> str:
             ratio_s = value / anchor if anchor else None
             cells.append(f"{_s(value)} ({_x(ratio_f)} fwd, {_x(ratio_s)} SG)")
         lines.append(f"| {PHASE_LABELS[phase]} | " + " | ".join(cells) + " |")
+    update_notes = sorted({f"{SHAPES[k].name}: {tables[k]['notes'][p]}" for k in order for p in ("update", "quality")
+                           if p in tables[k]["notes"]})
+    if update_notes:
+        lines += ["", "Derived rows: refine = balanced - hybrid masks; " + "; ".join(
+            f"{note} ({'update' if 'hybrid' in note or 'quality -' in note else 'quality'})" for note in update_notes) + "."]
     lines += ["", "The same as CPU seconds of this process (both threads; less sensitive to the other jobs' load than wall "
               "time, though a thread waiting for the other can spin): ratio to the forward pass and to SparseGPT.", "",
               header, "|---|" + "---|" * len(order)]
-    for phase in PHASES:
+    for phase in TABLE_PHASES:
         cells = []
         for key in order:
             c = tables[key]["cpu"]
@@ -767,7 +793,7 @@ def markdown(document, order, tables, fitted, png: str) -> str:
               "Ratios to the plain forward pass at 16384 tokens and to SparseGPT's per-layer time (the goals of issue 21: "
               "first-order <= 1.1x forward, second-order <= 1.5x forward, balanced <= 1.0x and quality <= 1.5x SparseGPT).",
               "", header, "|---|" + "---|" * len(order)]
-    for phase in PHASES:
+    for phase in TABLE_PHASES:
         cells = []
         for key in order:
             t = tables[key]["at_product"]
@@ -948,6 +974,8 @@ def main() -> None:
     run.add_argument("--time-box", type=float, default=2400.0, help="seconds for the 70B shape (what was measured is kept)")
     run.add_argument("--box-all", action="store_true", help="apply --time-box to every shape")
     run.add_argument("--phases", default="", help="only these phases (comma list; the first-order statistics always run)")
+    run.add_argument("--drop", default="", help="with --phases: earlier rows of these phases are removed")
+    run.add_argument("--big-repeats", type=int, default=1, help="repeats for the 70B shape")
     run.add_argument("--profile", default="", help="shapes whose balanced / quality phases run under cProfile")
     run.add_argument("--margin", type=float, default=3.0, help="GB to keep free above a shape's estimate before starting")
     run.add_argument("--wait", type=int, default=1, help="0: do not wait for free memory")
