@@ -124,10 +124,11 @@ def available() -> int:
     return psutil.virtual_memory().available
 
 
-def scaled_estimate(document: dict[str, Any], shape: Shape, tokens: int, phases: tuple[str, ...]) -> float:
+def scaled_estimate(document: dict[str, Any], shape: Shape, tokens: int, phases: tuple[str, ...], by: str = "width2") -> float:
     """Bytes that `phases` may need at `shape`: the fixed part plus the largest peak (above the phase's start) measured
-    for them at the widest smaller shape in `document`, scaled by (widest input / its widest input)^2 (their buffers
-    are n x n); 0 when no smaller shape has them."""
+    for them at the widest smaller shape in `document`, scaled by (widest input / its widest input)^2 for n x n buffers
+    (`by` "width2") or by the ratio of parameters per layer for [rows, inputs] buffers ("params": refine's search
+    state); 0 when no smaller shape has them."""
     best = None
     for entry in document.get("shapes", {}).values():
         other = Shape(**entry["shape"])
@@ -136,7 +137,9 @@ def scaled_estimate(document: dict[str, Any], shape: Shape, tokens: int, phases:
             best = (other, max(peaks))
     if best is None:
         return 0.0
-    return memory_estimate(shape, tokens)["fixed"] + best[1] * (shape.widest_input / best[0].widest_input) ** 2
+    ratio = ((shape.widest_input / best[0].widest_input) ** 2 if by == "width2"
+             else shape.layer_parameters / best[0].layer_parameters)
+    return memory_estimate(shape, tokens)["fixed"] + best[1] * ratio
 
 
 def wait_for(need: float, what: str, minutes: float) -> bool:
@@ -399,6 +402,12 @@ def measure_shape(args: argparse.Namespace) -> None:
                         tokens=part.numel(), **per_layer)
                 recorder.emit({"phase": "second_order_bytes", "layer_bytes": layer_tensor_bytes(hessians),
                                "file_bytes": written_bytes(hessians), "built_layers": shape.built_layers})
+                need = args.estimate_refine
+                if (want("balanced") or want("hybrid_update") or want("quality")) and not wait_for(
+                        need, f"{shape.name} refine / update", args.wait_minutes):
+                    recorder.emit({"phase": "refused", "reason": f"{shape.name}: balanced / quality need about "
+                                   f"{need / GB:.1f} GB, {available() / GB:.1f} GB available"})
+                    wanted = {"none"}  # nothing more of this shape needs less
                 if want("balanced"):
                     recorder.measure("balanced", prune_with("balanced", hessians), before=restore)
                     restore()
@@ -478,9 +487,11 @@ def run_shapes(args: argparse.Namespace) -> None:
                    "--long-phase", str(args.long_phase), "--partial", str(partial)]
         if args.phases:
             command += ["--phases", args.phases]
-        for flag, phases in (("--estimate-sparsegpt", ("sparsegpt", "sparsegpt_gram")),
-                             ("--estimate-second-order", ("second_order", "balanced", "quality"))):
-            command += [flag, f"{scaled_estimate(document, shape, tokens, phases):.0f}"]
+        for flag, phases, by in (("--estimate-sparsegpt", ("sparsegpt", "sparsegpt_gram"), "width2"),
+                                 ("--estimate-second-order", ("second_order", "second_order_half"), "width2"),
+                                 ("--estimate-refine", ("balanced", "hybrid_update", "quality"), "params")):
+            command += [flag, f"{scaled_estimate(document, shape, tokens, phases, by):.0f}"]
+        command += ["--wait-minutes", str(3 if key == "llama70b" else 20)]
         if args.profile and key in args.profile.split(","):
             command.append("--profile")
         box = args.time_box if key == "llama70b" or args.box_all else None
@@ -991,7 +1002,8 @@ def main() -> None:
     shape.add_argument("--profile", action="store_true")
     shape.add_argument("--wait-minutes", type=float, default=20.0, help="how long a phase waits for free memory")
     shape.add_argument("--estimate-sparsegpt", type=float, default=0.0, help="bytes SparseGPT may need (0: not checked)")
-    shape.add_argument("--estimate-second-order", type=float, default=0.0, help="bytes the second-order phases may need")
+    shape.add_argument("--estimate-second-order", type=float, default=0.0, help="bytes the second-order collection may need")
+    shape.add_argument("--estimate-refine", type=float, default=0.0, help="bytes balanced / quality may need")
     rep = commands.add_parser("report", help="docs/scale.md and docs/scale.png from docs/scale.json")
     rep.add_argument("--json", default=str(DOCS / "scale.json"))
     rep.add_argument("--out", default=str(DOCS / "scale.md"))
