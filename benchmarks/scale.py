@@ -622,11 +622,13 @@ def slopes(document: dict[str, Any]) -> dict[str, dict[str, float]]:
             if value is not None and value > 0:
                 points.append((math.log(_shape(entry).layer_parameters), math.log(value)))
         if len(points) >= 2:
+            (x1, y1), (x2, y2) = sorted(points)[-2:]
+            top = (y2 - y1) / (x2 - x1)
             mx = sum(x for x, _ in points) / len(points)
             my = sum(y for _, y in points) / len(points)
             sxx = sum((x - mx) ** 2 for x, _ in points)
             slope = sum((x - mx) * (y - my) for x, y in points) / sxx
-            result[phase] = {"slope": slope, "points": len(points)}
+            result[phase] = {"slope": slope, "points": len(points), "top_slope": top}
     return result
 
 
@@ -846,11 +848,12 @@ def markdown(document, order, tables, fitted, png: str) -> str:
               "Least-squares slope of log(seconds per layer at 16384 tokens) against log(parameters per layer) over the "
               "measured shapes (1 = linear in the layer's parameters, as a forward pass; SparseGPT's inverse grows as "
               "width^3, i.e. up to 1.5 in parameters):", "",
-              "| phase | slope | shapes |", "|---|---|---|"]
+              "| phase | slope (all shapes) | shapes | slope between the two largest shapes measured |", "|---|---|---|---|"]
     anchor = fitted.get("sparsegpt", {}).get("slope")
     for phase in PHASES:
         if phase in fitted:
-            lines.append(f"| {PHASE_LABELS[phase]} | {fitted[phase]['slope']:.2f} | {fitted[phase]['points']} |")
+            lines.append(f"| {PHASE_LABELS[phase]} | {fitted[phase]['slope']:.2f} | {fitted[phase]['points']} | "
+                         f"{fitted[phase]['top_slope']:.2f} |")
     if anchor is not None:
         faster = [PHASE_LABELS[p] for p in PHASES if p in fitted and p != "sparsegpt" and fitted[p]["slope"] > anchor + 0.05]
         lines += ["", "Phases growing faster than SparseGPT's per-layer time (slope above its "
