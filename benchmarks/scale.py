@@ -765,11 +765,15 @@ def markdown(document, order, tables, fitted, png: str) -> str:
             ratio_s = value / anchor if anchor else None
             cells.append(f"{_s(value)} ({_x(ratio_f)} fwd, {_x(ratio_s)} SG)")
         lines.append(f"| {PHASE_LABELS[phase]} | " + " | ".join(cells) + " |")
-    update_notes = sorted({f"{SHAPES[k].name}: {tables[k]['notes'][p]}" for k in order for p in ("update", "quality")
-                           if p in tables[k]["notes"]})
-    if update_notes:
-        lines += ["", "Derived rows: refine = balanced - hybrid masks; " + "; ".join(
-            f"{note} ({'update' if 'hybrid' in note or 'quality -' in note else 'quality'})" for note in update_notes) + "."]
+    formulas: dict[str, list[str]] = {}
+    for key in order:
+        for phase in ("update", "quality"):
+            if phase in tables[key]["notes"]:
+                formulas.setdefault(f"{phase} = {tables[key]['notes'][phase].replace('_', ' + ')}", []).append(SHAPES[key].name)
+    lines += ["", "Derived rows: refine = balanced - hybrid masks; " + "; ".join(
+        f"{formula} ({', '.join(names)})" for formula, names in formulas.items()) + ". Rows of one shape can come from "
+        "runs at different times (a partial rerun replaces the phases it measures; each row in scale.json has its time, "
+        "commit and load)."]
     lines += ["", "The same as CPU seconds of this process (both threads; less sensitive to the other jobs' load than wall "
               "time, though a thread waiting for the other can spin): ratio to the forward pass and to SparseGPT.", "",
               header, "|---|" + "---|" * len(order)]
