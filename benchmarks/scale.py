@@ -101,6 +101,7 @@ PHASE_LABELS = {
     "update": "update",
     "quality": "quality (balanced + update)",
     "sparsegpt": "SparseGPT (inverse + sweep)",
+    "sparsegpt_gram": "SparseGPT's X^T X collection",
 }
 
 
@@ -897,8 +898,44 @@ def default_paragraph(document, order, tables, wholes) -> list[str]:
         else:
             have = ", ".join(f"{PHASE_LABELS[p]} {_s(w[p])}" for p in PHASES if p in w)
             lines.append(f"- {shape.name} ({shape.layers} layers): not every phase of the default preset was measured "
-                         f"(see below); measured, for the whole model: {have or 'nothing'}.")
+                         f"(see below); measured, for the whole model: {have or 'nothing'}; the largest per-phase peak RSS "
+                         f"above the loaded layer {_b(peak)}, the second-order entry {_b(second)} per layer, "
+                         f"{_b(second * shape.layers) if second else '-'} for the model.")
+            guess = extrapolated(document, tables, key)
+            if guess:
+                p = {**t["at_product"], **guess}
+                parts = ", ".join(f"{PHASE_LABELS[k]} {_s(v)}" for k, v in guess.items())
+                line = (f"  EXTRAPOLATED, not measured: per layer {parts} (the largest smaller shape that has the phase x "
+                        "(parameters ratio)^slope, the slope between the two largest shapes that have it).")
+                if all(k in p for k in ("first_order", "second_order", "balanced")):
+                    total = shape.layers * (p["first_order"] + p["second_order"] + p["balanced"])
+                    line += f" With these, the default preset would take about {_s(total)} for the whole model here"
+                    if all(k in p for k in ("sparsegpt", "sparsegpt_gram")):
+                        line += f", SparseGPT about {_s(shape.layers * (p['sparsegpt'] + p['sparsegpt_gram']))}"
+                    line += "."
+                lines.append(line)
     return lines
+
+
+def extrapolated(document, tables, key: str) -> dict[str, float]:
+    """Per-layer seconds at 16384 tokens of the phases not measured at `key`, from the largest smaller shape that
+    has each, times (parameters ratio)^(slope between the two largest shapes that have it). Labelled as such."""
+    fitted = slopes(document)
+    target = SHAPES[key]
+    out = {}
+    for phase in ("first_order", "second_order", "balanced", "update", "quality", "sparsegpt", "sparsegpt_gram"):
+        if phase in tables[key]["at_product"]:
+            continue
+        slope = fitted.get(phase, {}).get("top_slope")
+        if phase == "sparsegpt_gram":  # not fitted: a pass over the tokens like the forward
+            slope = fitted.get("forward", {}).get("top_slope")
+        known = [(SHAPES[k].layer_parameters, tables[k]["at_product"][phase]) for k in tables
+                 if phase in tables[k]["at_product"] and SHAPES[k].layer_parameters < target.layer_parameters]
+        if slope is None or not known:
+            continue
+        parameters, value = max(known)
+        out[phase] = value * (target.layer_parameters / parameters) ** slope
+    return out
 
 
 def goals(document, tables, fitted) -> list[str]:
