@@ -126,7 +126,8 @@ def available() -> int:
 
 
 def scaled_estimate(document: dict[str, Any], shape: Shape, tokens: int, phases: tuple[str, ...], by: str = "width2") -> float:
-    """Bytes that `phases` may need at `shape`: the fixed part plus the largest peak (above the phase's start) measured
+    """Bytes that `phases` may need at `shape` beyond what the process holds when they start (the check runs in the
+    child, whose layers are already resident): 1 GB plus the largest peak (above the phase's start) measured
     for them at the widest smaller shape in `document`, scaled by (widest input / its widest input)^2 for n x n buffers
     (`by` "width2") or by the ratio of parameters per layer for [rows, inputs] buffers ("params": refine's search
     state); 0 when no smaller shape has them."""
@@ -140,7 +141,7 @@ def scaled_estimate(document: dict[str, Any], shape: Shape, tokens: int, phases:
         return 0.0
     ratio = ((shape.widest_input / best[0].widest_input) ** 2 if by == "width2"
              else shape.layer_parameters / best[0].layer_parameters)
-    return memory_estimate(shape, tokens)["fixed"] + best[1] * ratio
+    return 1.0 * GB + best[1] * ratio
 
 
 def wait_for(need: float, what: str, minutes: float) -> bool:
@@ -389,7 +390,8 @@ def measure_shape(args: argparse.Namespace) -> None:
         # the order within a time box: the default preset's phases first, then the two with an n^3 factorization
         hessians = None
         if want("second_order") or want("balanced") or want("quality") or want("hybrid_update"):
-            need = args.estimate_second_order or memory_estimate(shape, tokens)["second_order"]
+            need = args.estimate_second_order or (memory_estimate(shape, tokens)["second_order"]
+                                              - memory_estimate(shape, tokens)["fixed"] + 1.0 * GB)
             if not wait_for(need, f"{shape.name} second-order phases", args.wait_minutes):
                 recorder.emit({"phase": "refused", "reason": f"{shape.name}: second-order phases need about "
                                f"{need / GB:.1f} GB, {available() / GB:.1f} GB available"})
