@@ -517,6 +517,8 @@ def run_shapes(args: argparse.Namespace) -> None:
             dropped = set(args.drop.split(",")) if args.drop else set()
             kept = [row for row in previous.get("rows", []) if row["phase"] not in measured_phases | dropped]
             rows = kept + rows
+        if path.exists():  # another run may have written other shapes meanwhile: keep theirs, replace this one
+            document = {**json.loads(path.read_text()), "shapes": {**json.loads(path.read_text())["shapes"]}}
         document["shapes"][key] = {
             "shape": asdict(shape), "status": status, "wall_seconds": time.perf_counter() - started, "rows": rows,
             "unfinished_phase": running if status != "ok" else None, "lm_head": lm_head_rate(shape.hidden, args.threads),
