@@ -876,8 +876,11 @@ def markdown(document, order, tables, fitted, png: str) -> str:
                   + "".join(f"; {row['reason']}" for row in tables[k]["rows"].values() if row.get("phase") == "refused")
                   for k in order if document["shapes"][k]["status"] != "ok"
                   or any(row.get("phase") == "refused" for row in tables[k]["rows"].values())]
-    if unmeasured:
-        lines += ["", "## Not measured", "", *unmeasured]
+    lines += ["", "## Not measured", "", *unmeasured,
+              "- `prune --second-order recompute` was not timed on its own: it collects each layer's x x^T inside the "
+              "pruning pass instead of reading the cached entry, so per layer it costs about the second-order collection "
+              "above (the accumulation, no packing) on top of the pruning phases.",
+              "- Nothing here ran on a GPU; every figure is this 2-core CPU."]
     return "\n".join(lines) + "\n"
 
 
