@@ -879,7 +879,7 @@ def markdown(document, order, tables, fitted, png: str) -> str:
     lines += ["", "## Not measured", "", *unmeasured,
               "- `prune --second-order recompute` was not timed on its own: it collects each layer's x x^T inside the "
               "pruning pass instead of reading the cached entry, so per layer it costs about the second-order collection "
-              "above (the accumulation, no packing) on top of the pruning phases.",
+              "above on top of the pruning phases.",
               "- Nothing here ran on a GPU; every figure is this 2-core CPU."]
     return "\n".join(lines) + "\n"
 
