@@ -782,17 +782,7 @@ def markdown(document, order, tables, fitted, png: str) -> str:
     lines += ["", "The same as CPU seconds of this process (both threads; less sensitive to the other jobs' load than wall "
               "time, though a thread waiting for the other can spin): ratio to the forward pass and to SparseGPT.", "",
               header, "|---|" + "---|" * len(order)]
-    for phase in TABLE_PHASES:
-        cells = []
-        for key in order:
-            c = tables[key]["cpu"]
-            value = c.get(phase)
-            if value is None:
-                cells.append("-")
-                continue
-            cells.append(f"{_s(value)} ({_x(value / c['forward'] if c.get('forward') else None)} fwd, "
-                         f"{_x(value / c['sparsegpt'] if c.get('sparsegpt') else None)} SG)")
-        lines.append(f"| {PHASE_LABELS[phase]} | " + " | ".join(cells) + " |")
+    lines += _phase_rows(tables, order, "cpu")
     lines += ["", "SparseGPT's parts, and the fits a + b x tokens of the passes (per layer):", ""]
     for key in order:
         t = tables[key]
@@ -815,17 +805,7 @@ def markdown(document, order, tables, fitted, png: str) -> str:
               "Ratios to the plain forward pass at 16384 tokens and to SparseGPT's per-layer time (the goals of issue 21: "
               "first-order <= 1.1x forward, second-order <= 1.5x forward, balanced <= 1.0x and quality <= 1.5x SparseGPT).",
               "", header, "|---|" + "---|" * len(order)]
-    for phase in TABLE_PHASES:
-        cells = []
-        for key in order:
-            t = tables[key]["at_product"]
-            value = t.get(phase)
-            if value is None:
-                cells.append("-")
-                continue
-            cells.append(f"{_s(value)} ({_x(value / t['forward'] if t.get('forward') else None)} fwd, "
-                         f"{_x(value / t['sparsegpt'] if t.get('sparsegpt') else None)} SG)")
-        lines.append(f"| {PHASE_LABELS[phase]} | " + " | ".join(cells) + " |")
+    lines += _phase_rows(tables, order, "at_product")
     lines += ["", "## Peak memory and bytes written, per layer", "",
               "Peak RSS above the phase's start (the process's high-water mark reset before each phase), and the bytes "
               "of one layer's statistics in the safetensors entry the cache writes.", "",
@@ -1061,6 +1041,24 @@ def main() -> None:
     commands.add_parser("check", help="the SparseGPT anchor's self-check on a tiny layer")
     args = parser.parse_args()
     {"run": run_shapes, "shape": measure_shape, "report": report, "check": check}[args.command](args)
+
+
+
+def _phase_rows(tables: dict, order: list, column: str) -> list[str]:
+    """One table row per phase: each shape's seconds in `column` with its ratio to the forward pass and to SparseGPT."""
+    rows = []
+    for phase in TABLE_PHASES:
+        cells = []
+        for key in order:
+            t = tables[key][column]
+            value = t.get(phase)
+            if value is None:
+                cells.append("-")
+                continue
+            cells.append(f"{_s(value)} ({_x(value / t['forward'] if t.get('forward') else None)} fwd, "
+                         f"{_x(value / t['sparsegpt'] if t.get('sparsegpt') else None)} SG)")
+        rows.append(f"| {PHASE_LABELS[phase]} | " + " | ".join(cells) + " |")
+    return rows
 
 
 if __name__ == "__main__":
