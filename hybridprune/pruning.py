@@ -11,7 +11,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from hybridprune.calibration.second_order import inverse_factor
 from hybridprune.calibration.stats import CalibrationStats
 from hybridprune.config import PruneConfig
 from hybridprune.env import __version__
@@ -33,7 +32,7 @@ from hybridprune.methods.obs import (
     sweep_counts,
     sweep_prune,
 )
-from hybridprune.methods.reconstruct import reconstruct_with_factor, shrink_update
+from hybridprune.methods.reconstruct import inverse_factor, reconstruct_with_factor, shrink_update
 from hybridprune.models.adapters import FamilyAdapter
 from hybridprune.models.loading import LoadedModel
 from hybridprune.models.streaming import (

@@ -19,8 +19,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from hybridprune.methods.reconstruct import inverse_factor  # noqa: F401 (the factor of a stored Gram, re-exported)
-
 DAMPING = 0.01
 """G = H + DAMPING * mean(diag H) I (dead channels' diagonal set to 1 first), as SparseGPT damps."""
 BLOCK = 1024
@@ -92,15 +90,10 @@ def damped_gram(diag: Tensor, corr: Tensor, dtype: torch.dtype = torch.float32) 
     """(G = H + damping, dead-channel mask [n]) from the packed entries: dead channels get diagonal 1 first."""
     gram = unpack_gram(diag, corr, dtype)
     dead = diag == 0
-    return damp_(gram, dead), dead
-
-
-def damp_(gram: Tensor, dead: Tensor) -> Tensor:
-    """In place: dead channels' diagonal 1, then DAMPING * mean(diag) on the diagonal."""
     diagonal = gram.diagonal()
-    diagonal[dead.to(gram.device)] = 1.0
+    diagonal[dead] = 1.0
     diagonal.add_(DAMPING * diagonal.mean())
-    return gram
+    return gram, dead
 
 
 def entry_bytes(widths: list[int]) -> int:

@@ -33,8 +33,9 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from hybridprune.calibration.second_order import damped_gram, inverse_factor
+from hybridprune.calibration.second_order import damped_gram
 from hybridprune.methods.neuronrank import NeuronStats, assign_topics, kmeans_cosine, quantile_threshold
+from hybridprune.methods.reconstruct import inverse_factor
 from hybridprune.models.adapters import DOWN_IN, INPUT_GROUPS, MLP_IN  # noqa: F401 (INPUT_GROUPS re-exported)
 
 TOPIC_SAMPLE_TOKENS = 2048
@@ -71,10 +72,6 @@ class CalibrationStats:
     def sumsq(self, layer: int, group: str) -> Tensor:
         return self.tensors[f"layer.{layer}.{group}.sumsq"]
 
-    def has_second_order(self, layer: int, group: str) -> bool:
-        full = f"layer.{layer}.{group}.gram_diag"
-        return full in self.tensors or (self.shards is not None and full in self.shards.layer(layer))
-
     def gram(self, layer: int, group: str) -> tuple[Tensor, Tensor]:
         """A second-order entry's damped Gram G [n, n] (float32) and dead-channel mask [n]."""
         return damped_gram(self.layer_entry(layer, f"{group}.gram_diag"), self.layer_entry(layer, f"{group}.gram_corr"))
@@ -83,12 +80,6 @@ class CalibrationStats:
         """The upper Cholesky factor [n, n] of G^-1 (what --update's sweep needs) and the dead-channel mask [n]."""
         gram, dead = self.gram(layer, group)
         return inverse_factor(gram), dead
-
-    def split_second_order(self) -> tuple[CalibrationStats, CalibrationStats]:
-        """(first-order, second-order) entries of a pass that collected both (each keeps the token count)."""
-        second = {name for name in self.tensors if name.endswith(SECOND_ORDER_ENTRIES)}
-        first = {name: t for name, t in self.tensors.items() if name not in second}
-        return CalibrationStats(first), CalibrationStats({"tokens": self.tensors["tokens"], **{n: self.tensors[n] for n in second}})
 
     def block(self, layer: int, name: str) -> float:
         """A block entry (cos_sum, delta_sumsq, input_sumsq) of one layer; KeyError on statistics without them."""
