@@ -10,11 +10,11 @@ from hybridprune.calibration.second_order import (
     GramAccumulator,
     damped_gram,
     entry_bytes,
-    inverse_factor,
     pack_gram,
     unpack_gram,
 )
 from hybridprune.methods import reconstruct
+from hybridprune.methods.reconstruct import inverse_factor
 
 
 def inputs(tokens: int = 400, features: int = 70, seed: int = 0) -> torch.Tensor:
