@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -173,6 +174,17 @@ def configs() -> dict[str, PruneConfig]:
         c[f"balanced+refine200+update0.5+off{a}"] = B(refine=200, update=True, update_shrink=0.5, gram_offdiag=a)
         c[f"wanda+refine200+off{a}"] = P(prune_method="wanda", refine=200, gram_offdiag=a)
         c[f"wanda+update1+off{a}"] = P(prune_method="wanda", update=True, gram_offdiag=a)
+    # the joint solver (--update-mask admm), 60% / 70% unstructured and 4:8 (issue 22); each against Wanda at the same point
+    c["joint"] = preset("joint")
+    for name in ("wanda", "balanced", "quality", "joint"):
+        for pattern in ("2:4", "4:8"):
+            c[f"{name}@{pattern}"] = preset(name, pattern=pattern)
+        for sparsity in (0.6, 0.7):
+            c[f"{name}@{round(sparsity * 100)}"] = preset(name, sparsity=sparsity)
+    # the contributions, one component added at a time (Wanda -> ... -> quality -> joint): docs/contributions.png
+    c["step:score"] = preset("balanced", qk_shift=0.0, refine=0, nr_row_bound=1.0)  # NeuronRank's allocation, rows unbounded
+    c["step:bound"] = preset("balanced", qk_shift=0.0, refine=0)  # + each row within 0.05 of the target
+    c["step:qk"] = preset("balanced", refine=0)  # + q/k pruned more than v/o
     # ablations
     c["abl:nr-constant-score"] = P(idf_exp=0.0, tf_exp=0.0)  # gate/up matrix groups, every s_i equal
     for mode in ("doc", "topic"):
@@ -380,8 +392,10 @@ def table(rows: list[dict], model: str, half: str, seed: int = 0) -> dict[tuple[
 
 
 def reference_of(name: str) -> str:
-    """The Wanda row a configuration is compared with: Wanda at the same N:M pattern (`NAME@2:4...`)."""
-    return "wanda@2:4" if "@2:4" in name else "wanda"
+    """The Wanda row a configuration is compared with: Wanda at the same pattern or sparsity (`NAME@2:4...`,
+    `NAME@60`), else Wanda at 50%."""
+    point = re.search(r"@(2:4|4:8|60|70)(?![0-9])", name)
+    return f"wanda@{point.group(1)}" if point else "wanda"
 
 
 def ratios(t: dict, name: str, domains: list[str]) -> dict[str, float] | None:

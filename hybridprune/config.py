@@ -84,7 +84,11 @@ def window_length(seqlen: int | None, model: Any) -> int:
         raise UserError(f"--seqlen {seqlen} exceeds the model's max_position_embeddings ({limit})")
     return seqlen
 
-UPDATE_MASKS = {"sweep": "masks chosen inside the OBS sweep from already-updated weights", "fixed": "the hybrid's masks kept, only the kept weights updated"}
+UPDATE_MASKS = {
+    "sweep": "masks chosen inside the OBS sweep from already-updated weights",
+    "fixed": "the hybrid's masks kept, only the kept weights updated",
+    "admm": "masks and kept weights solved together (ADMM from the hybrid's masks, same per-row counts)",
+}
 # what --refine cannot work with (PruneConfig.refine_conflict) and the one line that says so
 REFINE_CONFLICTS = {
     "--pattern structured": "--refine swaps weights inside rows; --pattern structured removes whole neurons: drop one of them",

@@ -18,6 +18,7 @@ from hybridprune.errors import UserError
 from hybridprune.fsutil import atomic_folder, clean_stale_staging
 from hybridprune.masks import allocate_sparsity, parse_pattern
 from hybridprune.methods import registry
+from hybridprune.methods.admm import admm_prune
 from hybridprune.methods.hybrid import (
     LayerPlan,
     NeuronScoring,
@@ -259,10 +260,23 @@ def prune_layer(
             device = stacked[0].device
             keep = torch.cat([masks[name].to(device) for name in names])
             dense = torch.cat(stacked)
-            updated = reconstruct_with_factor(dense, keep, *factor_of(group))
+            if plan.update_mask == "admm":
+                updated, keep = _joint_solve(dense, keep, gram_of(group), pattern)
+            else:
+                updated = reconstruct_with_factor(dense, keep, *factor_of(group))
             updated = shrink_update(dense * keep, updated, update_shrink)
             for weight, rows in zip(stacked, updated.split([weight.shape[0] for weight in stacked])):
                 weight.copy_(rows)
+
+
+def _joint_solve(dense: torch.Tensor, keep: torch.Tensor, gram: torch.Tensor, pattern) -> tuple[torch.Tensor, torch.Tensor]:
+    """--update-mask admm: masks and kept weights of a stacked matrix solved together (methods/admm.py), from the
+    hybrid's masks and their per-row counts, in chunks of rows as the refine (each chunk its own penalty schedule)."""
+    rows = max(1, REFINE_CHUNK_ELEMENTS // dense.shape[1])
+    nm = (pattern.n, pattern.m) if pattern.kind == "nm" else None
+    solved = [admm_prune(dense[start : start + rows], keep[start : start + rows], gram, nm=nm)
+              for start in range(0, dense.shape[0], rows)]
+    return torch.cat([weights for weights, _, _ in solved]), torch.cat([mask for _, mask, _ in solved])
 
 
 def _sweep_layer(linears, adapter: FamilyAdapter, plan: LayerPlan, score, factor_of, update_shrink: float = 1.0) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -43,6 +44,31 @@ class _RateColumn(ProgressColumn):
         return Text(f"{speed:,.0f} {self.unit}/s" if speed else f"- {self.unit}/s")
 
 
+class _LineProgress:
+    """Progress as plain lines for a console that is not a terminal: one when a tenth of the work more is done or a
+    minute has passed since the last line, and one at the end (elapsed time, rate, estimated time left)."""
+
+    EVERY_S = 60.0
+
+    def __init__(self, description: str, total: int, unit: str | None) -> None:
+        self.description, self.total, self.unit = description, max(total, 1), unit or ""
+        self.done = 0
+        self.start = self.last_time = time.monotonic()
+        self.last_done = 0
+
+    def __call__(self, n: int = 1) -> None:
+        self.done += n
+        now = time.monotonic()
+        if (self.done >= self.total or self.done - self.last_done >= self.total / 10
+                or now - self.last_time >= self.EVERY_S):
+            elapsed = now - self.start
+            left = elapsed / self.done * (self.total - self.done) if self.done else float("nan")
+            unit = f" {self.unit}" if self.unit else ""
+            console.print(f"{self.description}: {self.done:,}/{self.total:,}{unit}, {elapsed:.0f} s elapsed"
+                          + (f", about {left:.0f} s left" if self.done < self.total else ""), soft_wrap=True)
+            self.last_time, self.last_done = now, self.done
+
+
 class RichReporter:
     """Reporter (see reporting.py) that draws panels and progress bars on the console.
 
@@ -65,6 +91,9 @@ class RichReporter:
     def progress(self, description: str, total: int) -> Iterator[Callable[[int], None]]:
         if self.quiet:
             yield lambda n=1: None
+            return
+        if not console.is_terminal:  # a log file or a pipe: Rich would draw the bar only once, at the end
+            yield _LineProgress(description, total, self.unit)
             return
         counted = (
             (TextColumn("{task.completed:,.0f}/{task.total:,.0f} " + self.unit), _RateColumn(self.unit))

@@ -218,6 +218,8 @@ def _tiny_run(folder: Path, cache: Path, **fields):
         dict(refine=20, gram_offdiag=0.3),
         dict(update=True, update_mask="sweep", gram_offdiag=0.3),
         dict(prune_method="wanda", update=True),
+        dict(refine=5, update=True, update_mask="admm"),  # the joint solve, from refined masks
+        dict(update=True, update_mask="admm", pattern="2:4"),
     ],
 )
 def test_every_update_and_refine_mode_hits_the_target(tiny_llama_folder: Path, tiny_cache_dir: Path, fields: dict):
