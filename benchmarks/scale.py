@@ -87,7 +87,8 @@ SHAPES = {
     )
 }
 PER_TOKEN = ("forward", "first_order", "second_order", "sparsegpt_gram")
-PHASES = ("forward", "first_order", "second_order", "wanda", "hybrid", "refine", "balanced", "update", "quality", "sparsegpt")
+PHASES = ("forward", "first_order", "second_order", "wanda", "hybrid", "refine", "balanced", "update", "quality", "joint",
+          "sparsegpt")
 TABLE_PHASES = (*PHASES[:7], "hybrid_update", *PHASES[7:])  # the tables also show the measured hybrid + update
 PHASE_LABELS = {
     "forward": "plain forward (reference)",
@@ -100,6 +101,7 @@ PHASE_LABELS = {
     "hybrid_update": "hybrid masks + update (quality, refine 0)",
     "update": "update",
     "quality": "quality (balanced + update)",
+    "joint": "joint (balanced + ADMM solve)",
     "sparsegpt": "SparseGPT (inverse + sweep)",
     "sparsegpt_gram": "SparseGPT's X^T X collection",
 }
@@ -389,7 +391,7 @@ def measure_shape(args: argparse.Namespace) -> None:
         restore()
         # the order within a time box: the default preset's phases first, then the two with an n^3 factorization
         hessians = None
-        if want("second_order") or want("balanced") or want("quality") or want("hybrid_update"):
+        if want("second_order") or want("balanced") or want("quality") or want("hybrid_update") or want("joint"):
             need = args.estimate_second_order or (memory_estimate(shape, tokens)["second_order"]
                                               - memory_estimate(shape, tokens)["fixed"] + 1.0 * GB)
             if not wait_for(need, f"{shape.name} second-order phases", args.wait_minutes):
@@ -444,6 +446,9 @@ def measure_shape(args: argparse.Namespace) -> None:
             restore()
         if hessians is not None and want("quality"):
             recorder.measure("quality", prune_with("quality", hessians), before=restore)
+            restore()
+        if hessians is not None and want("joint"):
+            recorder.measure("joint", prune_with("joint", hessians), before=restore)
     recorder.emit({"phase": "done", "seconds": time.perf_counter() - started})
 
 
@@ -561,7 +566,7 @@ def phase_table(entry: dict[str, Any]) -> dict[str, Any]:
             notes[phase] = f"{constant:.2f} s per layer + {slope * 1e3:.3f} ms per token"
         else:
             at_product[phase] = full * PRODUCT_TOKENS / tokens
-    for phase in ("wanda", "hybrid", "balanced", "hybrid_update", "quality", "sparsegpt"):
+    for phase in ("wanda", "hybrid", "balanced", "hybrid_update", "quality", "joint", "sparsegpt"):
         if phase in rows:
             seconds[phase] = at_product[phase] = rows[phase]["seconds"]
             peaks[phase] = rows[phase]["peak_rss_above_start"]
@@ -579,7 +584,7 @@ def phase_table(entry: dict[str, Any]) -> dict[str, Any]:
         notes["quality"] = "balanced + update"
     cpu: dict[str, float] = {}
     for phase in ("forward", "first_order", "second_order", "wanda", "hybrid", "balanced", "hybrid_update", "quality",
-                  "sparsegpt"):
+                  "joint", "sparsegpt"):
         if phase in rows and rows[phase].get("cpu_seconds"):
             ordered = sorted(rows[phase]["cpu_seconds"])
             cpu[phase] = ordered[len(ordered) // 2] / (built if phase in PER_TOKEN else 1)

@@ -311,7 +311,8 @@ class Bench:
         hessians = self.hessians(seed) if config.needs_second_order else None
         plans = plan_layers(self.model, self.adapter, stats, config)
         scoring = neuron_scoring(config)
-        masks_of = PruneConfig(**{**config.to_dict(), "update": False, "update_shrink": 1.0}).digest
+        # the masks' own knobs: without --update neither the step nor the solver (--update-mask) changes them
+        masks_of = PruneConfig(**{**config.to_dict(), "update": False, "update_shrink": 1.0, "update_mask": "fixed"}).digest
         for index, layer in enumerate(self.layers):
             if index in plans:
                 self.memo.layer((masks_of, seed, index))

@@ -95,3 +95,14 @@ def test_admm_rejects_mismatched_shapes():
     weight, gram = _layer(0, n=8, rows=2)
     with pytest.raises(ValueError, match="shapes"):
         admm_prune(weight, torch.ones(2, 4, dtype=torch.bool), gram)
+
+
+def test_the_projection_is_the_exact_selection_also_with_ties():
+    from hybridprune.masks import _keep_all_but_lowest
+    from hybridprune.methods.admm import project
+
+    values = torch.randint(-3, 4, (50, 16)).float()  # many ties at every threshold
+    prune = torch.randint(0, 16, (50,))
+    assert torch.equal(project(values, prune, None), _keep_all_but_lowest(values.abs(), prune))
+    keep = project(values, None, (2, 4))
+    assert bool((keep.reshape(50, 4, 4).sum(2) == 2).all())
