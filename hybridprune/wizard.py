@@ -51,7 +51,7 @@ PRIORITIES: tuple[tuple[str, str, str], ...] = (
 
 PATTERNS: tuple[tuple[str, str, float | None], ...] = (
     ("unstructured", "unstructured: any weight may go; the best quality at a given sparsity", None),
-    ("2:4", "2:4: two of every four consecutive weights; sparse tensor cores run it faster", 0.5),
+    ("2:4", "2:4: two of every four consecutive weights (no maintained runtime runs it faster in 2026)", 0.5),
     ("4:8", "4:8: four of every eight; a little better quality than 2:4", 0.5),
     ("structured", "structured MLP: whole MLP neurons removed; a smaller, faster standard model", None),
 )

@@ -186,7 +186,7 @@ def test_save_answers_as_a_named_preset(script):
     assert "--pattern" not in wizard.command_text(answers, presets)  # the preset carries it now
     assert resolve({}, get_preset("my-run")).sparsity == 0.6  # `prune --preset my-run` alone prunes at 0.6
     # next time the user preset is offered, and Enter through it keeps its sparsity and pattern
-    again = wizard.ask_answers(script(ENTER, DOWN * 5 + ENTER, *[ENTER] * 5))  # after the four card presets and `wanda`
+    again = wizard.ask_answers(script(ENTER, DOWN * 6 + ENTER, *[ENTER] * 5))  # after the four card presets, `wanda`, `joint`
     assert (again.preset, again.sparsity, again.pattern) == ("my-run", 0.6, "structured")
 
 
@@ -269,6 +269,13 @@ def test_built_in_extra_presets_are_listed_with_their_trade_off(script):
     assert wizard.command_text(answers) == "hybridprune prune --preset wanda --sparsity 0.5 --out ./pruned-wanda-s0.5"
     config = resolve({}, get_preset("wanda"))
     assert config.prune_method == "wanda" and not config.refine and not config.update
+
+
+def test_the_joint_preset_is_offered_after_wanda(script):
+    answers = wizard.ask_answers(script(ENTER, DOWN * 5 + ENTER, *[ENTER] * 5), presets=load_presets())
+    assert answers.preset == "joint"
+    config = resolve({}, get_preset("joint"))
+    assert config.update and config.update_mask == "admm" and config.refine > 0
 
 
 def test_calibration_estimate_counts_the_second_order_pass_when_the_preset_needs_it(monkeypatch):

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from hybridprune.masks import _keep_all_but_lowest
+from hybridprune.methods.reconstruct import FLOAT64_BYTES
 
 RHO = 0.1  # the first penalty, in the unit-diagonal scale (ALPS's)
 MAX_STEPS = 300
@@ -123,7 +124,8 @@ def admm_prune(weight: Tensor, keep: Tensor, gram: Tensor, nm: tuple[int, int] |
     if keep.shape != weight.shape or gram.shape != (width, width):
         raise ValueError(f"shapes: weight {tuple(weight.shape)}, keep {tuple(keep.shape)}, gram {tuple(gram.shape)}")
     device = weight.device
-    gram = gram.to(device, torch.float64)
+    # float64 where one n x n float64 matrix fits FLOAT64_BYTES (as the factorization of the update), else float32
+    gram = gram.to(device, torch.float64 if width * width * 8 <= FLOAT64_BYTES else torch.float32)
     scale = gram.diagonal().clamp_min(1e-30).sqrt()
     unit = gram / scale.unsqueeze(0) / scale.unsqueeze(1)  # unit diagonal: |scaled weight| is Wanda's metric
     del gram
