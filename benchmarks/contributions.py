@@ -29,6 +29,8 @@ STEPS = [  # (configuration, label)
     ("quality", "+ OBS weight update (= quality)"),
     ("joint", "+ joint ADMM solve of masks and weights (= joint)"),
 ]
+SHORT = {"wanda": "Wanda", "step:score": "+NR alloc.", "step:bound": "+row bound", "step:qk": "+q/k shift",
+         "balanced": "+refine", "quality": "+update", "joint": "+joint"}
 IN_DOMAIN = ("wiki",)
 
 
@@ -81,15 +83,17 @@ def report(models: list[str]) -> None:
 
     figure, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.4), squeeze=False)
     for axis, model in zip(axes[0], models):
-        measured = [row for row in doc[model] if row["measured"]]
-        xs = range(len(measured))
+        placed = [(x, row) for x, row in enumerate(doc[model]) if row["measured"]]  # unmeasured steps keep their place
+        xs = [x for x, _ in placed]
+        measured = [row for _, row in placed]
         axis.plot(xs, [r["mean"] for r in measured], marker="o", label="mean of 5 domains")
         axis.plot(xs, [r["worst"] for r in measured], marker="v", linestyle="--", label="worst domain")
         axis.plot(xs, [r["in_domain"] for r in measured], marker=".", linestyle=":", label="in domain (wiki)")
         axis.plot(xs, [r["off_domain"] for r in measured], marker=".", linestyle="-.", label="off domain (4 texts)")
         for x, r in zip(xs, measured):
             axis.annotate(f"{r['mean']:.2f}", (x, r["mean"]), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
-        axis.set_xticks(list(xs), [r["label"].split(" (")[0].replace("+ ", "+\n") for r in measured], fontsize=6.5, rotation=0)
+        axis.set_xticks(range(len(STEPS)), [SHORT[name] + ("" if row["measured"] else "\n(not measured)")
+                                            for (name, _), row in zip(STEPS, doc[model])], fontsize=7)
         axis.axhline(1.0, color="grey", linewidth=1)
         axis.set_ylim(0, 1.15)
         axis.set_title(f"{model}: loss vs Wanda's, one component added at a time", fontsize=9)
