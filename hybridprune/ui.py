@@ -46,7 +46,7 @@ class _RateColumn(ProgressColumn):
 
 class _LineProgress:
     """Progress as plain lines for a console that is not a terminal: one when a tenth of the work more is done or a
-    minute has passed since the last line, and one at the end (elapsed time, rate, estimated time left)."""
+    minute has passed since the last line, and one at the end (done / total, elapsed time, estimated time left)."""
 
     EVERY_S = 60.0
 

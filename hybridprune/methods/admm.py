@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from hybridprune.masks import _keep_all_but_lowest
+from hybridprune.masks import _keep_all_but_lowest, mask_n_m
 from hybridprune.methods.reconstruct import FLOAT64_BYTES
 
 RHO = 0.1  # the first penalty, in the unit-diagonal scale (ALPS's)
@@ -54,9 +54,7 @@ def project(values: Tensor, prune: Tensor | None, nm: tuple[int, int] | None) ->
     """Keep-mask of `values` [rows, n] on the sparsity set: each row loses its prune[r] smallest |.|, or per N:M."""
     magnitude = values.abs()
     if nm is not None:
-        n, m = nm
-        blocks = magnitude.reshape(-1, m)
-        return _keep_all_but_lowest(blocks, torch.full((blocks.shape[0],), n, dtype=torch.long)).reshape(values.shape)
+        return mask_n_m(magnitude, *nm)
     assert prune is not None
     return _keep_all_but_lowest(magnitude, prune)
 
@@ -155,10 +153,11 @@ def admm_prune(weight: Tensor, keep: Tensor, gram: Tensor, nm: tuple[int, int] |
     # ADMM is a heuristic row by row: where the starting mask re-solved the same way does better, that row keeps it
     # (so no row ends worse than the least-squares weights of the hybrid's own mask)
     fallback = resolve_on_support(unit, target, keep, start * keep)
-    better = objective(start, fallback, unit) < objective(start, solved, unit)
+    errors, fallback_errors = objective(start, solved, unit), objective(start, fallback, unit)
+    better = fallback_errors < errors
     if bool(better.any()):
         final = torch.where(better.unsqueeze(1), keep, final)
         solved = torch.where(better.unsqueeze(1), fallback, solved)
-    error_final = float(objective(start, solved, unit).sum())
+    error_final = float(torch.minimum(errors, fallback_errors).sum())
     result = (solved / scale.to(torch.float32)) * final
     return result.to(weight.dtype), final, AdmmReport(steps, rho, error_admm, error_final, int(better.sum()))
