@@ -36,11 +36,36 @@ def test_accumulator_holds_the_upper_triangle_of_the_gram_over_batches():
     accumulator = GramAccumulator()
     for part in x.split(150):
         accumulator.add(part.reshape(1, -1, x.shape[1]))
+    accumulator.add(x[:30].reshape(1, -1, x.shape[1]))  # a batch of fewer tokens than inputs waits in the buffer
+    x = torch.cat([x, x[:30]])
     exact = x.double().T @ x.double()
     assert accumulator.gram is not None
     upper = torch.triu(torch.ones_like(exact, dtype=torch.bool))
     error = (accumulator.gram.double() - exact).abs()[upper] / exact.abs().max()
     assert float(error.max()) < 1e-6
+
+
+def test_bfloat16_inputs_keep_the_diagonal_exact_and_the_correlations_to_bfloat16_rounding():
+    x = inputs().to(torch.bfloat16)
+    accumulator = GramAccumulator()
+    for part in x.split(25):  # batches of fewer tokens than inputs are buffered and multiplied together
+        accumulator.add(part.reshape(1, -1, x.shape[1]))
+    exact = x.double().T @ x.double()  # bfloat16 values are exact in float64
+    assert accumulator.gram is not None and accumulator.gram.dtype == torch.float32
+    gram = accumulator.gram.double()
+    # the diagonal from float32 sums of squares: exact to float32
+    assert torch.allclose(gram.diagonal(), exact.diagonal(), rtol=1e-6, atol=0.0)
+    # off the diagonal: each batch's block sum rounded to bfloat16 once (2^-9 relative), four batches
+    scale = exact.diagonal().sqrt()
+    outer = torch.outer(scale, scale)
+    upper = torch.triu(outer > 0, 1)
+    relative = (gram - exact).abs()[upper] / outer[upper]
+    assert float(relative.max()) < 4 * 2.0**-9
+    assert float(relative.max()) > 0.0  # it did take the bfloat16 path
+    float16 = GramAccumulator()
+    float16.add(x.to(torch.float16).reshape(1, -1, x.shape[1]))  # float16 block sums could overflow: float32
+    assert float16.gram is not None
+    assert float(((float16.gram.double() - exact).abs()[upper] / outer[upper]).max()) < 1e-5
 
 
 def test_packing_keeps_the_diagonal_exactly_and_the_correlations_to_float16():
