@@ -35,19 +35,21 @@ CORRELATION_DTYPE = torch.float16
 class GramAccumulator:
     """The upper triangle (and diagonal) of sum_t x_t x_t^T over batches, in float32.
 
-    Batches are buffered, transposed, until they hold as many tokens as the group has inputs (at most
-    BUFFER_BYTES), then multiplied at once: adding a product into the float32 total costs n^2 memory traffic
-    whatever the tokens, as much as the matmul itself for one batch of 2048 tokens at n = 14336 (the
-    Llama-3.1-8B down_proj); and x^T x with a strided x^T ran at half a Linear's speed on this CPU, x^T stored
-    contiguous at a Linear's.
-
-    bfloat16 inputs (the dtype large models are pruned in) are multiplied in bfloat16: the products of
+    float32 inputs: addmm_ on each batch. bfloat16 inputs (the dtype large models are pruned in) are
+    multiplied in bfloat16, 2.7x float32's speed on this CPU (AMX), and buffered, transposed, until they hold
+    as many tokens as the group has inputs (at most BUFFER_BYTES), then multiplied at once: adding a bfloat16
+    product into the float32 total costs n^2 memory traffic whatever the tokens, as much as the matmul itself
+    for one batch of 2048 tokens at n = 14336 (the Llama-3.1-8B down_proj); and x^T x with a strided x^T ran
+    at half a Linear's speed, x^T stored contiguous at a Linear's. The products of
     bfloat16 values are exact in the float32 accumulation inside the matmul, and only each block sum is
-    rounded to bfloat16 (2^-9 relative) before it is added to the float32 total. That error is of the size
-    float16 storage of the correlations already makes (see the module doc), and the diagonal is kept exact
+    rounded to bfloat16 (2^-9 relative) before it is added to the float32 total; the diagonal is kept exact
     from float32 sums of squares. float16 inputs go through float32: their sums can overflow float16.
-    At the Llama-3.1-8B shape and 16384 tokens this took the collection from 3.6x to 2.1x a forward pass
-    (benchmarks/scale.py); masks and perplexity: benchmarks/second_order_storage.py.
+    At the Llama-3.1-8B shape and 16384 tokens this took the collection from 3.6x to 2.0x a forward pass
+    (benchmarks/scale.py). Its cost in quality, SmolLM2 in bfloat16 on the five validation halves
+    (benchmarks/second_order_storage.py --compare products): 3.3e-4 of the mask entries differ from float32
+    products' (float16 storage alone: 8.4e-5), perplexity moves by 0.30% (balanced) and 0.45% (quality) at
+    most, in both directions (lower on 7 of the 10 domain-preset pairs), within the 0.5% that the storage
+    was held to.
     """
 
     def __init__(self) -> None:
@@ -63,12 +65,16 @@ class GramAccumulator:
         tokens, width = flat.shape
         if self._upper is None:
             self._upper = torch.zeros(width, width, dtype=torch.float32, device=flat.device)
+        if flat.dtype == torch.float32:  # addmm_ adds in place: buffering or transposing only slowed it down here
+            for start in range(0, width, BLOCK):
+                end = min(start + BLOCK, width)
+                self._upper[start:end, start:].addmm_(flat[:, start:end].T, flat[:, start:])
+            return
+        if self._buffer is None:
             capacity = max(1, min(width, BUFFER_BYTES // (width * flat.element_size())))
             self._buffer = torch.empty(width, capacity, dtype=flat.dtype, device=flat.device)
-        assert self._buffer is not None
-        if flat.dtype == torch.bfloat16:
-            squares = flat.to(torch.float32).square_().sum(0)
-            self._diag = squares if self._diag is None else self._diag.add_(squares)
+        squares = flat.to(torch.float32).square_().sum(0)
+        self._diag = squares if self._diag is None else self._diag.add_(squares)
         if self._used + tokens > self._buffer.shape[1]:
             self._flush()
         if tokens >= self._buffer.shape[1]:
@@ -84,16 +90,12 @@ class GramAccumulator:
             self._used = 0
 
     def _multiply(self, transposed: Tensor) -> None:
-        """Add x^T x (upper blocks) of the inputs x = transposed^T [tokens, n]."""
+        """Add x^T x (upper blocks) of the bfloat16 inputs x = transposed^T [tokens, n]."""
         assert self._upper is not None
         width = transposed.shape[0]
         for start in range(0, width, BLOCK):
             end = min(start + BLOCK, width)
-            block = self._upper[start:end, start:]
-            if transposed.dtype == torch.float32:
-                block.addmm_(transposed[start:end], transposed[start:].T)
-            else:
-                block.add_(transposed[start:end] @ transposed[start:].T)
+            self._upper[start:end, start:].add_(transposed[start:end] @ transposed[start:].T)
 
     @property
     def gram(self) -> Tensor | None:
