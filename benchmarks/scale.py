@@ -498,7 +498,8 @@ def run_shapes(args: argparse.Namespace) -> None:
         for flag, phases, by in (("--estimate-sparsegpt", ("sparsegpt", "sparsegpt_gram"), "width2"),
                                  ("--estimate-second-order", ("second_order", "second_order_half"), "width2"),
                                  ("--estimate-refine", ("balanced", "hybrid_update", "quality"), "params")):
-            command += [flag, f"{scaled_estimate(document, shape, tokens, phases, by):.0f}"]
+            given = args.estimate_refine_gb if flag == "--estimate-refine" else 0.0
+            command += [flag, f"{given * GB if given else scaled_estimate(document, shape, tokens, phases, by):.0f}"]
         command += ["--wait-minutes", str(3 if key == "llama70b" else 20)]
         if args.profile and key in args.profile.split(","):
             command.append("--profile")
@@ -1026,6 +1027,9 @@ def main() -> None:
     run.add_argument("--profile", default="", help="shapes whose balanced / quality phases run under cProfile")
     run.add_argument("--margin", type=float, default=3.0, help="GB to keep free above a shape's estimate before starting")
     run.add_argument("--wait", type=int, default=1, help="0: do not wait for free memory")
+    run.add_argument("--estimate-refine-gb", type=float, default=0.0,
+                     help="GB balanced / quality may need above the loaded layer (0: scaled from the smaller shapes' "
+                     "peaks, which predate the refine's chunking and overstate it at 70B)")
     run.add_argument("--json", default=str(DOCS / "scale.json"))
     run.add_argument("--out", default=str(DOCS / "scale.md"))
     shape = commands.add_parser("shape", help="(internal) measure one shape in this process")
