@@ -22,9 +22,11 @@ ROWS = [  # (validation.json configuration, label)
     ("balanced:refine0", "hybrid masks\n(balanced, no refine)"),
     ("balanced", "balanced\n(default)"),
     ("quality", "quality"),
+    ("joint", "joint"),
     ("wanda+update@2:4", "2:4 Wanda\n+ update"),
     ("balanced@2:4", "2:4 balanced"),
     ("quality@2:4", "2:4 quality"),
+    ("joint@2:4", "2:4 joint"),
 ]
 MODELS = (("smollm2", "SmolLM2-135M"), ("qwen", "Qwen2.5-Coder-1.5B"))
 
@@ -49,7 +51,7 @@ def main() -> None:
     axis.set_xticks(range(len(ROWS)), [label for _, label in ROWS], fontsize=8)
     axis.set_ylabel("perplexity loss / Wanda's loss")
     axis.set_ylim(0, 1.15)
-    axis.set_title("Test halves of five domains (wiki, code, docs, plays, poetry); 2:4 on SmolLM2 only")
+    axis.set_title("Test halves of five domains (wiki, code, docs, plays, poetry); joint and 2:4 on SmolLM2 only")
     axis.legend(fontsize=8, loc="lower left")
     figure.tight_layout()
     out = ROOT / "docs" / "results.png"
