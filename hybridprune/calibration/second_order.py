@@ -86,7 +86,10 @@ class GramAccumulator:
 
     def _flush(self) -> None:
         if self._buffer is not None and self._used:
-            self._multiply(self._buffer[:, : self._used])
+            pending = self._buffer[:, : self._used]
+            # a partly filled buffer is copied contiguous first: on the strided slice the products ran at half
+            # speed (n = 28672, 4096 of 18724 tokens: 5.3 s against 2.8 s)
+            self._multiply(pending if self._used == self._buffer.shape[1] else pending.contiguous())
             self._used = 0
 
     def _multiply(self, transposed: Tensor) -> None:
