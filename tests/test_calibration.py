@@ -264,6 +264,35 @@ def test_neuronrank_sums_equal_direct_computation(run: FamilyRun):
         assert torch.all(ns.topic_active[ns.topic_tokens == 0] == 0)
 
 
+def test_accumulator_sums_the_same_from_bfloat16_inputs_as_from_their_float32_values():
+    """The float32 scratch buffers of a bfloat16 run (copies, abs and the threshold test in place) give the
+    sums of the same values given as float32, bit for bit, and leave the model's activations untouched."""
+    generator = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(2, 16, 24, generator=generator).to(torch.bfloat16),
+                torch.randn(2, 16, 40, generator=generator).to(torch.bfloat16),
+                torch.randn(2, 16, 24, generator=generator).to(torch.bfloat16)) for _ in range(3)]
+    results = []
+    for dtype in (torch.bfloat16, torch.float32):
+        accumulator = LayerAccumulator(layer=0, num_windows=6, topics=4, q_active=0.7, seed=0)
+        for x, a, y in batches:
+            x, a, y = x.to(dtype), a.to(dtype), y.to(dtype)
+            kept = (x.clone(), a.clone(), y.clone())
+            accumulator.add_sumsq("attn_in", x)
+            accumulator.observe_mlp_input(x)
+            accumulator.observe_neurons(a)
+            accumulator.observe_block(x, y)
+            assert all(torch.equal(t, k) for t, k in zip((x, a, y), kept))
+        results.append(accumulator.finish())
+    bf16, f32 = results
+    assert bf16.keys() == f32.keys()
+    assert all(torch.equal(bf16[name], f32[name]) for name in bf16), [n for n in bf16 if not torch.equal(bf16[n], f32[n])]
+    a = torch.cat([batch[1] for batch in batches]).double().reshape(-1, 40)
+    close(f32["layer.0.down_in.sumsq"], a.pow(2).sum(0))
+    close(f32["layer.0.nr.abs_sum"], a.abs().sum(0))
+    assert torch.equal(f32["layer.0.nr.topic_active"].sum(0), f32["layer.0.nr.active_tokens"])
+    assert int(f32["layer.0.nr.topic_tokens"].sum()) == a.shape[0]
+
+
 # --- (c) disjoint shards add up ---------------------------------------------------------------
 
 

@@ -36,7 +36,7 @@ def test_accumulator_holds_the_upper_triangle_of_the_gram_over_batches():
     accumulator = GramAccumulator()
     for part in x.split(150):
         accumulator.add(part.reshape(1, -1, x.shape[1]))
-    accumulator.add(x[:30].reshape(1, -1, x.shape[1]))  # a batch of fewer tokens than inputs waits in the buffer
+    accumulator.add(x[:30].reshape(1, -1, x.shape[1]))  # a batch of fewer tokens than inputs
     x = torch.cat([x, x[:30]])
     exact = x.double().T @ x.double()
     assert accumulator.gram is not None
@@ -55,7 +55,7 @@ def test_bfloat16_inputs_keep_the_diagonal_exact_and_the_correlations_to_bfloat1
     gram = accumulator.gram.double()
     # the diagonal from float32 sums of squares: exact to float32
     assert torch.allclose(gram.diagonal(), exact.diagonal(), rtol=1e-6, atol=0.0)
-    # off the diagonal: each batch's block sum rounded to bfloat16 once (2^-9 relative), four batches
+    # off the diagonal: each flush's block sum rounded to bfloat16 once (2^-9 relative), a few flushes
     scale = exact.diagonal().sqrt()
     outer = torch.outer(scale, scale)
     upper = torch.triu(outer > 0, 1)
