@@ -210,13 +210,17 @@ def refine_swaps(
     tolerance = squared.max(1).values * (1e-12 if dtype == torch.float64 else 1e-5)
     search = _NMSearch(w, keep_now, squared, g, nm) if nm is not None else _Search(w, keep_now, squared, candidates)
 
-    def exact_residual() -> Tensor:
-        return (w * ~keep_now) @ g  # r = G delta per row (G symmetric), in the refine's dtype
+    residual = torch.empty_like(w)
 
-    residual = exact_residual()
+    def resync() -> None:  # r = G delta per row (G symmetric), in the refine's dtype, into the residual's memory
+        scratch = search.scratch(residual.shape[0])
+        torch.mul(w, ~keep_now, out=scratch)
+        torch.matmul(scratch, g, out=residual)
+
+    resync()
     for step in range(steps):
         if step and step % RESYNC == 0:
-            residual = exact_residual()
+            resync()
         delta, revive, prune = search.best(w, residual, g, batch)
         accept = delta < -tolerance
         if not bool(accept.any()):
@@ -232,14 +236,14 @@ def refine_swaps(
         keep_now[local, i[used]] = True
         keep_now[local, j[used]] = False
         search.swapped(local, i[used], j[used])
-        residual.index_add_(0, r, _rows_of_g_combined(g, w, r, i, j, used))  # in place: no [rows, columns] copies
+        _add_rows_of_g(residual, g, w, r, i, j, used)
         # a row without an improving swap has none later either (nothing in it changes): the rows still refining
         # are gathered into smaller tensors once an eighth have stopped, not at every step one stops (each
         # gathering copies the whole search state; at 2:4 that took 6% of a run)
         if len(r) * 8 <= 7 * len(rows_left):
             done = torch.nonzero(~accept).squeeze(1)
             keep_all[rows_left[done]] = keep_now[done]
-            rows_left, residual, keep_now = rows_left[r], residual[r], keep_now[r]
+            rows_left, residual, keep_now = rows_left[r], residual[r], keep_now[r]  # one copy each, then reused
             w, tolerance = w[r], tolerance[r]
             search.keep_rows(r)
     keep_all[rows_left] = keep_now
@@ -257,31 +261,45 @@ class _Search:
     """Unstructured refine search state: per weight, the error added if it is pruned (when kept) and removed if
     it is revived (when pruned) are 2 w r +- w^2 G_jj; the masked constant parts are kept here and changed
     only where a swap happened. (Recomputing them with a mask each step took 4 ms per 1536 x 576 matrix
-    against 0.5 ms for the fused product; torch.where and masked_fill alike.)"""
+    against 0.5 ms for the fused product; torch.where and masked_fill alike.)
+
+    Both per-weight terms are written into buffers kept across steps: a fresh [rows, columns] result at every step
+    made the kernel page-fault its memory in, 0.53 s per 16384 x 4096 float32 addcmul against 0.04 s into a kept
+    buffer (2 cores, 2026-12-06: `python benchmarks/refine_step.py`). The cost is kept negated, so that both
+    searches are topk of the largest (0.095 s against 0.108 s for the smallest at that size); the values are the
+    same up to their sign, bit for bit."""
 
     def __init__(self, w: Tensor, keep: Tensor, squared: Tensor, candidates: int) -> None:
         self.candidates = candidates
         self.twice_w = 2 * w
         self.squared = squared
-        self.base_cost = torch.where(keep, squared, torch.inf)  # + 2 w r: the added error; inf where pruned
+        self.neg_base_cost = torch.where(keep, -squared, -torch.inf)  # - 2 w r: minus the added error; -inf where pruned
         self.base_gain = torch.where(keep, -torch.inf, -squared)  # + 2 w r: the removed error; -inf where kept
-        self.kept, self.pruned = keep.sum(1), (~keep).sum(1)  # per row; a swap changes neither
+        # per row; a swap changes neither (count_nonzero: a bool sum makes an int64 copy, 1 s at 16384 x 4096)
+        self.kept = keep.count_nonzero(1)
+        self.pruned = keep.shape[1] - self.kept
+        self.buffers = (torch.empty_like(w), torch.empty_like(w))
+
+    def scratch(self, rows: int) -> Tensor:
+        """A [rows, columns] buffer free between searches (the residual's recomputation uses it)."""
+        return self.buffers[0][:rows]
 
     def best(self, w, residual, g, batch):
-        cost = torch.addcmul(self.base_cost, self.twice_w, residual)
-        gain = torch.addcmul(self.base_gain, self.twice_w, residual)
+        rows = w.shape[0]
+        neg_cost = torch.addcmul(self.neg_base_cost, self.twice_w, residual, value=-1, out=self.buffers[0][:rows])
+        gain = torch.addcmul(self.base_gain, self.twice_w, residual, out=self.buffers[1][:rows])
         counts = (int(self.kept.max()), int(self.pruned.max()))
-        return _best_swap(w, cost, gain, residual, g, self.candidates, batch, counts)
+        return _best_swap(w, neg_cost, gain, residual, g, self.candidates, batch, counts)
 
     def swapped(self, rows: Tensor, revived: Tensor, pruned: Tensor) -> None:
-        self.base_cost[rows, revived] = self.squared[rows, revived]
+        self.neg_base_cost[rows, revived] = -self.squared[rows, revived]
         self.base_gain[rows, revived] = -torch.inf
-        self.base_cost[rows, pruned] = torch.inf
+        self.neg_base_cost[rows, pruned] = -torch.inf
         self.base_gain[rows, pruned] = -self.squared[rows, pruned]
 
     def keep_rows(self, r: Tensor) -> None:
         self.twice_w, self.squared = self.twice_w[r], self.squared[r]
-        self.base_cost, self.base_gain = self.base_cost[r], self.base_gain[r]
+        self.neg_base_cost, self.base_gain = self.neg_base_cost[r], self.base_gain[r]
         self.kept, self.pruned = self.kept[r], self.pruned[r]
 
 
@@ -306,6 +324,22 @@ class _NMSearch:
         groups = self.order.shape[1]
         self.twice_w_kept, self.twice_w_pruned, self.const = self._terms(
             self.w3, self.sq3, self.order, self.g_blocks.unsqueeze(0).expand(rows, groups, self.m, self.m))
+        # per-step results written into buffers kept across steps (fresh ones page-fault in: see _Search)
+        self.buffers: dict[str, Tensor] = {}
+
+    def _buffer(self, name: str, shape: tuple[int, ...], like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """A buffer of `shape` (its first dimension the rows left) reused across steps: the first rows of one allocated once."""
+        size = 1
+        for extent in shape:
+            size *= extent
+        buffer = self.buffers.get(name)
+        if buffer is None or buffer.numel() < size:
+            buffer = self.buffers[name] = torch.empty(size, dtype=dtype or like.dtype, device=like.device)
+        return buffer[:size].view(shape)
+
+    def scratch(self, rows: int) -> Tensor:
+        """A [rows, columns] buffer free between searches (the residual's recomputation uses it)."""
+        return self._buffer("delta", (rows, self.w3.shape[1] * self.m), self.w3)
 
     def _terms(self, w3: Tensor, sq3: Tensor, order: Tensor, blocks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """For [..., m] groups in `order` (kept offsets first) with their G blocks [..., m, m]: 2 w of the kept
@@ -325,10 +359,14 @@ class _NMSearch:
         groups = columns // m
         kept_at, pruned_at = self.order[..., :n], self.order[..., n:]
         r3 = residual.reshape(rows, groups, m)
-        kept_term = self.twice_w_kept * r3.gather(2, kept_at)  # [rows, groups, kept]
-        pruned_term = self.twice_w_pruned * r3.gather(2, pruned_at)  # [rows, groups, pruned]
-        delta = self.const + kept_term.unsqueeze(2) - pruned_term.unsqueeze(3)  # [rows, groups, pruned, kept]
-        per_group, within = delta.reshape(rows, groups, -1).min(2)  # the best swap of each group
+        kept_term = torch.gather(r3, 2, kept_at, out=self._buffer("kept", (rows, groups, n), w))
+        kept_term.mul_(self.twice_w_kept)  # [rows, groups, kept]
+        pruned_term = torch.gather(r3, 2, pruned_at, out=self._buffer("pruned", (rows, groups, m - n), w))
+        pruned_term.mul_(self.twice_w_pruned)  # [rows, groups, pruned]
+        delta = torch.add(self.const, kept_term.unsqueeze(2), out=self._buffer("delta", self.const.shape, w))
+        delta.sub_(pruned_term.unsqueeze(3))  # [rows, groups, pruned, kept]
+        per_group, within = torch.min(delta.reshape(rows, groups, -1), 2, out=(
+            self._buffer("per_group", (rows, groups), w), self._buffer("within", (rows, groups), w, torch.long)))
         count = min(batch, groups)
         group_delta, group = torch.topk(per_group, count, dim=1, largest=False)
         within = within.gather(1, group)
@@ -354,26 +392,29 @@ class _NMSearch:
         self.twice_w_kept, self.twice_w_pruned, self.const = self.twice_w_kept[r], self.twice_w_pruned[r], self.const[r]
 
 
-def _rows_of_g_combined(g: Tensor, w: Tensor, r: Tensor, revive: Tensor, prune: Tensor, used: Tensor) -> Tensor:
-    """For the rows `r` of `w`, the sum over each row's swaps of (w_j G[j] - w_i G[i]): the change of
-    r = G delta [len(r), columns].
+def _add_rows_of_g(residual: Tensor, g: Tensor, w: Tensor, r: Tensor, revive: Tensor, prune: Tensor, used: Tensor) -> None:
+    """Add to `residual` (r = G delta, one row per row of `w`) the change of a step's swaps: for each row of `r`,
+    the sum over its swaps of (w_j G[j] - w_i G[i]) (j pruned, i revived; slots where `used` is False are none).
 
-    As a sparse (CSR, only the used slots) times dense product: it reads the rows of G it needs without
-    materialising them per row first (index_select + bmm made a [rows, 2T, columns] copy: for Qwen's
-    down_proj, 1536 x 8 x 8960 floats per step; 0.32 s against 0.09 s, `benchmarks/refine_residual_update.py`).
+    As a sparse (CSR, only the used slots) times dense product added in place (addmm_): it reads the rows of G it
+    needs without materialising them per row (index_select + bmm made a [rows, 2T, columns] copy: for Qwen's
+    down_proj 0.32 s against 0.09 s, measured at 2d43f06) and writes no [rows, columns] result (`csr @ g` into a
+    fresh result, then index_add_: 0.20 + 0.02 s per 16384 x 4096 step, up to 1 s when the fresh result's pages
+    fault in slowly; addmm_ into the residual 0.07 s: `python benchmarks/refine_step.py`).
     """
-    rows = r.shape[0]
-    columns = torch.cat([revive, prune], 1)
     rows_of_w = r.unsqueeze(1)
+    columns = torch.cat([revive, prune], 1)
     values = torch.cat([-w[rows_of_w, revive.clamp_min(0)], w[rows_of_w, prune.clamp_min(0)]], 1)
     keep = torch.cat([used, used], 1)
-    counts = keep.sum(1)
-    crow = torch.zeros(rows + 1, dtype=torch.long, device=w.device)
+    counts = torch.zeros(residual.shape[0], dtype=torch.long, device=w.device)
+    counts[r] = keep.sum(1)  # rows without an accepted swap get empty CSR rows
+    crow = torch.zeros(residual.shape[0] + 1, dtype=torch.long, device=w.device)
     crow[1:] = counts.cumsum(0)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
-        change = torch.sparse_csr_tensor(crow, columns[keep], values[keep], size=(rows, g.shape[0]), check_invariants=False)
-    return change @ g
+        change = torch.sparse_csr_tensor(crow, columns[keep], values[keep], size=(residual.shape[0], g.shape[0]),
+                                         check_invariants=False)
+    residual.addmm_(change, g)
 
 
 def _prefix_deltas(w: Tensor, residual: Tensor, g: Tensor, revive: Tensor, prune: Tensor) -> Tensor:
@@ -409,17 +450,19 @@ def _choose(single: Tensor, revive1: Tensor, prune1: Tensor, w, residual, g, rev
     return torch.minimum(best_prefix, single), chosen_revive, chosen_prune
 
 
-def _best_swap(w: Tensor, cost: Tensor, gain: Tensor, residual: Tensor, g: Tensor, k: int, batch: int,
+def _best_swap(w: Tensor, neg_cost: Tensor, gain: Tensor, residual: Tensor, g: Tensor, k: int, batch: int,
                counts: tuple[int, int]):
-    """The best swap per row from the `k` cheapest prunings and `k` best revivals (`cost` / `gain` per weight;
-    inf / -inf where a weight has no such move); `counts`: the most kept and pruned weights of any row. A row with
-    fewer than k of either gets no-move slots (infinite delta): it never swaps into them, and other rows go on."""
+    """The best swap per row from the `k` cheapest prunings and `k` best revivals (`neg_cost`: minus the cost of
+    pruning each weight, `gain`: what reviving it removes; -inf where a weight has no such move); `counts`: the most
+    kept and pruned weights of any row. A row with fewer than k of either gets no-move slots (infinite delta): it
+    never swaps into them, and other rows go on."""
     rows = w.shape[0]
     k_keep, k_pruned = min(k, counts[0]), min(k, counts[1])
     if k_keep == 0 or k_pruned == 0:
         empty = torch.zeros(rows, dtype=torch.long, device=w.device)
         return torch.zeros(rows, dtype=w.dtype, device=w.device), empty, empty
-    j_cost, j_index = torch.topk(cost, k_keep, dim=1, largest=False)
+    neg_j_cost, j_index = torch.topk(neg_cost, k_keep, dim=1)
+    j_cost = neg_j_cost.neg_()
     i_gain, i_index = torch.topk(gain, k_pruned, dim=1)
     cross = g[i_index.unsqueeze(2), j_index.unsqueeze(1)]  # [rows, k_pruned, k_keep]
     w_i = torch.gather(w, 1, i_index).unsqueeze(2)
