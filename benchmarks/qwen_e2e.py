@@ -8,8 +8,8 @@
 Each step is one `hybridprune` command in its own process under `/usr/bin/time -v` (wall time, user + sys
 CPU time, "Maximum resident set size"): `calibrate` (first order, the default 32 x 512 windows of the default
 calibration text), `calibrate --hessians` (the second-order entry), `prune --preset wanda | balanced |
-quality` at 50%, `prune --preset quality --pattern 2:4` and `prune --preset wanda --pattern 2:4` (its
-reference), and two fallbacks that need no second-order entry (`balanced --refine 0`, at 50% and 2:4), all
+quality` at 50%, `prune --preset quality | balanced --pattern 2:4` and `prune --preset wanda --pattern 2:4`
+(their reference), and two fallbacks that need no second-order entry (`balanced --refine 0`, at 50% and 2:4), all
 with `--dtype bfloat16 --offload`, each into its own folder. Then the perplexity of the dense model and of
 each folder on the test half of each of the five domains of benchmarks/domains.py (each half's first
 200,000 characters written to a .txt), `--windows W` windows of 512 tokens, with `hybridprune eval`'s own
@@ -56,6 +56,7 @@ STEPS: list[tuple[str, list[str]]] = [
     ("balanced", ["prune", *COMMON, "--offload", "--preset", "balanced", "--sparsity", "0.5"]),
     ("quality", ["prune", *COMMON, "--offload", "--preset", "quality", "--sparsity", "0.5"]),
     ("quality@2:4", ["prune", *COMMON, "--offload", "--preset", "quality", "--pattern", "2:4"]),
+    ("balanced@2:4", ["prune", *COMMON, "--offload", "--preset", "balanced", "--pattern", "2:4"]),
     ("wanda@2:4", ["prune", *COMMON, "--offload", "--preset", "wanda", "--pattern", "2:4"]),
     # fallbacks that need no second-order entry (when it does not fit the time box): the hybrid masks unrefined
     ("balanced-refine0", ["prune", *COMMON, "--offload", "--preset", "balanced", "--refine", "0", "--sparsity", "0.5"]),
@@ -63,7 +64,8 @@ STEPS: list[tuple[str, list[str]]] = [
 ]
 PRUNED = [name for name, argv in STEPS if argv[0] == "prune"]
 # the configuration each one is compared with (Wanda at the same pattern)
-REFERENCE = {"balanced": "wanda", "quality": "wanda", "quality@2:4": "wanda@2:4", "balanced-refine0": "wanda",
+REFERENCE = {"balanced": "wanda", "quality": "wanda", "quality@2:4": "wanda@2:4", "balanced@2:4": "wanda@2:4",
+             "balanced-refine0": "wanda",
              "balanced@2:4-refine0": "wanda@2:4"}
 GOALS = {"balanced": 0.85, "quality": 0.7}
 
