@@ -92,7 +92,8 @@ def load() -> dict:
         doc.setdefault(kind, {})
         for path in sorted((RUNS / "records" / kind).glob("*.json")):
             record = json.loads(path.read_text())
-            doc[kind][record["key"]] = record["entry"]
+            # a record wins, but what the json holds beyond it (a field added later, such as cpu_s) is kept
+            doc[kind][record["key"]] = {**doc[kind].get(record["key"], {}), **record["entry"]}
     return doc
 
 
@@ -271,8 +272,9 @@ def markdown(doc: dict) -> str:
     lines = [
         "# Qwen2.5-Coder-1.5B end to end at the product's defaults",
         "",
-        f"Measured by `benchmarks/qwen_e2e.py` at commit {doc.get('commit', '?')}, on {doc.get('machine', '?')}: every",
-        "wall time below is on a shared, noisy machine. Model: Qwen2.5-Coder-1.5B-Instruct built by",
+        f"Measured by `benchmarks/qwen_e2e.py` (the latest run at commit {doc.get('commit', '?')}; the runs before it at the",
+        f"commits the notes below name), on {doc.get('machine', '?')}: the wall times of a shared machine are",
+        "noisy (CPU time is given where it was recorded). Model: Qwen2.5-Coder-1.5B-Instruct built by",
         "`../shared/models/qwen_coder_1p5b.py` (a dequantized Q4_K_M GGUF, bf16). Every step runs with `--dtype bfloat16`",
         "and, for `calibrate` / `prune`, `--offload`; calibration is the product default (32 x 512 windows of",
         "`wiki-vital+code`, seed 0). Perplexity: the test half of each domain of `benchmarks/domains.py` (its first",
