@@ -324,11 +324,6 @@ def measure_shape(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     from sparsegpt_anchor import prune_group
 
-    from hybridprune.api.common import keep_freed_memory
-
-    # the product's process setting (api configure_torch); SparseGPT's anchor runs in the same process with it
-    malloc_kept = keep_freed_memory()
-
     from hybridprune.calibration.collect import CollectionOptions, collect_statistics
     from hybridprune.calibration.runner import run_layerwise
     from hybridprune.models.adapters import adapter_for
@@ -344,8 +339,7 @@ def measure_shape(args: argparse.Namespace) -> None:
     estimate = memory_estimate(shape, tokens)
     free = available()
     recorder.emit({"phase": "setup", "tokens": tokens, "nsamples": args.nsamples, "seqlen": args.seqlen, "available": free,
-                   "estimate": estimate, "threads": torch.get_num_threads(), "shape": asdict(shape),
-                   "malloc_kept": malloc_kept})
+                   "estimate": estimate, "threads": torch.get_num_threads(), "shape": asdict(shape)})
     if free < estimate["fixed"]:
         recorder.emit({"phase": "refused", "reason": f"{shape.name}: {free / GB:.1f} GB available, the layers alone need "
                        f"about {estimate['fixed'] / GB:.1f} GB"})

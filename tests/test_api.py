@@ -350,19 +350,3 @@ def test_second_order_recompute_refuses_what_it_cannot_serve(world, tmp_path):
         api.prune(model=str(world["model"]), data=str(world["text"]), cache_dir=tmp_path, second_order="recompute",
                   pattern="structured", sparsity=0.25, update=True, **SMALL)
 
-
-def test_freed_memory_is_kept_for_reuse_unless_declined(monkeypatch):
-    """configure_torch asks glibc to keep freed large blocks (no page faults per temporary tensor);
-    HYBRIDPRUNE_MALLOC=system declines it, and elsewhere than glibc on Linux nothing is set."""
-    import platform
-
-    from hybridprune.api.common import keep_freed_memory
-
-    monkeypatch.setenv("HYBRIDPRUNE_MALLOC", "system")
-    assert keep_freed_memory() is False
-    monkeypatch.delenv("HYBRIDPRUNE_MALLOC")
-    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
-    assert keep_freed_memory() is glibc
-    # a large tensor freed and made again is served without error either way
-    for _ in range(3):
-        assert float(torch.ones(8 * 2**20).sum()) == 8 * 2**20

@@ -340,3 +340,47 @@ def test_add_refuses_a_different_layout(run: FamilyRun):
     fewer_layers = CalibrationStats({name: t for name, t in whole.tensors.items() if not name.startswith("layer.1.")})
     with pytest.raises(ValueError, match="different layouts"):
         whole.add_(fewer_layers)
+
+
+def _heap_free_bytes() -> int | None:
+    """glibc's free bytes inside the heap (mallinfo2 fordblks), None where there is no mallinfo2."""
+    import ctypes
+
+    from hybridprune.calibration.runner import _libc
+
+    libc = _libc()
+    if libc is None or not hasattr(libc, "mallinfo2"):
+        return None
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in
+                    ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    libc.mallinfo2.restype = MallInfo2
+    return int(libc.mallinfo2().fordblks)
+
+
+def test_kept_freed_memory_keeps_a_large_freed_block_in_the_heap_only_inside(monkeypatch):
+    """Inside kept_freed_memory a freed 64 MB tensor stays in glibc's heap for the next batch; outside (and with
+    HYBRIDPRUNE_MALLOC=system) glibc's defaults map and unmap it, so nothing of it stays."""
+    from hybridprune.calibration.runner import kept_freed_memory, return_freed_memory
+
+    if _heap_free_bytes() is None:
+        pytest.skip("glibc's mallinfo2 is needed to see the heap")
+    size = 64 * 2**20
+
+    def kept_after_free() -> int:
+        return_freed_memory()
+        before = _heap_free_bytes()
+        block = torch.empty(size // 4, dtype=torch.float32)
+        block.fill_(1.0)
+        del block
+        return _heap_free_bytes() - before
+
+    with kept_freed_memory():
+        assert kept_after_free() >= size
+    assert kept_after_free() < size  # glibc's mmap again afterwards (its threshold is at most 32 MB)
+    monkeypatch.setenv("HYBRIDPRUNE_MALLOC", "system")
+    with kept_freed_memory():
+        assert kept_after_free() < size
+    return_freed_memory()

@@ -31,10 +31,10 @@ print("PEAK_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 def peak_rss(folder: Path, text: Path, cache: Path, out: Path) -> int:
     arguments = ["prune", "--model", str(folder), "--data", str(text), "--preset", "quality", "--refine", "2", "--offload",
                  "--nsamples", "4", "--seqlen", "64", "--topics", "4", "--cache-dir", str(cache), "--out", str(out), "--quiet"]
-    # Big blocks always from mmap (glibc's threshold fixed, and the product's keep-freed-memory setting declined):
-    # freed memory goes back to the OS at once, so the peak measures what is live, not how the heap happened to
-    # fragment (that varies by tens of MB between runs at this small width, more than a layer's worth: with the
-    # product's setting 559 / 576 MiB at 2 / 8 layers in one run, 512 / 511 without, 2026-12-06).
+    # Big blocks always from mmap (glibc's threshold fixed, and the runner's kept_freed_memory declined): freed
+    # memory goes back to the OS at once, so the peak measures what is live, not how the heap happened to
+    # fragment (that varies by tens of MB between runs at this small width, more than a layer's worth: with
+    # big blocks kept in the heap for the whole run 559 / 576 MiB at 2 / 8 layers in one run, 512 / 511 without).
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "HYBRIDPRUNE_MALLOC": "system"}
     done = subprocess.run([sys.executable, "-c", RUN, json.dumps(arguments)], capture_output=True, text=True, timeout=900, env=env)
     assert done.returncode == 0, done.stderr[-2000:]

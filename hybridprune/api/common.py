@@ -14,41 +14,12 @@ PathLike = str | os.PathLike[str]
 
 
 def configure_torch() -> None:
-    """Process-wide settings for the heavy work (HYBRIDPRUNE_THREADS caps the CPU threads; freed memory is kept
-    for reuse unless HYBRIDPRUNE_MALLOC=system, see keep_freed_memory)."""
+    """Process-wide settings for the heavy work (HYBRIDPRUNE_THREADS caps the CPU threads)."""
     import torch
 
     threads = os.environ.get("HYBRIDPRUNE_THREADS")
     if threads:
         torch.set_num_threads(int(threads))
-    keep_freed_memory()
-
-
-M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameter numbers (malloc.h)
-
-
-def keep_freed_memory() -> bool:
-    """Have glibc's malloc serve large blocks from the heap and keep freed ones for the next tensor of the run.
-
-    By default glibc maps every block over 32 MB afresh and unmaps it when freed, so each large temporary tensor
-    (a layer's [rows, inputs] metric, a refine step's per-weight terms) is page-faulted in again, and on the VMs
-    measured that costs more than the arithmetic: a fresh 4096 x 4096 float32 addcmul result 0.049 s, the same
-    with this setting 0.022 s (2 cores, 2026-12-06, `python benchmarks/refine_step.py`). Freed blocks stay in the
-    process (up to 2 GB of free heap top is kept, the rest returned), so the resident size stays at its peak
-    instead of falling between layers; the peak itself does not grow with depth (tests/test_memory.py).
-    A preloaded allocator (jemalloc, tcmalloc) would do the same, but cannot be switched on from inside Python.
-    HYBRIDPRUNE_MALLOC=system leaves glibc's defaults. Returns whether the setting was made (glibc on Linux only)."""
-    import ctypes
-    import sys
-
-    if os.environ.get("HYBRIDPRUNE_MALLOC", "").lower() == "system" or not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.gnu_get_libc_version  # noqa: B018 (glibc only: musl has neither these parameters nor this symbol)
-    except (OSError, AttributeError):
-        return False
-    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def cache_folder(cache_dir: PathLike | None) -> Path:
