@@ -14,10 +14,13 @@ import torch
 from common import module_at
 torch.set_num_threads(1)
 from hybridprune.masks import mask_unstructured
-from hybridprune.methods.obs import reconstruction_error, refine_swaps, shrink_offdiagonal
+from hybridprune.methods.refine import reconstruction_error, refine_swaps, shrink_offdiagonal
 
 rev = sys.argv[1] if len(sys.argv) > 1 else "HEAD"
-old = module_at(rev)
+try:  # the refine moved from methods/obs.py to methods/refine.py on 2026-12-06
+    old = module_at(rev, "hybridprune/methods/refine.py")
+except Exception:
+    old = module_at(rev, "hybridprune/methods/obs.py")
 torch.manual_seed(0)
 for rows, columns in ((1536, 8960), (8960, 1536)):
     x = torch.randn(columns, 2048)

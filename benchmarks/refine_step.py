@@ -1,6 +1,6 @@
 """One step of `--refine` at the Llama-3.1-8B gate/up shape (16384 rows of a stacked gate/up chunk, 4096 inputs,
 4 swaps per row): each kernel of the step with a fresh [rows, columns] result (the code before 2026-12-06) against
-the same kernel writing into memory kept across steps (methods/obs.py now). On this VM a fresh 268 MB result is
+the same kernel writing into memory kept across steps (methods/refine.py now). On this VM a fresh 268 MB result is
 page-faulted in at every step, which costs more than the arithmetic.
 
     .venv/bin/python benchmarks/refine_step.py [--rows 16384] [--columns 4096] [--threads 2]
@@ -19,7 +19,7 @@ import warnings
 
 import torch
 
-from hybridprune.methods.obs import _add_rows_of_g
+from hybridprune.methods.refine import _add_rows_of_g
 
 
 def median_seconds(run, repeats: int = 5) -> float:

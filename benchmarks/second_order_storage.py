@@ -36,7 +36,7 @@ from validate import MODELS, Bench, configs, log  # noqa: E402
 import hybridprune.pruning as pruning  # noqa: E402
 from hybridprune.calibration import second_order  # noqa: E402
 from hybridprune.calibration.collect import CollectionOptions, collect_statistics  # noqa: E402
-from hybridprune.methods.obs import refine_swaps  # noqa: E402
+from hybridprune.methods.refine import refine_swaps  # noqa: E402
 
 OUT = ROOT / "docs" / "second_order_storage.json"
 

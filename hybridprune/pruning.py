@@ -26,14 +26,9 @@ from hybridprune.methods.hybrid import (
     score_neurons,
     sweep_specs,
 )
-from hybridprune.methods.obs import (
-    refine_swaps,
-    shrink_offdiagonal,
-    spread_order,
-    sweep_counts,
-    sweep_prune,
-)
+from hybridprune.methods.obs import spread_order, sweep_counts, sweep_prune
 from hybridprune.methods.reconstruct import inverse_factor, reconstruct_with_factor, shrink_update
+from hybridprune.methods.refine import refine_swaps, shrink_offdiagonal
 from hybridprune.models.adapters import FamilyAdapter
 from hybridprune.models.loading import LoadedModel
 from hybridprune.models.streaming import (

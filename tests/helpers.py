@@ -140,3 +140,12 @@ def make_tiny_model_folder(folder: Path, family: str = "llama", seed: int = 0, *
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def correlated_inputs(tokens: int = 512, features: int = 24, rank: int = 6, seed: int = 0):
+    """Float64 [tokens, features] inputs of low rank plus noise: correlated channels, as a real layer's."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(tokens, rank, generator=generator) @ torch.randn(rank, features, generator=generator)
+            + 0.1 * torch.randn(tokens, features, generator=generator)).double()

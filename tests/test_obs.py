@@ -1,26 +1,14 @@
-"""Masks chosen inside the OBS sweep, swap refinement, and the neuron order for N:M."""
+"""Masks chosen inside the OBS sweep, the neuron order for N:M, and the update / refine options end to end."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from hybridprune.masks import mask_n_m, mask_unstructured
-from hybridprune.methods.obs import (
-    reconstruction_error,
-    refine_swaps,
-    shrink_offdiagonal,
-    spread_order,
-    sweep_counts,
-    sweep_prune,
-)
+from helpers import correlated_inputs
+from hybridprune.masks import mask_unstructured
+from hybridprune.methods.obs import spread_order, sweep_counts, sweep_prune
 from hybridprune.methods.reconstruct import inverse_hessian_factor
-
-
-def correlated_inputs(tokens: int = 512, features: int = 24, rank: int = 6, seed: int = 0) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return (torch.randn(tokens, rank, generator=generator) @ torch.randn(rank, features, generator=generator)
-            + 0.1 * torch.randn(tokens, features, generator=generator)).double()
 
 
 def lowest(values: torch.Tensor, count: int) -> torch.Tensor:
@@ -107,53 +95,6 @@ def test_sweep_mask_beats_the_fixed_mask_update():
     error = lambda w: float(((inputs.float() @ (w - weight).T) ** 2).sum())  # noqa: E731
     assert int((~keep).sum()) == 32 * 32
     assert error(swept) < error(fixed)
-
-
-@pytest.mark.parametrize("batch", [1, 8])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("nm", [None, (2, 4)])
-def test_refinement_never_increases_the_error_and_keeps_the_counts(nm, dtype, batch):
-    inputs = correlated_inputs(tokens=1024, features=32, rank=6, seed=4)
-    gram = inputs.T @ inputs
-    weight = torch.randn(20, 32, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(dtype)
-    metric = weight.abs() * gram.diagonal().sqrt()
-    keep = mask_unstructured(metric, 0.5) if nm is None else mask_n_m(metric, *nm)
-    before = reconstruction_error(weight, keep, gram)
-    refined = refine_swaps(weight, keep, gram, steps=50, nm=nm, batch=batch)
-    after = reconstruction_error(weight, refined, gram)
-    assert bool((after <= before * (1 + 1e-9)).all())  # errors measured in float64
-    assert float(after.sum()) < 0.9 * float(before.sum())  # it does find swaps
-    assert torch.equal(refined.sum(1), keep.sum(1))
-    if nm is not None:
-        assert bool(((~refined).reshape(20, -1, 4).sum(2) == 2).all())
-    for steps in (1, 3, 10):  # and monotone in the number of steps
-        partial = reconstruction_error(weight, refine_swaps(weight, keep, gram, steps=steps, nm=nm, batch=batch), gram)
-        assert bool((partial <= before * (1 + 1e-9)).all())
-
-
-def test_shrink_offdiagonal_keeps_the_diagonal_and_scales_the_rest():
-    inputs = correlated_inputs(features=16)
-    gram = inputs.T @ inputs
-    assert shrink_offdiagonal(gram, 1.0) is gram
-    half = shrink_offdiagonal(gram, 0.5)
-    torch.testing.assert_close(half.diagonal(), gram.diagonal())
-    off = ~torch.eye(16, dtype=torch.bool)
-    torch.testing.assert_close(half[off], 0.5 * gram[off])
-    assert torch.count_nonzero(shrink_offdiagonal(gram, 0.0)[off]) == 0
-    with pytest.raises(ValueError, match="offdiag"):
-        shrink_offdiagonal(gram, 1.5)
-
-
-def test_refinement_under_the_diagonal_gram_reaches_wandas_per_row_mask():
-    """Diagonal G: the error is separable, sum of w_j^2 G_jj over the pruned, so its per-row optimum is Wanda's."""
-    inputs = correlated_inputs(tokens=1024, features=32, rank=6, seed=7)
-    gram = shrink_offdiagonal(inputs.T @ inputs, 0.0)
-    weight = torch.randn(12, 32, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
-    wanda = mask_unstructured(weight.abs() * gram.diagonal().sqrt(), 0.5)
-    random_start = mask_unstructured(torch.rand(12, 32, generator=torch.Generator().manual_seed(9), dtype=torch.float64), 0.5)
-    assert not torch.equal(random_start, wanda)
-    assert torch.equal(refine_swaps(weight, random_start, gram, steps=100), wanda)
-    assert torch.equal(refine_swaps(weight, wanda, gram, steps=100), wanda)  # nothing to improve
 
 
 def test_spread_order_puts_one_neuron_of_each_band_in_every_group():
@@ -285,100 +226,6 @@ def test_refine_conflict_is_the_rule_validate_and_presets_share(fields, conflict
             PruneConfig(refine=10, **fields).validate()
     else:
         PruneConfig(refine=10, **fields).validate()
-
-
-@pytest.mark.parametrize("nm", [(2, 4), (1, 4), (4, 8)])
-def test_nm_refine_step_finds_the_best_swap_of_every_group(nm):
-    """The N:M search evaluates only (pruned, kept) pairs; a plain loop over every pair of every group agrees."""
-    from hybridprune.methods.obs import _NMSearch
-
-    n, m = nm
-    inputs = correlated_inputs(tokens=256, features=16, rank=4, seed=11)
-    gram = inputs.T @ inputs
-    weight = torch.randn(5, 16, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
-    keep = mask_n_m(torch.rand(5, 16, generator=torch.Generator().manual_seed(13), dtype=torch.float64), n, m)
-    residual = (weight * ~keep) @ gram
-    search = _NMSearch(weight, keep, weight * weight * gram.diagonal(), gram, nm)
-    delta, revive, prune = search.best(weight, residual, gram, batch=1)
-    for row in range(5):
-        best = (float("inf"), -1, -1)
-        for start in range(0, 16, m):
-            for i in range(start, start + m):
-                for j in range(start, start + m):
-                    if keep[row, i] or not keep[row, j]:
-                        continue
-                    after = keep[row].clone()
-                    after[i], after[j] = True, False
-                    change = float(reconstruction_error(weight[row:row + 1], after.unsqueeze(0), gram)
-                                   - reconstruction_error(weight[row:row + 1], keep[row:row + 1], gram))
-                    best = min(best, (change, i, j))
-        assert float(delta[row]) == pytest.approx(best[0], rel=1e-9, abs=1e-9)
-        assert (int(revive[row]), int(prune[row])) == best[1:]
-
-
-@pytest.mark.parametrize("nm", [None, (2, 4)])
-def test_refining_stacked_matrices_gives_each_ones_own_refinement(nm):
-    """Rows refine independently under one Gram, so q/k/v (gate/up) are refined as one stacked matrix."""
-    inputs = correlated_inputs(tokens=1024, features=32, rank=6, seed=10)
-    gram = inputs.T @ inputs
-    generator = torch.Generator().manual_seed(11)
-    parts = [torch.randn(rows, 32, generator=generator, dtype=torch.float64) for rows in (12, 4, 4)]
-    keeps = [
-        mask_unstructured(p.abs() * gram.diagonal().sqrt(), 0.5) if nm is None else mask_n_m(p.abs(), *nm)
-        for p in parts
-    ]
-    stacked = refine_swaps(torch.cat(parts), torch.cat(keeps), gram, steps=20, nm=nm, batch=4)
-    separate = torch.cat([refine_swaps(p, k, gram, steps=20, nm=nm, batch=4) for p, k in zip(parts, keeps)])
-    assert torch.equal(stacked, separate)
-
-
-@pytest.mark.parametrize("batch", [1, 4])
-def test_a_row_without_kept_or_pruned_weights_does_not_stop_the_others(batch):
-    inputs = correlated_inputs(tokens=1024, features=32, rank=6, seed=12)
-    gram = inputs.T @ inputs
-    weight = torch.randn(6, 32, generator=torch.Generator().manual_seed(13), dtype=torch.float64)
-    keep = mask_unstructured(weight.abs() * gram.diagonal().sqrt(), 0.5)
-    keep[0] = False  # a fully pruned row (a dead neuron at high sparsity)
-    keep[1] = True  # and a dense one
-    keep[2, :30] = False  # and one with two kept weights: fewer than the candidates
-    keep[2, 30:] = True
-    refined = refine_swaps(weight, keep, gram, steps=50, batch=batch)
-    assert torch.equal(refined[:2], keep[:2])
-    assert torch.equal(refined.sum(1), keep.sum(1))
-    before, after = reconstruction_error(weight, keep, gram), reconstruction_error(weight, refined, gram)
-    assert bool((after <= before * (1 + 1e-9)).all())
-    assert float(after[2:].sum()) < 0.95 * float(before[2:].sum())
-    alone = refine_swaps(weight[2:], keep[2:], gram, steps=50, batch=batch)
-    assert torch.equal(refined[2:], alone)
-
-
-@pytest.mark.parametrize("nm", [(2, 4), (1, 4), (4, 8)])
-def test_nm_search_state_after_swaps_matches_a_fresh_search(nm):
-    """The N:M search keeps each group's swap constants and updates only the swapped groups: after swaps it
-    finds what a search built from scratch on the new mask finds."""
-    from hybridprune.methods.obs import _NMSearch
-
-    n, m = nm
-    inputs = correlated_inputs(tokens=256, features=16, rank=4, seed=14)
-    gram = inputs.T @ inputs
-    weight = torch.randn(6, 16, generator=torch.Generator().manual_seed(15), dtype=torch.float64)
-    keep = mask_n_m(torch.rand(6, 16, generator=torch.Generator().manual_seed(16), dtype=torch.float64), n, m)
-    squared = weight * weight * gram.diagonal()
-    search = _NMSearch(weight, keep, squared, gram, nm)
-    after = keep.clone()
-    rows, revived, pruned = [], [], []
-    for row, group in ((0, 0), (1, 2), (3, 1), (5, 3)):
-        group %= 16 // m
-        cols = range(group * m, group * m + m)
-        i = next(c for c in cols if not after[row, c])
-        j = next(c for c in cols if after[row, c])
-        after[row, i], after[row, j] = True, False
-        rows.append(row), revived.append(i), pruned.append(j)
-    search.swapped(torch.tensor(rows), torch.tensor(revived), torch.tensor(pruned))
-    residual = (weight * ~after) @ gram
-    fresh = _NMSearch(weight, after, squared, gram, nm)
-    for got, want in zip(search.best(weight, residual, gram, 1), fresh.best(weight, residual, gram, 1)):
-        torch.testing.assert_close(got, want)
 
 
 def test_a_full_gram_on_few_calibration_tokens_gets_a_note():

@@ -1,0 +1,342 @@
+"""Swap refinement of masks under the calibration Gram (mask only), and the Gram shrunk toward its diagonal.
+
+Pure tensor code (tensors in, tensors out). Each row's error (w - w*keep)^T G (w - w*keep) is lowered by swapping
+one kept and one pruned weight at a time (several per step with `batch`), keeping every row's count (and, under
+N:M, every group's); the weight update that may follow is methods/reconstruct.py's, the masks chosen inside the
+OBS sweep are methods/obs.py's.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+
+
+def shrink_offdiagonal(gram: Tensor, offdiag: float) -> Tensor:
+    """diag(G) + offdiag * (G - diag(G)): the Gram shrunk toward its diagonal (Ledoit-Wolf style).
+
+    The off-diagonal part (how input channels co-vary) is what is most specific to the calibration
+    text; its diagonal is Wanda's ||x_j||^2. offdiag 1 keeps G; 0 makes the objectives separable per
+    weight: swap refinement then keeps Wanda's masks and the OBS update changes nothing.
+    """
+    if not 0.0 <= offdiag <= 1.0:
+        raise ValueError(f"offdiag must be in [0, 1], got {offdiag}")
+    if offdiag == 1.0:
+        return gram
+    shrunk = gram * offdiag  # the same values as diag + a (G - diag), without two more n x n temporaries
+    shrunk.diagonal().copy_(gram.diagonal())
+    return shrunk
+
+
+def reconstruction_error(weight: Tensor, keep: Tensor, gram: Tensor) -> Tensor:
+    """Per row, (w - w*keep)^T G (w - w*keep) = ||(W - W_masked) x||^2 summed over the calibration tokens."""
+    pruned = (weight.to(torch.float64) * (~keep))
+    return ((pruned @ gram.to(torch.float64)) * pruned).sum(1)
+
+
+def refine_swaps(
+    weight: Tensor,
+    keep: Tensor,
+    gram: Tensor,
+    *,
+    steps: int = 100,
+    nm: tuple[int, int] | None = None,
+    candidates: int = 16,
+    batch: int = 1,
+) -> Tensor:
+    """Improve a keep-mask row by row under the Gram matrix G: swap one kept and one pruned weight of a row
+    when that lowers the row's error (w - w*keep)^T G (w - w*keep) (SparseSwaps-like, mask only).
+
+    Every row keeps its count (and, with `nm`, every group of M its N:M count: swaps stay inside a group).
+    At most `steps` swaps per row; each accepted swap lowers the row's error by its exact amount, so the
+    error never increases. Unstructured: the `candidates` best single moves on each side are paired
+    exactly (the cross term included); N:M: every (pruned, kept) pair inside every group is evaluated.
+    `batch` > 1: a step may also make several swaps at once (the best pairs of distinct weights, or of
+    distinct N:M groups), taking the prefix of them whose exact joint change, cross terms included, is lowest.
+    """
+    rows, columns = weight.shape
+    device = weight.device
+    # float64 weights are refined in float64 (tests); float32 in float32 with the residual recomputed
+    # every `RESYNC` steps and only clear improvements accepted (tolerance below).
+    dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    g = gram.to(device, dtype)
+    keep_all = keep.clone().to(device)
+    # the state of the rows still refining (a row without an improving swap leaves: nothing left to change)
+    rows_left = torch.arange(rows, device=device)
+    w = weight.detach().to(dtype)
+    keep_now = keep_all.clone()
+    squared = w * w * g.diagonal()
+    # accept a swap only if it lowers the error by more than rounding could explain
+    tolerance = squared.max(1).values * (1e-12 if dtype == torch.float64 else 1e-5)
+    search = _NMSearch(w, keep_now, squared, g, nm) if nm is not None else _Search(w, keep_now, squared, candidates)
+
+    residual = torch.empty_like(w)
+
+    def resync() -> None:  # r = G delta per row (G symmetric), in the refine's dtype, into the residual's memory
+        scratch = search.scratch(residual.shape[0])
+        torch.mul(w, ~keep_now, out=scratch)
+        torch.matmul(scratch, g, out=residual)
+
+    resync()
+    for step in range(steps):
+        if step and step % RESYNC == 0:
+            resync()
+        delta, revive, prune = search.best(w, residual, g, batch)
+        accept = delta < -tolerance
+        if not bool(accept.any()):
+            break
+        r = torch.nonzero(accept).squeeze(1)
+        if revive.dim() == 1:
+            revive, prune = revive.unsqueeze(1), prune.unsqueeze(1)
+        # revive/prune [rows, swaps], -1 = none. Cost of pruning kept j: 2 w_j r_j + w_j^2 G_jj; gain of reviving
+        # pruned i: 2 w_i r_i - w_i^2 G_ii; a pair also has the cross term -2 w_i w_j G_ij (all in the searches).
+        i, j = revive[r], prune[r]
+        used = i >= 0
+        local = r.unsqueeze(1).expand_as(i)[used]
+        keep_now[local, i[used]] = True
+        keep_now[local, j[used]] = False
+        search.swapped(local, i[used], j[used])
+        _add_rows_of_g(residual, g, w, r, i, j, used)
+        # a row without an improving swap has none later either (nothing in it changes): the rows still refining
+        # are gathered into smaller tensors once an eighth have stopped, not at every step one stops (each
+        # gathering copies the whole search state; at 2:4 that took 6% of a run)
+        if len(r) * 8 <= 7 * len(rows_left):
+            done = torch.nonzero(~accept).squeeze(1)
+            keep_all[rows_left[done]] = keep_now[done]
+            rows_left, residual, keep_now = rows_left[r], residual[r], keep_now[r]  # one copy each, then reused
+            w, tolerance = w[r], tolerance[r]
+            search.keep_rows(r)
+    keep_all[rows_left] = keep_now
+    return keep_all
+
+
+RESYNC = 100
+"""Steps between recomputations of the residual G delta (each a [rows, columns] x [columns, columns] product: for
+Qwen2.5-1.5B's down_proj 1.9 s in float32 on one thread, 3.0 s in float64, against 0.3 s for a whole step). Its
+float32 updates drift little: 50 steps without a recomputation changed 94 of 13.8M mask entries of a 1536 x 8960
+layer and the refined error by 1e-7 relative (measured at 42b96cd, 2026-12-01); the product's 50 steps need none."""
+
+
+class _Search:
+    """Unstructured refine search state: per weight, the error added if it is pruned (when kept) and removed if
+    it is revived (when pruned) are 2 w r +- w^2 G_jj; the masked constant parts are kept here and changed
+    only where a swap happened. (Recomputing them with a mask each step took 4 ms per 1536 x 576 matrix
+    against 0.5 ms for the fused product; torch.where and masked_fill alike.)
+
+    Both per-weight terms are written into buffers kept across steps: a fresh [rows, columns] result at every step
+    made the kernel page-fault its memory in, 0.53 s per 16384 x 4096 float32 addcmul against 0.04 s into a kept
+    buffer (2 cores, 2026-12-06: `python benchmarks/refine_step.py`). The cost is kept negated, so that both
+    searches are topk of the largest (0.095 s against 0.108 s for the smallest at that size); the values are the
+    same up to their sign, bit for bit."""
+
+    def __init__(self, w: Tensor, keep: Tensor, squared: Tensor, candidates: int) -> None:
+        self.candidates = candidates
+        self.twice_w = 2 * w
+        self.squared = squared
+        self.neg_base_cost = torch.where(keep, -squared, -torch.inf)  # - 2 w r: minus the added error; -inf where pruned
+        self.base_gain = torch.where(keep, -torch.inf, -squared)  # + 2 w r: the removed error; -inf where kept
+        # per row; a swap changes neither (count_nonzero: a bool sum makes an int64 copy, 1 s at 16384 x 4096)
+        self.kept = keep.count_nonzero(1)
+        self.pruned = keep.shape[1] - self.kept
+        self.buffers = (torch.empty_like(w), torch.empty_like(w))
+
+    def scratch(self, rows: int) -> Tensor:
+        """A [rows, columns] buffer free between searches (the residual's recomputation uses it)."""
+        return self.buffers[0][:rows]
+
+    def best(self, w, residual, g, batch):
+        rows = w.shape[0]
+        neg_cost = torch.addcmul(self.neg_base_cost, self.twice_w, residual, value=-1, out=self.buffers[0][:rows])
+        gain = torch.addcmul(self.base_gain, self.twice_w, residual, out=self.buffers[1][:rows])
+        counts = (int(self.kept.max()), int(self.pruned.max()))
+        return _best_swap(w, neg_cost, gain, residual, g, self.candidates, batch, counts)
+
+    def swapped(self, rows: Tensor, revived: Tensor, pruned: Tensor) -> None:
+        self.neg_base_cost[rows, revived] = -self.squared[rows, revived]
+        self.base_gain[rows, revived] = -torch.inf
+        self.neg_base_cost[rows, pruned] = -torch.inf
+        self.base_gain[rows, pruned] = -self.squared[rows, pruned]
+
+    def keep_rows(self, r: Tensor) -> None:
+        self.twice_w, self.squared = self.twice_w[r], self.squared[r]
+        self.neg_base_cost, self.base_gain = self.neg_base_cost[r], self.base_gain[r]
+        self.kept, self.pruned = self.kept[r], self.pruned[r]
+
+
+class _NMSearch:
+    """N:M refine search state: per row and group, the offsets of its kept weights (first M - N) and pruned ones
+    (N), so a step evaluates only the N (M - N) possible swaps of a group, not all M^2 pairs (a quarter at 2:4).
+    A swap's change is const + 2 w_k r_k - 2 w_p r_p, const = w_k^2 G_kk + w_p^2 G_pp - 2 w_p w_k G_pk: the
+    constant parts are kept per (row, group) and recomputed only for the groups a step changed (this search took
+    0.59 of a 2:4 `balanced` run while it gathered them every step; kept, the refine takes 0.71x the time with
+    identical masks: benchmarks/refine_search_state.py at 5946eb9, measured at b25c2a5, 2026-12-01)."""
+
+    def __init__(self, w: Tensor, keep: Tensor, squared: Tensor, g: Tensor, nm: tuple[int, int]) -> None:
+        rows, columns = w.shape
+        self.m = nm[1]
+        self.n = nm[1] - nm[0]  # kept per group (N:M prunes N)
+        index = torch.arange(columns, device=w.device).reshape(columns // self.m, self.m)
+        self.g_blocks = g[index.unsqueeze(2), index.unsqueeze(1)]  # G inside each group [groups, m, m]
+        self.w3 = w.reshape(rows, -1, self.m)
+        self.sq3 = squared.reshape(rows, -1, self.m)
+        # stable: each part in increasing offset order, like the full M x M search's (pruned, kept) pairs
+        self.order = torch.sort((~keep).reshape(rows, -1, self.m).to(torch.uint8), dim=2, stable=True).indices
+        groups = self.order.shape[1]
+        self.twice_w_kept, self.twice_w_pruned, self.const = self._terms(
+            self.w3, self.sq3, self.order, self.g_blocks.unsqueeze(0).expand(rows, groups, self.m, self.m))
+        # per-step results written into buffers kept across steps (fresh ones page-fault in: see _Search)
+        self.buffers: dict[str, Tensor] = {}
+
+    def _buffer(self, name: str, shape: tuple[int, ...], like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """A buffer of `shape` (its first dimension the rows left) reused across steps: the first rows of one allocated once."""
+        size = 1
+        for extent in shape:
+            size *= extent
+        buffer = self.buffers.get(name)
+        if buffer is None or buffer.numel() < size:
+            buffer = self.buffers[name] = torch.empty(size, dtype=dtype or like.dtype, device=like.device)
+        return buffer[:size].view(shape)
+
+    def scratch(self, rows: int) -> Tensor:
+        """A [rows, columns] buffer free between searches (the residual's recomputation uses it)."""
+        return self._buffer("delta", (rows, self.w3.shape[1] * self.m), self.w3)
+
+    def _terms(self, w3: Tensor, sq3: Tensor, order: Tensor, blocks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """For [..., m] groups in `order` (kept offsets first) with their G blocks [..., m, m]: 2 w of the kept
+        [..., M - N] and of the pruned [..., N], and the constant part of every (pruned, kept) swap [..., N, M - N]."""
+        n = self.n
+        kept_at, pruned_at = order[..., :n], order[..., n:]
+        w_kept, w_pruned = w3.gather(-1, kept_at), w3.gather(-1, pruned_at)
+        rows_of_pruned = blocks.gather(-2, pruned_at.unsqueeze(-1).expand(*pruned_at.shape, self.m))
+        cross = rows_of_pruned.gather(-1, kept_at.unsqueeze(-2).expand(*pruned_at.shape, n))  # G[p, k]
+        const = (sq3.gather(-1, kept_at).unsqueeze(-2) + sq3.gather(-1, pruned_at).unsqueeze(-1)
+                 - 2 * w_pruned.unsqueeze(-1) * w_kept.unsqueeze(-2) * cross)
+        return 2 * w_kept, 2 * w_pruned, const
+
+    def best(self, w, residual, g, batch):
+        rows, columns = w.shape
+        n, m = self.n, self.m
+        groups = columns // m
+        kept_at, pruned_at = self.order[..., :n], self.order[..., n:]
+        r3 = residual.reshape(rows, groups, m)
+        kept_term = torch.gather(r3, 2, kept_at, out=self._buffer("kept", (rows, groups, n), w))
+        kept_term.mul_(self.twice_w_kept)  # [rows, groups, kept]
+        pruned_term = torch.gather(r3, 2, pruned_at, out=self._buffer("pruned", (rows, groups, m - n), w))
+        pruned_term.mul_(self.twice_w_pruned)  # [rows, groups, pruned]
+        delta = torch.add(self.const, kept_term.unsqueeze(2), out=self._buffer("delta", self.const.shape, w))
+        delta.sub_(pruned_term.unsqueeze(3))  # [rows, groups, pruned, kept]
+        per_group, within = torch.min(delta.reshape(rows, groups, -1), 2, out=(
+            self._buffer("per_group", (rows, groups), w), self._buffer("within", (rows, groups), w, torch.long)))
+        count = min(batch, groups)
+        group_delta, group = torch.topk(per_group, count, dim=1, largest=False)
+        within = within.gather(1, group)
+        revive = group * m + pruned_at.gather(1, group.unsqueeze(2).expand(-1, -1, m - n)).gather(2, (within // n).unsqueeze(2)).squeeze(2)
+        prune = group * m + kept_at.gather(1, group.unsqueeze(2).expand(-1, -1, n)).gather(2, (within % n).unsqueeze(2)).squeeze(2)
+        if count <= 1:
+            return group_delta[:, 0], revive[:, 0], prune[:, 0]
+        # several groups at once (distinct groups: distinct weights), best prefix by the exact joint change
+        return _choose(group_delta[:, 0], revive[:, 0], prune[:, 0], w, residual, g, revive, prune)
+
+    def swapped(self, rows: Tensor, revived: Tensor, pruned: Tensor) -> None:
+        """A step's swaps (rows local, one per (row, group)): the offsets change places, the group's terms anew."""
+        group, m = revived // self.m, self.m
+        offsets = self.order[rows, group]  # [swaps, m]: the revived offset moves to the kept part and back
+        a, b = (revived % m).unsqueeze(1), (pruned % m).unsqueeze(1)
+        order = torch.where(offsets == a, b, torch.where(offsets == b, a, offsets))
+        self.order[rows, group] = order
+        kept, pruned_terms, const = self._terms(self.w3[rows, group], self.sq3[rows, group], order, self.g_blocks[group])
+        self.twice_w_kept[rows, group], self.twice_w_pruned[rows, group], self.const[rows, group] = kept, pruned_terms, const
+
+    def keep_rows(self, r: Tensor) -> None:
+        self.order, self.w3, self.sq3 = self.order[r], self.w3[r], self.sq3[r]
+        self.twice_w_kept, self.twice_w_pruned, self.const = self.twice_w_kept[r], self.twice_w_pruned[r], self.const[r]
+
+
+def _add_rows_of_g(residual: Tensor, g: Tensor, w: Tensor, r: Tensor, revive: Tensor, prune: Tensor, used: Tensor) -> None:
+    """Add to `residual` (r = G delta, one row per row of `w`) the change of a step's swaps: for each row of `r`,
+    the sum over its swaps of (w_j G[j] - w_i G[i]) (j pruned, i revived; slots where `used` is False are none).
+
+    As a sparse (CSR, only the used slots) times dense product added in place (addmm_): it reads the rows of G it
+    needs without materialising them per row (index_select + bmm made a [rows, 2T, columns] copy: for Qwen's
+    down_proj 0.32 s against 0.09 s, measured at 2d43f06) and writes no [rows, columns] result (`csr @ g` into a
+    fresh result, then index_add_: 0.20 + 0.02 s per 16384 x 4096 step, up to 1 s when the fresh result's pages
+    fault in slowly; addmm_ into the residual 0.07 s: `python benchmarks/refine_step.py`).
+    """
+    rows_of_w = r.unsqueeze(1)
+    columns = torch.cat([revive, prune], 1)
+    values = torch.cat([-w[rows_of_w, revive.clamp_min(0)], w[rows_of_w, prune.clamp_min(0)]], 1)
+    keep = torch.cat([used, used], 1)
+    counts = torch.zeros(residual.shape[0], dtype=torch.long, device=w.device)
+    counts[r] = keep.sum(1)  # rows without an accepted swap get empty CSR rows
+    crow = torch.zeros(residual.shape[0] + 1, dtype=torch.long, device=w.device)
+    crow[1:] = counts.cumsum(0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+        change = torch.sparse_csr_tensor(crow, columns[keep], values[keep], size=(residual.shape[0], g.shape[0]),
+                                         check_invariants=False)
+    residual.addmm_(change, g)
+
+
+def _prefix_deltas(w: Tensor, residual: Tensor, g: Tensor, revive: Tensor, prune: Tensor) -> Tensor:
+    """Exact change of each row's error [rows, T] after the first t swaps (revive[:, :t], prune[:, :t]),
+    all weights distinct: 2 v^T r + v^T G v with v = -w at the revived, +w at the pruned positions."""
+    rows, count = revive.shape
+    idx = torch.stack([revive, prune], 2).reshape(rows, 2 * count)
+    sign = torch.tensor([-1.0, 1.0], dtype=w.dtype, device=w.device).repeat(count)
+    v = torch.gather(w, 1, idx) * sign
+    linear = (2 * v * torch.gather(residual, 1, idx)).cumsum(1)
+    quad = (v.unsqueeze(2) * v.unsqueeze(1) * g[idx.unsqueeze(2), idx.unsqueeze(1)]).cumsum(1).cumsum(2)
+    ends = torch.arange(1, 2 * count, 2, device=w.device)
+    return linear[:, ends] + quad[:, ends, ends]
+
+
+def _choose(single: Tensor, revive1: Tensor, prune1: Tensor, w, residual, g, revive: Tensor, prune: Tensor,
+            valid: Tensor | None = None):
+    """The better of the best single swap and the best prefix of several: (delta, revive [rows, T], prune [rows, T]).
+    `valid` [rows, T]: False where a slot is no real move (a row with fewer kept or pruned weights than T); a prefix
+    that reaches such a slot is not taken."""
+    deltas = _prefix_deltas(w, residual, g, revive, prune)
+    if valid is not None:
+        deltas = deltas.masked_fill(~valid.to(torch.uint8).cummin(1).values.bool(), torch.inf)
+    best_prefix, length = deltas.min(1)
+    use_prefix = best_prefix < single
+    count = torch.where(use_prefix, length + 1, torch.ones_like(length))
+    slots = torch.arange(revive.shape[1], device=w.device).unsqueeze(0)
+    chosen_revive = torch.where(use_prefix.unsqueeze(1), revive, revive1.unsqueeze(1).expand_as(revive))
+    chosen_prune = torch.where(use_prefix.unsqueeze(1), prune, prune1.unsqueeze(1).expand_as(prune))
+    unused = slots >= count.unsqueeze(1)
+    chosen_revive = chosen_revive.masked_fill(unused, -1)
+    chosen_prune = chosen_prune.masked_fill(unused, -1)
+    return torch.minimum(best_prefix, single), chosen_revive, chosen_prune
+
+
+def _best_swap(w: Tensor, neg_cost: Tensor, gain: Tensor, residual: Tensor, g: Tensor, k: int, batch: int,
+               counts: tuple[int, int]):
+    """The best swap per row from the `k` cheapest prunings and `k` best revivals (`neg_cost`: minus the cost of
+    pruning each weight, `gain`: what reviving it removes; -inf where a weight has no such move); `counts`: the most
+    kept and pruned weights of any row. A row with fewer than k of either gets no-move slots (infinite delta): it
+    never swaps into them, and other rows go on."""
+    rows = w.shape[0]
+    k_keep, k_pruned = min(k, counts[0]), min(k, counts[1])
+    if k_keep == 0 or k_pruned == 0:
+        empty = torch.zeros(rows, dtype=torch.long, device=w.device)
+        return torch.zeros(rows, dtype=w.dtype, device=w.device), empty, empty
+    neg_j_cost, j_index = torch.topk(neg_cost, k_keep, dim=1)
+    j_cost = neg_j_cost.neg_()
+    i_gain, i_index = torch.topk(gain, k_pruned, dim=1)
+    cross = g[i_index.unsqueeze(2), j_index.unsqueeze(1)]  # [rows, k_pruned, k_keep]
+    w_i = torch.gather(w, 1, i_index).unsqueeze(2)
+    w_j = torch.gather(w, 1, j_index).unsqueeze(1)
+    delta = j_cost.unsqueeze(1) - i_gain.unsqueeze(2) - 2 * w_i * w_j * cross
+    best = delta.reshape(rows, -1).argmin(1)
+    flat_delta = delta.reshape(rows, -1).gather(1, best.unsqueeze(1)).squeeze(1)
+    revive = i_index.gather(1, (best // k_keep).unsqueeze(1)).squeeze(1)
+    prune = j_index.gather(1, (best % k_keep).unsqueeze(1)).squeeze(1)
+    count = min(batch, k_keep, k_pruned)
+    if count <= 1:
+        return flat_delta, revive, prune
+    # several at once: the t best revivals paired in order with the t cheapest prunings
+    valid = torch.isfinite(i_gain[:, :count]) & torch.isfinite(j_cost[:, :count])
+    return _choose(flat_delta, revive, prune, w, residual, g, i_index[:, :count], j_index[:, :count], valid)
