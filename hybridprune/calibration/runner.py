@@ -162,7 +162,8 @@ def kept_freed_memory():
     the first-order calibration in 0.78x and the second-order in 0.93x, for 0.1-0.4 GB more peak memory (16384
     tokens, `python benchmarks/scale.py run --shapes llama8b`, HYBRIDPRUNE_MALLOC=system for the reference,
     2026-12-06). Not around the pruning: there the kept blocks fragment the heap (peak +1.6 GB for `balanced`
-    and +2.6 GB for `quality` per 8B layer, for 0.89x the time), and the refine keeps its own buffers.
+    and +2.6 GB for `quality` per 8B layer, for 0.89x the time; around the refine's chunks alone +1.0 / +1.2 GB
+    for 0.91x, measured back to back the same day), and the refine keeps its own buffers.
     return_freed_memory still trims once per layer, so the peak does not grow with depth.
     HYBRIDPRUNE_MALLOC=system leaves glibc's defaults alone."""
     libc = None if os.environ.get("HYBRIDPRUNE_MALLOC", "").lower() == "system" else _libc()
