@@ -11,7 +11,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from hybridprune.calibration.runner import kept_freed_memory
 from hybridprune.calibration.stats import CalibrationStats
 from hybridprune.config import PruneConfig
 from hybridprune.env import __version__
@@ -230,23 +229,22 @@ def prune_layer(
             _sweep_layer(linears, adapter, plan, score, factor_of, update_shrink)
             return
         if hessians is not None and plan.refine > 0 and masks:
-            with kept_freed_memory():  # the chunks' equal-sized state reuses the heap (see runner.py)
-                # rows refine independently under their group's Gram: the Linears that read the same inputs (q/k/v,
-                # gate/up) are refined as one matrix, the same masks in fewer, larger steps
-                for group in dict.fromkeys(adapter.input_group(name) for name in masks):
-                    names = [name for name in masks if adapter.input_group(name) == group]
-                    device = weights[names[0]].device
-                    stacked = torch.cat([weights[name] for name in names])
-                    keep = torch.cat([masks[name].to(device) for name in names])
-                    gram = gram_of(group).to(device)
-                    rows = max(1, REFINE_CHUNK_ELEMENTS // stacked.shape[1])  # the refine's state is ~10 rows x inputs buffers
-                    refined = torch.cat([refine_swaps(
-                        stacked[start : start + rows], keep[start : start + rows], gram, steps=plan.refine,
-                        nm=(pattern.n, pattern.m) if pattern.kind == "nm" else None,
-                        batch=REFINE_BATCH_NM if pattern.kind == "nm" else REFINE_BATCH,
-                    ) for start in range(0, stacked.shape[0], rows)])
-                    del stacked, keep
-                    masks.update(zip(names, refined.split([weights[name].shape[0] for name in names])))
+            # rows refine independently under their group's Gram: the Linears that read the same inputs (q/k/v,
+            # gate/up) are refined as one matrix, the same masks in fewer, larger steps
+            for group in dict.fromkeys(adapter.input_group(name) for name in masks):
+                names = [name for name in masks if adapter.input_group(name) == group]
+                device = weights[names[0]].device
+                stacked = torch.cat([weights[name] for name in names])
+                keep = torch.cat([masks[name].to(device) for name in names])
+                gram = gram_of(group).to(device)
+                rows = max(1, REFINE_CHUNK_ELEMENTS // stacked.shape[1])  # the refine's state is ~10 rows x inputs buffers
+                refined = torch.cat([refine_swaps(
+                    stacked[start : start + rows], keep[start : start + rows], gram, steps=plan.refine,
+                    nm=(pattern.n, pattern.m) if pattern.kind == "nm" else None,
+                    batch=REFINE_BATCH_NM if pattern.kind == "nm" else REFINE_BATCH,
+                ) for start in range(0, stacked.shape[0], rows)])
+                del stacked, keep
+                masks.update(zip(names, refined.split([weights[name].shape[0] for name in names])))
         if hessians is None or not plan.update:
             for name, mask in masks.items():
                 linears[name].weight.mul_(mask.to(linears[name].weight.device))
