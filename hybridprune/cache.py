@@ -5,9 +5,11 @@ Layout under the cache root (see fsutil.cache_root):
   stats/<key>/manifest.json       schema, key fields, tool version, creation time, tokens,
                                   layers, byte size and sha256 of stats.safetensors
   locks/<key>.lock                flock held while an entry is being computed
-  stats/<key>/layer-00000.safetensors ...  a second-order entry: one file per decoder layer, written as
-                                  that layer finishes and read one at a time (safetensors safe_open), each
-                                  with its own size and sha256 in the manifest ("layer_files")
+  stats/<key>/layer-00000.safetensors ...  one file per decoder layer, written as that layer finishes and
+                                  read one at a time (safetensors safe_open), each with its own size and
+                                  sha256 in the manifest ("layer_files"); stats.safetensors then holds only
+                                  the token count. (First-order entries written before 2026-12-06 hold every
+                                  layer in stats.safetensors, without layer files: they load as they are.)
 A partial entry (`calibrate --shard i/N`) holds one shard's windows; its key is the full key
 plus the shard fields, its manifest names the full key, and `calibration.shards.merge_shard_entries` joins the N
 shards into the entry one process would have written (calibration/shards.py).
@@ -45,6 +47,7 @@ KEY_PATTERN = re.compile(r"^[0-9a-f]{20}$")
 STATS_FILE = "stats.safetensors"
 MANIFEST_FILE = "manifest.json"
 LAYER_FILE = "layer-{:05d}.safetensors"
+LAYER_NAME = re.compile(r"layer\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -234,12 +237,24 @@ class EntryWriter:
         self.layer_files[path.name] = {"layer": index, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
     def finish(self, stats: CalibrationStats, info: dict[str, Any]) -> None:
-        """The entries held in memory (`stats.tensors`: all of a first-order entry) and the manifest."""
+        """The layers still held in memory (`stats.tensors`), each into its file, then the manifest."""
         from safetensors.torch import save_file
 
+        held: dict[int, dict[str, Tensor]] = {}
+        rest: dict[str, Tensor] = {}
+        for name, tensor in stats.tensors.items():
+            match = LAYER_NAME.match(name)
+            if match:
+                held.setdefault(int(match.group(1)), {})[name] = tensor
+            else:
+                rest[name] = tensor
+        for index in sorted(held):
+            if LAYER_FILE.format(index) in self.layer_files:
+                raise ValueError(f"layer {index} was written already")
+            self.add_layer(index, held[index])
         stats_path = self.staging / STATS_FILE
-        save_file({name: tensor.contiguous() for name, tensor in stats.tensors.items()}, str(stats_path))
-        layers = len(self.layer_files) if self.layer_files else stats.num_layers
+        save_file({name: tensor.contiguous() for name, tensor in rest.items()}, str(stats_path))
+        layers = len(self.layer_files)
         manifest = {
             "schema": SCHEMA_VERSION,
             "digest": self.key.digest,
@@ -250,8 +265,8 @@ class EntryWriter:
             "layers": layers,
             "bytes": stats_path.stat().st_size,
             "sha256": sha256_file(stats_path),
-            **({"layer_files": self.layer_files, "layer_bytes": sum(f["bytes"] for f in self.layer_files.values())}
-               if self.layer_files else {}),
+            "layer_files": self.layer_files,
+            "layer_bytes": sum(f["bytes"] for f in self.layer_files.values()),
             **info,
         }
         (self.staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
@@ -260,7 +275,7 @@ class EntryWriter:
 
 class LayerShards:
     """An entry's per-layer files, read one layer at a time (safe_open), each checked against its manifest
-    size and sha256 when it is read. Only the layer read last stays in memory."""
+    size and sha256 the first time it is read. Only the layer read last stays in memory."""
 
     def __init__(self, folder: Path, layer_files: Any, digest: str) -> None:
         self.folder, self.digest = folder, digest
@@ -277,6 +292,7 @@ class LayerShards:
             self.files[record["layer"]] = (path, record)
         self.num_layers = len(self.files)
         self._current: tuple[int, dict[str, Tensor]] | None = None
+        self._verified: set[int] = set()  # a pass over all layers (planning, then pruning) hashes each file once
 
     def layer(self, index: int) -> dict[str, Tensor]:
         from safetensors import SafetensorError, safe_open
@@ -287,8 +303,10 @@ class LayerShards:
         if index not in self.files:
             raise CorruptEntry(f"cache entry {self.digest} has no file for layer {index}: {fix_hint(self.digest)}")
         path, record = self.files[index]
-        if sha256_file(path) != record.get("sha256"):
-            raise CorruptEntry(f"cache entry {self.digest} is corrupt ({path.name}: checksum mismatch): {fix_hint(self.digest)}")
+        if index not in self._verified:
+            if sha256_file(path) != record.get("sha256"):
+                raise CorruptEntry(f"cache entry {self.digest} is corrupt ({path.name}: checksum mismatch): {fix_hint(self.digest)}")
+            self._verified.add(index)
         try:
             with safe_open(str(path), framework="pt") as handle:
                 tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (safe_open has no __iter__)

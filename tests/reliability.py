@@ -218,6 +218,14 @@ def tensors_of(path: Path) -> dict[str, torch.Tensor]:
     return load_file(path)
 
 
+def entry_tensors(entry: Path) -> dict[str, torch.Tensor]:
+    """A cache entry's every tensor: its main file and its layer files."""
+    tensors = tensors_of(entry / "stats.safetensors")
+    for layer_file in sorted(entry.glob("layer-*.safetensors")):
+        tensors.update(tensors_of(layer_file))
+    return tensors
+
+
 def same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
 
@@ -279,12 +287,12 @@ def reference(server: ForkServer, world: World) -> Reference:
     sweep = {p.name: tensors_of(p / "model.safetensors") for p in sorted((base / "sweep-out").iterdir()) if p.is_dir()}
     assert len(sweep) == 2
     return Reference(
-        stats=tensors_of(entry / "stats.safetensors"),
+        stats=entry_tensors(entry),
         scores=tensors_of(scores),
         pruned=tensors_of(base / "prune-out" / "model.safetensors"),
         sweep=sweep,
         seconds=seconds,
-        second_order=tensors_of(second[0] / "stats.safetensors") if second else None,
+        second_order=entry_tensors(second[0]) if second else None,
     )
 
 
@@ -297,7 +305,7 @@ def check_cache(cache: Path, reference: Reference, *, must_exist: bool) -> None:
     for entry, expected in [*((e, reference.stats) for e in found), *((e, reference.second_order) for e in second)]:
         manifest = json.loads((entry / "manifest.json").read_text())
         stats = StatsCache(cache).load(StatsKey(**manifest["key"]))
-        assert expected is not None and same_tensors(stats.tensors, expected)
+        assert expected is not None and same_tensors(stats.all_tensors(), expected)
     stats_dir = cache / "stats"
     if stats_dir.is_dir():
         for path in stats_dir.iterdir():
@@ -348,14 +356,14 @@ def argv_for(command: str, world: World, work: Path, *extra: str) -> list[str]:
 # --- shared by the corruption and hostile-input tests ----------------------------------------
 
 
-def _flip_a_bit(entry: Path) -> None:
-    data = bytearray((entry / "stats.safetensors").read_bytes())
+def _flip_a_bit(entry: Path, name: str = "stats.safetensors") -> None:
+    data = bytearray((entry / name).read_bytes())
     data[len(data) // 2] ^= 0x10
-    (entry / "stats.safetensors").write_bytes(bytes(data))
+    (entry / name).write_bytes(bytes(data))
 
 
-def _truncate(entry: Path) -> None:
-    path = entry / "stats.safetensors"
+def _truncate(entry: Path, name: str = "stats.safetensors") -> None:
+    path = entry / name
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
@@ -379,6 +387,8 @@ def _other_model(entry: Path) -> None:
 CORRUPTIONS = {
     "truncated stats.safetensors": (_truncate, "incomplete"),
     "bit-flipped stats.safetensors": (_flip_a_bit, "checksum"),
+    "truncated layer file": (lambda e: _truncate(e, "layer-00001.safetensors"), "incomplete"),
+    "bit-flipped layer file": (lambda e: _flip_a_bit(e, "layer-00001.safetensors"), "checksum"),
     "hand-edited manifest (tokens)": (_edit_manifest(lambda m: m.update(tokens=m["tokens"] + 1)), "token count"),
     "hand-edited manifest (key field)": (_edit_manifest(lambda m: m["key"].update(seqlen=64)), "other inputs"),
     "hand-edited manifest (broken JSON)": (lambda e: (e / "manifest.json").write_text("{\"schema\": 1,"), "unreadable manifest"),

@@ -92,7 +92,7 @@ def test_batch_size_never_changes_the_statistics(world, tmp_path):
     for size in (1, 3, 4):
         root = tmp_path / f"cache-{size}"
         api.calibrate(model=str(world["model"]), data=str(world["text"]), cache_dir=root, batch_size=size, **SMALL)
-        tensors.append(StatsCache(root).load(keys[0]).tensors)
+        tensors.append(StatsCache(root).load(keys[0]).all_tensors())
     for other in tensors[1:]:
         assert tensors[0].keys() == other.keys()
         for name in tensors[0]:
@@ -171,7 +171,7 @@ def test_a_first_run_needing_both_entries_makes_one_forward_pass_with_the_same_e
     tensors two separate passes store; the run says it reused neither."""
     from hybridprune.cache import StatsCache, StatsKey
     from hybridprune.calibration import collect
-    from hybridprune.calibration.session import HESSIAN_MODE, second_order_key
+    from hybridprune.calibration.session import second_order_key
 
     passes = []
     real = collect.run_layerwise
@@ -189,9 +189,9 @@ def test_a_first_run_needing_both_entries_makes_one_forward_pass_with_the_same_e
         first, second = StatsCache(tmp_path / "one").load(key), StatsCache(tmp_path / "two").load(key)
         assert first.num_layers == second.num_layers == 2
         parts = [(first.tensors, second.tensors)]
-        if key.mode == HESSIAN_MODE:  # the second-order entry: one file per layer, nothing of them in the main file
-            assert first.shards is not None and second.shards is not None and set(first.tensors) == {"tokens"}
-            parts += [(first.shards.layer(index), second.shards.layer(index)) for index in range(2)]
+        # both entries: one file per layer, nothing of them in the main file
+        assert first.shards is not None and second.shards is not None and set(first.tensors) == {"tokens"}
+        parts += [(first.shards.layer(index), second.shards.layer(index)) for index in range(2)]
         for one, two in parts:
             assert one.keys() == two.keys()
             for name in one:

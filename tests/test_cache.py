@@ -33,7 +33,7 @@ def test_corrupt_entry_is_refused_with_its_key_and_the_fix(damage: str, good_ent
     corrupt, expected = CORRUPTIONS[damage]
     corrupt(entry)
     with pytest.raises(CorruptEntry) as error:
-        StatsCache(cache).load(key)
+        StatsCache(cache).load(key).all_tensors()  # a layer file is verified when it is first read
     message = str(error.value)
     assert expected in message and key.digest in message
     assert "--force" in message and f"hybridprune cache clear {key.digest}" in message
@@ -52,6 +52,10 @@ def test_corrupt_entry_through_the_cli(server: ForkServer, world: World, referen
     fixed = server.run(world.args("calibrate", "--force"), cache)
     assert fixed.rc == 0, fixed.message
     check_cache(cache, reference, must_exist=True)
+    _flip_a_bit(entry, "layer-00001.safetensors")  # read when the pruning reaches that layer
+    refused = server.run(world.args("prune", "--out", str(tmp_path / "out")), cache)
+    assert refused.rc == 2 and "\n" not in refused.message and "checksum" in refused.message, refused.message
+    assert entry.name in refused.message and "cache clear" in refused.message and not (tmp_path / "out").exists()
     _truncate(entry)
     assert server.run(["cache", "clear", entry.name], cache).rc == 0 and entries(cache) == []
     record("corrupt entry met by calibrate / score / prune", "exit 2 naming entry and fix; --force and `cache clear KEY` repair it")
@@ -131,3 +135,44 @@ def test_second_order_entry_is_one_verified_file_per_layer(tiny_llama_folder: Pa
     (entry / files[0]).write_bytes((entry / files[0]).read_bytes()[:100])
     with pytest.raises(CorruptEntry, match="layer-00000.safetensors missing or truncated"):
         StatsCache(tmp_path / "cache").load(key)
+
+
+def test_first_order_entry_is_written_and_read_one_layer_at_a_time(tiny_llama_folder: Path, tmp_path: Path):
+    """The first-order entry too: each layer's sums in their own file as the layer finishes (the main file holds
+    the token count alone), read back one layer at a time, with the same values a whole in-memory pass gives."""
+    import torch
+    from safetensors.torch import load_file
+
+    from helpers import TRAINING_TEXT
+    from hybridprune import api
+    from hybridprune.calibration.collect import CollectionOptions, collect_statistics
+    from hybridprune.models import load_model
+
+    text = tmp_path / "text.txt"
+    text.write_text(TRAINING_TEXT * 20)
+    result = api.calibrate(model=str(tiny_llama_folder), data=str(text), nsamples=4, seqlen=32, topics=4,
+                           cache_dir=tmp_path / "cache")
+    entry = Path(result.entry)
+    manifest = json.loads((entry / "manifest.json").read_text())
+    assert sorted(manifest["layer_files"]) == ["layer-00000.safetensors", "layer-00001.safetensors"]
+    assert set(load_file(entry / "stats.safetensors")) == {"tokens"}
+    assert all(name.startswith("layer.1.") for name in load_file(entry / "layer-00001.safetensors"))
+
+    stats = StatsCache(tmp_path / "cache").load(StatsKey(**result.inputs))
+    assert stats.shards is not None and set(stats.tensors) == {"tokens"} and stats.num_layers == 2
+    stats.sumsq(0, "mlp_in")
+    stats.tau(1)
+    assert stats.shards._current is not None and stats.shards._current[0] == 1  # layer 0 has left memory
+
+    # the same values as one pass held whole in memory (no sink), read in one piece
+    from hybridprune.calibration.session import calibration_windows
+    from hybridprune.config import CalibrationRequest
+
+    loaded = load_model(str(tiny_llama_folder), device="cpu")
+    windows, _key = calibration_windows(loaded, CalibrationRequest(data=str(text), nsamples=4, seqlen=32, topics=4),
+                                        tmp_path / "cache")
+    whole = collect_statistics(loaded.model, loaded.adapter, windows, CollectionOptions(topics=4), batch_size=4)
+    read = stats.all_tensors()
+    assert read.keys() == whole.tensors.keys()
+    for name, tensor in whole.tensors.items():
+        assert torch.equal(read[name], tensor), name

@@ -157,6 +157,7 @@ def test_nan_or_inf_is_reported_by_layer(tensor: str, value: float, expected: st
 
 
 def test_prune_refuses_nan_weights_by_layer(good_entry: Path, tiny_model_copy, tmp_path: Path):  # type: ignore[no-untyped-def]
+    from hybridprune.calibration.stats import CalibrationStats
     from hybridprune.config import PruneConfig
     from hybridprune.models import load_model
     from hybridprune.passes import prune_model
@@ -169,6 +170,7 @@ def test_prune_refuses_nan_weights_by_layer(good_entry: Path, tiny_model_copy, t
     loaded = load_model(str(model), cache_dir=tmp_path / "cache")
     with pytest.raises(UserError, match="layer 1 down_proj has NaN or Inf weights"):
         prune_model(loaded, stats, PruneConfig(sparsity=0.5).validate(), SilentReporter())
+    stats = CalibrationStats(stats.all_tensors())
     stats.tensors["layer.0.mlp_in.sumsq"][0] = float("inf")
     with pytest.raises(UserError, match="layer 0 .*NaN or Inf activations"):
         prune_model(load_model(str(tiny_model_copy("clean")), cache_dir=tmp_path / "cache"), stats,

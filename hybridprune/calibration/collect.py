@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from hybridprune.calibration.runner import LayerStore, run_layerwise
 from hybridprune.calibration.second_order import GramAccumulator, pack_gram
-from hybridprune.calibration.stats import SECOND_ORDER_ENTRIES, CalibrationStats, LayerAccumulator
+from hybridprune.calibration.stats import CalibrationStats, LayerAccumulator
 from hybridprune.config import default_of
 from hybridprune.models.adapters import FamilyAdapter
 
@@ -155,6 +155,8 @@ def collect_statistics(
     `anchor` (a shard's run: the first batch of all windows, see shards.shard_windows) is the batch
     that tau and the topic centroids are fitted on instead of the first batch of `windows`; it is
     run through every layer but not counted. `store`: layers are loaded one at a time (streaming).
+    `sink`: each layer's entries (first and second order) are handed to it as the layer finishes and leave
+    memory (the returned statistics then hold only `tokens`): what keeps a pass's memory to one layer.
     """
     if anchor is not None and after_layer is not None:
         raise ValueError("sequential calibration prunes with the statistics collected so far: it cannot be sharded")
@@ -173,8 +175,7 @@ def collect_statistics(
             after_layer(index, layer, CalibrationStats(tensors))  # the layers collected so far
         if sink is not None:
             prefix = f"layer.{index}."
-            names = [name for name in tensors if name.startswith(prefix) and name.endswith(SECOND_ORDER_ENTRIES)]
-            sink(index, {name: tensors.pop(name) for name in names})
+            sink(index, {name: tensors.pop(name) for name in [name for name in tensors if name.startswith(prefix)]})
 
     run_layerwise(
         model,

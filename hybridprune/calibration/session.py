@@ -17,7 +17,7 @@ from hybridprune.cache import StatsCache, StatsKey
 from hybridprune.calibration.collect import CollectionOptions, collect_statistics
 from hybridprune.calibration.distributed import World
 from hybridprune.calibration.shards import ShardSpec, shard_windows
-from hybridprune.calibration.stats import CalibrationStats
+from hybridprune.calibration.stats import SECOND_ORDER_ENTRIES, CalibrationStats
 from hybridprune.config import CalibrationRequest
 from hybridprune.data import load_text, sample_windows, tokenize, tokenizer_fingerprint
 from hybridprune.errors import UserError
@@ -159,20 +159,27 @@ def calibrated_statistics(
                 *([] if part is None else [_shard_line(part, windows.shape[0], world)]),
             ],
         )
-        # second-order sums go to their entry's layer files as each layer finishes, never all in memory
-        layered_key = second_order_key(dense_key) if both else key if (hessians or second_order) and leader and world is None else None
+        # Every layer's sums go to the entry's layer files as the layer finishes (the second-order ones to their own
+        # entry when one pass collects both), never all in memory; under torchrun each layer is reduced first.
+        companion_key = second_order_key(dense_key) if both else None
         info: dict[str, object] = {"model_source": loaded.source}
         with contextlib.ExitStack() as stack:
-            writer = None
-            if layered_key is not None:
-                if layered_key != key:
-                    stack.enter_context(cache.lock(layered_key))
-                writer = stack.enter_context(cache.writer(layered_key))
+            writer = stack.enter_context(cache.writer(key)) if leader else None
+            companion_writer = None
+            if companion_key is not None:
+                stack.enter_context(cache.lock(companion_key))
+                companion_writer = stack.enter_context(cache.writer(companion_key))
 
             def sink(index: int, tensors: dict[str, torch.Tensor]) -> None:
+                if world is not None:
+                    tensors = world.reduce_statistics(CalibrationStats(tensors)).tensors  # every rank, layer by layer
                 check_finite(CalibrationStats(tensors), loaded)
-                assert writer is not None
-                writer.add_layer(index, tensors)
+                if writer is None:
+                    return
+                second = {name: t for name, t in tensors.items() if name.endswith(SECOND_ORDER_ENTRIES)} if companion_writer else {}
+                if companion_writer is not None:
+                    companion_writer.add_layer(index, second)
+                writer.add_layer(index, {name: t for name, t in tensors.items() if name not in second})
 
             with reporter.progress("calibrating layers", layers * batches) as advance:
                 stats = collect_statistics(
@@ -188,7 +195,7 @@ def calibrated_statistics(
                     store=loaded.stream,
                     hessians=hessians or second_order,
                     first_order=True if both else None,
-                    sink=sink if writer is not None else None,
+                    sink=sink,
                 )
             if world is not None:
                 stats = world.reduce_statistics(stats)  # every rank waits here for all the others
@@ -201,17 +208,14 @@ def calibrated_statistics(
                 info["shard"] = {"index": shard.index, "count": shard.count, "full_digest": key.full().digest}
             if world is not None:
                 info["ranks"] = world.size
-            if writer is not None:  # the second-order entry keeps the token count (and, sequential, the first order)
-                writer.finish(CalibrationStats({"tokens": stats.tensors["tokens"]}) if both else stats, info)
+            assert writer is not None
+            writer.finish(stats, info)  # the token count: every layer is in its file already
+            if companion_writer is not None:
+                companion_writer.finish(CalibrationStats({"tokens": stats.tensors["tokens"]}), info)
         companion = None
-        if both:
-            assert layered_key is not None
-            companion = CalibrationResult(cache.load(layered_key), layered_key, False, seconds, cache.entry_dir(layered_key.digest))
-            entry = cache.save(key, stats, info)
-        elif layered_key is not None:
-            stats, entry = cache.load(key), cache.entry_dir(key.digest)
-        else:
-            entry = cache.save(key, stats, info)
+        if companion_key is not None:
+            companion = CalibrationResult(cache.load(companion_key), companion_key, False, seconds, cache.entry_dir(companion_key.digest))
+        stats, entry = cache.load(key), cache.entry_dir(key.digest)
         what = "statistics and second-order statistics" if both else "statistics"
         reporter.note(f"[green]✓[/] collected {what} for {layers} layers in {seconds:.1f}s")
         return CalibrationResult(stats, key, False, seconds, entry, companion)

@@ -113,11 +113,17 @@ def merge_shard_entries(cache: StatsCache, digests: list[str]) -> tuple[StatsKey
     if missing:
         raise UserError(f"cannot merge: shard {', '.join(missing)} missing: calibrate it with --shard and merge again")
     ordered = [by_index[index] for index in range(count)]
-    stats = merge_statistics([cache.load(key) for key in ordered])
+    parts = [cache.load(key) for key in ordered]
+    layers = {part.num_layers for part in parts}
+    if len(layers) != 1:
+        raise UserError(f"cannot merge: the shards hold different numbers of layers ({sorted(layers)})")
     full = ordered[0].full()
-    with cache.lock(full):
-        entry = cache.save(full, stats, {
+    tokens = sum(part.tensors["tokens"] for part in parts)
+    with cache.lock(full), cache.writer(full) as writer:
+        for layer in range(layers.pop()):  # one layer of every shard in memory at a time
+            writer.add_layer(layer, merge_statistics([CalibrationStats(part.layer_tensors(layer)) for part in parts]).tensors)
+        writer.finish(CalibrationStats({"tokens": tokens}), {
             "model_source": cache.read_manifest(ordered[0].digest).get("model_source"),
             "merged_from": [key.digest for key in ordered],
         })
-    return full, entry
+    return full, cache.entry_dir(full.digest)

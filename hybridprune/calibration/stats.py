@@ -20,8 +20,11 @@ A second-order entry (key mode "gram", for refine and --update) holds instead, n
 each input group above, from H = sum_t x_t x_t^T over its inputs (calibration/second_order.py):
   layer.l.<group>.gram_diag [n]            float64  H_jj (0: an input channel that was always zero)
   layer.l.<group>.gram_corr [n(n-1)/2]     float16  H_ij / sqrt(H_ii H_jj), i < j, packed row by row
-On disk these live in one file per layer (cache.py: `layer-00000.safetensors` ...), read one layer at a
-time: `shards` is then set and the tensors dict holds only `tokens`.
+On disk every entry written since 2026-12-06 (first order and second order alike; older first-order entries
+hold everything in `stats.safetensors` and still load) keeps each layer's entries in a
+file of its own (cache.py: `layer-00000.safetensors` ...), written as the layer finishes and read one layer at
+a time: `shards` is then set and the tensors dict holds only `tokens`. Read a layer's entries through the
+accessors below (`layer_entry`, `sumsq`, `neuron_stats`, ...), never `tensors` directly.
 """
 
 from __future__ import annotations
@@ -69,8 +72,26 @@ class CalibrationStats:
             return self.tensors[full]
         return self.shards.layer(layer)[full]
 
+    def layer_tensors(self, layer: int) -> dict[str, Tensor]:
+        """Every `layer.<layer>.*` entry (from memory, or that layer's file)."""
+        prefix = f"layer.{layer}."
+        held = {name: tensor for name, tensor in self.tensors.items() if name.startswith(prefix)}
+        if self.shards is not None and layer < self.shards.num_layers:
+            held.update(self.shards.layer(layer))
+        return held
+
+    def all_tensors(self) -> dict[str, Tensor]:
+        """Every entry of every layer in one dict, read layer by layer (small models and tests: at 8B a first-order
+        entry is about 0.5 GB, a second-order one 8 GB)."""
+        if self.shards is None:
+            return dict(self.tensors)
+        merged = dict(self.tensors)
+        for layer in range(self.shards.num_layers):
+            merged.update({name: tensor.clone() for name, tensor in self.shards.layer(layer).items()})
+        return merged
+
     def sumsq(self, layer: int, group: str) -> Tensor:
-        return self.tensors[f"layer.{layer}.{group}.sumsq"]
+        return self.layer_entry(layer, f"{group}.sumsq")
 
     def gram(self, layer: int, group: str) -> tuple[Tensor, Tensor]:
         """A second-order entry's damped Gram G [n, n] (float32) and dead-channel mask [n]."""
@@ -83,20 +104,18 @@ class CalibrationStats:
 
     def block(self, layer: int, name: str) -> float:
         """A block entry (cos_sum, delta_sumsq, input_sumsq) of one layer; KeyError on statistics without them."""
-        return float(self.tensors[f"layer.{layer}.block.{name}"].item())
+        return float(self.layer_entry(layer, f"block.{name}").item())
 
     def block_influence(self, layer: int) -> float:
         """Mean over tokens of 1 - cos(layer input, layer output): how much the layer changes the residual stream."""
         return self.block(layer, "cos_sum") / self.tokens
 
     def tau(self, layer: int) -> float:
-        return float(self.tensors[f"layer.{layer}.nr.tau"].item())
+        return float(self.layer_entry(layer, "nr.tau").item())
 
     def neuron_stats(self, layer: int) -> NeuronStats:
-        prefix = f"layer.{layer}.nr."
-
         def entry(name: str) -> Tensor:
-            return self.tensors[prefix + name].double()
+            return self.layer_entry(layer, f"nr.{name}").double()
 
         return NeuronStats(
             tokens=self.tokens,

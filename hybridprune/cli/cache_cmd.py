@@ -39,7 +39,7 @@ def list_entries(cache_dir: CacheDirOpt = None, json_output: JsonOpt = False) ->
                 f"{key.get('text_name', '?')}[{key.get('text_split', '?')}]",
                 f"{key.get('nsamples', '?')}x{key.get('seqlen', '?')}",
                 key.get("mode", "?") + (f" shard {key['shard_index']}/{key['shard_count']}" if "shard_index" in key else ""),
-                f"{entry.get('bytes', 0) / 1e6:.1f} MB",
+                f"{(entry.get('bytes', 0) + entry.get('layer_bytes', 0)) / 1e6:.1f} MB",  # main file + layer files
                 entry.get("created", "?"),
             ]
         )
