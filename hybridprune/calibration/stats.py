@@ -76,18 +76,16 @@ class CalibrationStats:
         """Every `layer.<layer>.*` entry (from memory, or that layer's file)."""
         prefix = f"layer.{layer}."
         held = {name: tensor for name, tensor in self.tensors.items() if name.startswith(prefix)}
-        if self.shards is not None and layer < self.shards.num_layers:
+        if self.shards is not None:  # a layer without its file is refused there, naming the entry
             held.update(self.shards.layer(layer))
         return held
 
     def all_tensors(self) -> dict[str, Tensor]:
         """Every entry of every layer in one dict, read layer by layer (small models and tests: at 8B a first-order
         entry is about 0.5 GB, a second-order one 8 GB)."""
-        if self.shards is None:
-            return dict(self.tensors)
         merged = dict(self.tensors)
-        for layer in range(self.shards.num_layers):
-            merged.update({name: tensor.clone() for name, tensor in self.shards.layer(layer).items()})
+        for layer in range(self.shards.num_layers if self.shards is not None else 0):
+            merged.update({name: tensor.clone() for name, tensor in self.layer_tensors(layer).items()})
         return merged
 
     def sumsq(self, layer: int, group: str) -> Tensor:
