@@ -88,6 +88,12 @@ def P(**overrides) -> PruneConfig:
     return PruneConfig(**{**OLD_DEFAULTS, **overrides})
 
 
+def _point(point: str) -> dict:
+    """The pattern or sparsity a configuration name's suffix says ('@2:4', '@60', '' for 50%)."""
+    tail = point.lstrip("@")
+    return {"pattern": tail} if ":" in tail else {"sparsity": int(tail) / 100} if tail else {}
+
+
 def configs() -> dict[str, PruneConfig]:
     """Every named configuration the harness knows (the report and the ablations pick from these)."""
     c: dict[str, PruneConfig] = {
@@ -188,6 +194,11 @@ def configs() -> dict[str, PruneConfig]:
     c["step:score"] = preset("balanced", qk_shift=0.0, refine=0, nr_row_bound=1.0)  # NeuronRank's allocation, rows unbounded
     c["step:bound"] = preset("balanced", qk_shift=0.0, refine=0)  # + each row within 0.05 of the target
     c["step:qk"] = preset("balanced", refine=0)  # + q/k pruned more than v/o
+    # the update's weights at the least-squares optimum of the masks (--update-mask lsq) instead of the OBS sweep
+    for point in ("", "@2:4", "@4:8", "@60", "@70"):
+        for name in ("quality", "wanda+update"):
+            base = c[f"{name}{point}"] if f"{name}{point}" in c else preset("wanda", update=True, **_point(point))
+            c[f"{name}{point}:lsq"] = PruneConfig(**{**base.to_dict(), "update_mask": "lsq"})
     # ablations
     c["abl:nr-constant-score"] = P(idf_exp=0.0, tf_exp=0.0)  # gate/up matrix groups, every s_i equal
     for mode in ("doc", "topic"):

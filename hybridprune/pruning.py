@@ -27,7 +27,7 @@ from hybridprune.methods.hybrid import (
     sweep_specs,
 )
 from hybridprune.methods.obs import spread_order, sweep_counts, sweep_prune
-from hybridprune.methods.reconstruct import inverse_factor, reconstruct_with_factor, shrink_update
+from hybridprune.methods.reconstruct import inverse_factor, least_squares, reconstruct_with_factor, shrink_update, unit_gram
 from hybridprune.methods.refine import refine_swaps, shrink_offdiagonal
 from hybridprune.models.adapters import FamilyAdapter
 from hybridprune.models.loading import LoadedModel
@@ -145,8 +145,9 @@ def prune_layer(
     With `hessians` (the second-order entry: per input group, the Gram x x^T) and plan.update the kept
     weights are updated to compensate for the pruned ones; the Linears that read the same inputs (q/k/v,
     gate/up) are updated together, as one matrix with one factorization. plan.update_mask "fixed" (default)
-    applies the hybrid's masks and updates around them (methods/reconstruct.py), "sweep" chooses the masks
-    inside that sweep on the already-updated weights (methods/obs.py). plan.refine > 0 (needs `hessians`)
+    applies the hybrid's masks and updates around them by the OBS sweep, "lsq" sets the kept weights to the
+    least-squares optimum of those masks (both methods/reconstruct.py), "admm" solves masks and weights together
+    (methods/admm.py), "sweep" chooses the masks inside the OBS sweep on the already-updated weights (methods/obs.py). plan.refine > 0 (needs `hessians`)
     improves the hybrid's masks by swaps before they are applied.
     plan.nm_order "spread" (N:M with NeuronRank) permutes the MLP neurons first (the same function).
     """
@@ -257,6 +258,8 @@ def prune_layer(
             dense = torch.cat(stacked)
             if plan.update_mask == "admm":
                 updated, keep = _joint_solve(dense, keep, gram_of(group), pattern)
+            elif plan.update_mask == "lsq":
+                updated = _least_squares(dense, keep, gram_of(group))
             else:
                 updated = reconstruct_with_factor(dense, keep, *factor_of(group))
             updated = shrink_update(dense * keep, updated, update_shrink)
@@ -272,6 +275,15 @@ def _joint_solve(dense: torch.Tensor, keep: torch.Tensor, gram: torch.Tensor, pa
     solved = [admm_prune(dense[start : start + rows], keep[start : start + rows], gram, nm=nm)
               for start in range(0, dense.shape[0], rows)]
     return torch.cat([weights for weights, _, _ in solved]), torch.cat([mask for _, mask, _ in solved])
+
+
+def _least_squares(dense: torch.Tensor, keep: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """--update-mask lsq: the kept weights of a stacked matrix at the least-squares optimum of its masks
+    (methods/reconstruct.py), in chunks of rows as the refine (rows are independent; one unit Gram serves all)."""
+    rows = max(1, REFINE_CHUNK_ELEMENTS // dense.shape[1])
+    unit = unit_gram(gram, dense.device)
+    return torch.cat([least_squares(dense[start : start + rows], keep[start : start + rows], gram, unit=unit)
+                      for start in range(0, dense.shape[0], rows)])
 
 
 def _sweep_layer(linears, adapter: FamilyAdapter, plan: LayerPlan, score, factor_of, update_shrink: float = 1.0) -> None:

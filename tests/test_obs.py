@@ -161,6 +161,8 @@ def _tiny_run(folder: Path, cache: Path, **fields):
         dict(prune_method="wanda", update=True),
         dict(refine=5, update=True, update_mask="admm"),  # the joint solve, from refined masks
         dict(update=True, update_mask="admm", pattern="2:4"),
+        dict(refine=5, update=True, update_mask="lsq"),  # the least-squares weights of the refined masks
+        dict(update=True, update_mask="lsq", pattern="2:4"),
     ],
 )
 def test_every_update_and_refine_mode_hits_the_target(tiny_llama_folder: Path, tiny_cache_dir: Path, fields: dict):
@@ -182,6 +184,23 @@ def test_update_under_the_diagonal_gram_changes_no_kept_weight(tiny_llama_folder
     for layer_u, layer_m in zip(updated.adapter.layers(updated.model), masked.adapter.layers(masked.model)):
         for name, linear in updated.adapter.linears(layer_u).items():
             torch.testing.assert_close(linear.weight, masked.adapter.linears(layer_m)[name].weight, rtol=1e-5, atol=1e-6)
+
+
+def test_least_squares_update_keeps_the_sweeps_masks_and_changes_nothing_under_the_diagonal_gram(
+        tiny_llama_folder: Path, tiny_cache_dir: Path):
+    swept, _ = _tiny_run(tiny_llama_folder, tiny_cache_dir, refine=5, update=True, update_mask="fixed")
+    solved, _ = _tiny_run(tiny_llama_folder, tiny_cache_dir, refine=5, update=True, update_mask="lsq")
+    diagonal, _ = _tiny_run(tiny_llama_folder, tiny_cache_dir, update=True, update_mask="lsq", gram_offdiag=0.0)
+    masked, _ = _tiny_run(tiny_llama_folder, tiny_cache_dir)
+    moved = 0
+    for layers in zip(*(run.adapter.layers(run.model) for run in (swept, solved, diagonal, masked))):
+        linears = [swept.adapter.linears(layer) for layer in layers]
+        for name in linears[0]:
+            w_swept, w_solved, w_diagonal, w_masked = (lin[name].weight for lin in linears)
+            assert torch.equal(w_swept == 0, w_solved == 0)  # the same masks, other kept values
+            moved += int((w_solved != w_swept).sum())
+            torch.testing.assert_close(w_diagonal, w_masked, rtol=1e-5, atol=1e-6)
+    assert moved > 0
 
 
 def test_refine_needs_fixed_masks_with_update():

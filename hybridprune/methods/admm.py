@@ -27,15 +27,13 @@ import torch
 from torch import Tensor
 
 from hybridprune.masks import _keep_all_but_lowest, mask_n_m
-from hybridprune.methods.reconstruct import FLOAT64_BYTES
+from hybridprune.methods.reconstruct import FLOAT64_BYTES, resolve_on_support
 
 RHO = 0.1  # the first penalty, in the unit-diagonal scale (ALPS's)
 MAX_STEPS = 300
 CHECK_EVERY = 3  # steps between two looks at the support (and rho updates)
 MIN_STEPS = 30  # before this, a settled support does not end the iteration
 SETTLED = 3e-4  # fraction of the kept entries that may still change once it has settled
-CG_STEPS = 25
-CG_TOLERANCE = 1e-5  # relative residual at which the re-solve stops
 
 
 @dataclass
@@ -63,33 +61,6 @@ def objective(weight: Tensor, solution: Tensor, gram: Tensor) -> Tensor:
     """Per row, (v - w)^T G (v - w): the layer output's squared error on the calibration tokens."""
     delta = (solution - weight).to(torch.float64)
     return ((delta @ gram.to(torch.float64)) * delta).sum(1)
-
-
-def resolve_on_support(gram: Tensor, target: Tensor, keep: Tensor, start: Tensor, steps: int = CG_STEPS,
-                       tolerance: float = CG_TOLERANCE) -> Tensor:
-    """argmin over v with v = 0 off `keep` of (v - w)^T G (v - w), per row, by conjugate gradients from `start`.
-
-    `target` is w G (rows x n, the right-hand side); rows are solved together (one n x n product per step).
-    The restricted system is G_SS v_S = (G w)_S; the iteration stays on the support by masking."""
-    mask = keep.to(start.dtype)
-    solution = start * mask
-    residual = (target - solution @ gram) * mask
-    direction = residual.clone()
-    rr = (residual * residual).sum(1)
-    stop = (tolerance ** 2) * ((target * mask) ** 2).sum(1).clamp_min(1e-30)
-    for _ in range(steps):
-        if bool((rr <= stop).all()):
-            break
-        product = (direction @ gram) * mask
-        curvature = (direction * product).sum(1)
-        alpha = torch.where(curvature > 0, rr / curvature.clamp_min(1e-30), torch.zeros_like(rr))
-        solution.addcmul_(alpha.unsqueeze(1), direction)
-        residual.addcmul_(alpha.unsqueeze(1), product, value=-1)
-        rr_next = (residual * residual).sum(1)
-        beta = torch.where(rr > 0, rr_next / rr.clamp_min(1e-30), torch.zeros_like(rr))
-        direction.mul_(beta.unsqueeze(1)).add_(residual)
-        rr = rr_next
-    return solution
 
 
 def admm_prune(weight: Tensor, keep: Tensor, gram: Tensor, nm: tuple[int, int] | None = None,
