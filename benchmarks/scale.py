@@ -89,7 +89,8 @@ SHAPES = {
 PER_TOKEN = ("forward", "first_order", "second_order", "sparsegpt_gram")
 PHASES = ("forward", "first_order", "second_order", "wanda", "hybrid", "refine", "balanced", "update", "quality", "joint",
           "sparsegpt")
-TABLE_PHASES = (*PHASES[:7], "hybrid_update", *PHASES[7:])  # the tables also show the measured hybrid + update
+# the tables also show the measured hybrid + update, and the same with the least-squares update (--update-mask lsq)
+TABLE_PHASES = (*PHASES[:7], "hybrid_update", "hybrid_lsq", *PHASES[7:])
 PHASE_LABELS = {
     "forward": "plain forward (reference)",
     "first_order": "first-order calibration",
@@ -99,6 +100,7 @@ PHASE_LABELS = {
     "refine": "refine (balanced - hybrid)",
     "balanced": "balanced (hybrid + refine)",
     "hybrid_update": "hybrid masks + update (quality, refine 0)",
+    "hybrid_lsq": "hybrid masks + least-squares update (refine 0)",
     "update": "update",
     "quality": "quality (balanced + update)",
     "joint": "joint (balanced + ADMM solve)",
@@ -394,7 +396,7 @@ def measure_shape(args: argparse.Namespace) -> None:
         restore()
         # the order within a time box: the default preset's phases first, then the two with an n^3 factorization
         hessians = None
-        if want("second_order") or want("balanced") or want("quality") or want("hybrid_update") or want("joint"):
+        if want("second_order") or want("balanced") or want("quality") or want("hybrid_update") or want("hybrid_lsq") or want("joint"):
             need = args.estimate_second_order or (memory_estimate(shape, tokens)["second_order"]
                                               - memory_estimate(shape, tokens)["fixed"] + 1.0 * GB)
             if not wait_for(need, f"{shape.name} second-order phases", args.wait_minutes):
@@ -421,6 +423,9 @@ def measure_shape(args: argparse.Namespace) -> None:
                     restore()
                 if want("hybrid_update"):  # the update alone: quality's masks without refine, then the OBS update
                     recorder.measure("hybrid_update", prune_with("quality", hessians, refine=0), before=restore)
+                    restore()
+                if want("hybrid_lsq"):  # the same masks, the kept weights at their least-squares optimum
+                    recorder.measure("hybrid_lsq", prune_with("quality", hessians, refine=0, update_mask="lsq"), before=restore)
                     restore()
         need = args.estimate_sparsegpt
         if want("sparsegpt") and not wait_for(need, f"{shape.name} SparseGPT", args.wait_minutes):
@@ -570,7 +575,7 @@ def phase_table(entry: dict[str, Any]) -> dict[str, Any]:
             notes[phase] = f"{constant:.2f} s per layer + {slope * 1e3:.3f} ms per token"
         else:
             at_product[phase] = full * PRODUCT_TOKENS / tokens
-    for phase in ("wanda", "hybrid", "balanced", "hybrid_update", "quality", "joint", "sparsegpt"):
+    for phase in ("wanda", "hybrid", "balanced", "hybrid_update", "hybrid_lsq", "quality", "joint", "sparsegpt"):
         if phase in rows:
             seconds[phase] = at_product[phase] = rows[phase]["seconds"]
             peaks[phase] = rows[phase]["peak_rss_above_start"]
@@ -587,8 +592,8 @@ def phase_table(entry: dict[str, Any]) -> dict[str, Any]:
         seconds["quality"] = at_product["quality"] = seconds["balanced"] + seconds["update"]
         notes["quality"] = "balanced + update"
     cpu: dict[str, float] = {}
-    for phase in ("forward", "first_order", "second_order", "wanda", "hybrid", "balanced", "hybrid_update", "quality",
-                  "joint", "sparsegpt"):
+    for phase in ("forward", "first_order", "second_order", "wanda", "hybrid", "balanced", "hybrid_update", "hybrid_lsq",
+                  "quality", "joint", "sparsegpt"):
         if phase in rows and rows[phase].get("cpu_seconds"):
             ordered = sorted(rows[phase]["cpu_seconds"])
             cpu[phase] = ordered[len(ordered) // 2] / (built if phase in PER_TOKEN else 1)

@@ -259,7 +259,8 @@ def prune_layer(
             if plan.update_mask == "admm":
                 updated, keep = _joint_solve(dense, keep, gram_of(group), pattern)
             elif plan.update_mask == "lsq":
-                updated = _least_squares(dense, keep, gram_of(group))
+                gram_of(group)
+                updated = _least_squares(dense, keep, cached.pop(("gram", group)))  # handed over: freed once scaled
             else:
                 updated = reconstruct_with_factor(dense, keep, *factor_of(group))
             updated = shrink_update(dense * keep, updated, update_shrink)
@@ -282,7 +283,8 @@ def _least_squares(dense: torch.Tensor, keep: torch.Tensor, gram: torch.Tensor) 
     (methods/reconstruct.py), in chunks of rows as the refine (rows are independent; one unit Gram serves all)."""
     rows = max(1, REFINE_CHUNK_ELEMENTS // dense.shape[1])
     unit = unit_gram(gram, dense.device)
-    return torch.cat([least_squares(dense[start : start + rows], keep[start : start + rows], gram, unit=unit)
+    del gram  # the caller handed it over: only the unit-diagonal copy stays
+    return torch.cat([least_squares(dense[start : start + rows], keep[start : start + rows], unit=unit)
                       for start in range(0, dense.shape[0], rows)])
 
 

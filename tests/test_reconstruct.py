@@ -157,7 +157,7 @@ def test_least_squares_is_the_optimum_of_the_mask_and_beats_the_sweep(offdiag: f
     assert float(error(solved).sum()) < 0.9 * float(sweep.sum())  # and strictly better than the sequential sweep here
     # chunks of rows with one unit Gram give the same weights as the whole matrix
     unit = unit_gram(gram)
-    chunked = torch.cat([least_squares(weight[i : i + 8], keep[i : i + 8], gram, unit=unit, steps=200, tolerance=1e-7)
+    chunked = torch.cat([least_squares(weight[i : i + 8], keep[i : i + 8], unit=unit, steps=200, tolerance=1e-7)
                          for i in range(0, 32, 8)])
     torch.testing.assert_close(chunked, solved, rtol=1e-3, atol=1e-4)  # a chunk stops when all its rows have converged
 
@@ -176,3 +176,5 @@ def test_least_squares_keeps_unseen_inputs_and_rejects_mismatched_shapes():
     assert torch.allclose(solved[:, 5], weight[:, 5])  # never seen non-zero: nothing to fit, the dense weight stays
     with pytest.raises(ValueError, match="shapes"):
         least_squares(weight, keep[:, :10], gram)
+    with pytest.raises(ValueError, match="needs the Gram"):
+        least_squares(weight, keep)

@@ -116,9 +116,11 @@ def unit_gram(gram: Tensor, device: torch.device | None = None) -> tuple[Tensor,
     Wanda's metric and conjugate gradients converge fast. Scaled in float64 where one n x n float64 matrix fits
     FLOAT64_BYTES."""
     width = gram.shape[0]
-    gram = gram.to(device or gram.device, torch.float64 if width * width * 8 <= FLOAT64_BYTES else torch.float32)
-    scale = gram.diagonal().clamp_min(1e-30).sqrt()
-    unit = gram / scale.unsqueeze(0) / scale.unsqueeze(1)
+    work = gram.to(device or gram.device, torch.float64 if width * width * 8 <= FLOAT64_BYTES else torch.float32)
+    scale = work.diagonal().clamp_min(1e-30).sqrt()
+    unit = work / scale.unsqueeze(0)
+    del work  # at most two n x n buffers of this function at once (a 70B down_proj's is 3.3 GB in float32)
+    unit.div_(scale.unsqueeze(1))
     return unit.to(torch.float32), scale.to(torch.float32)
 
 
@@ -149,17 +151,21 @@ def resolve_on_support(gram: Tensor, target: Tensor, keep: Tensor, start: Tensor
     return solution
 
 
-def least_squares(weight: Tensor, keep: Tensor, gram: Tensor, unit: tuple[Tensor, Tensor] | None = None,
+def least_squares(weight: Tensor, keep: Tensor, gram: Tensor | None = None, *, unit: tuple[Tensor, Tensor] | None = None,
                   steps: int = CG_STEPS, tolerance: float = CG_TOLERANCE) -> Tensor:
     """The weight [out, in] with pruned entries zero and kept entries at the least-squares optimum of the mask.
 
     Per row, argmin over v (v = 0 off `keep`) of (v - w)^T G (v - w) for the damped `gram` G [in, in], by conjugate
-    gradients from the masked weights (`unit`: `unit_gram(gram)` when the caller has it already, for row chunks).
-    Unlike `reconstruct`, inputs never seen non-zero keep their weight where the mask keeps it (G's only entry there
-    is its damped diagonal, which pins the weight to its dense value)."""
-    if keep.shape != weight.shape or gram.shape != (weight.shape[1],) * 2:
-        raise ValueError(f"shapes: weight {tuple(weight.shape)}, keep {tuple(keep.shape)}, gram {tuple(gram.shape)}")
-    unit_matrix, scale = unit if unit is not None else unit_gram(gram, weight.device)
+    gradients from the masked weights. Give either `gram` or `unit` = `unit_gram(gram)` (computed once by a caller
+    that solves a matrix in chunks of rows). Unlike `reconstruct`, inputs never seen non-zero keep their weight where
+    the mask keeps it (G's only entry there is its damped diagonal, which pins the weight to its dense value)."""
+    if unit is None:
+        if gram is None:
+            raise ValueError("least_squares needs the Gram or its unit_gram")
+        unit = unit_gram(gram, weight.device)
+    unit_matrix, scale = unit
+    if keep.shape != weight.shape or unit_matrix.shape != (weight.shape[1],) * 2:
+        raise ValueError(f"shapes: weight {tuple(weight.shape)}, keep {tuple(keep.shape)}, gram {tuple(unit_matrix.shape)}")
     keep = keep.to(weight.device)
     start = weight.to(torch.float32) * scale
     solved = resolve_on_support(unit_matrix, start @ unit_matrix, keep, start * keep, steps, tolerance)
