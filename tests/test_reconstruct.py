@@ -143,7 +143,7 @@ def test_least_squares_is_the_optimum_of_the_mask_and_beats_the_sweep(offdiag: f
     gram.diagonal().add_(0.01 * gram.diagonal().mean())
     weight = torch.randn(32, 64, generator=torch.Generator().manual_seed(1))
     keep = mask_unstructured(weight.abs() * gram.diag().sqrt(), 0.5)
-    solved = least_squares(weight, keep, gram, steps=200, tolerance=1e-7)
+    solved = least_squares(weight, keep, gram, steps=200, tolerance=1e-7, settle=0.0, products=None)
     assert solved.dtype == weight.dtype and bool((solved[~keep] == 0).all())
     exact = _exact_rows(weight.double(), keep, gram.double())
     torch.testing.assert_close(solved.double(), exact, rtol=2e-3, atol=2e-4)
@@ -157,9 +157,30 @@ def test_least_squares_is_the_optimum_of_the_mask_and_beats_the_sweep(offdiag: f
     assert float(error(solved).sum()) < 0.9 * float(sweep.sum())  # and strictly better than the sequential sweep here
     # chunks of rows with one unit Gram give the same weights as the whole matrix
     unit = unit_gram(gram)
-    chunked = torch.cat([least_squares(weight[i : i + 8], keep[i : i + 8], unit=unit, steps=200, tolerance=1e-7)
+    chunked = torch.cat([least_squares(weight[i : i + 8], keep[i : i + 8], unit=unit, steps=200, tolerance=1e-7, settle=0.0,
+                                       products=None)
                          for i in range(0, 32, 8)])
     torch.testing.assert_close(chunked, solved, rtol=1e-3, atol=1e-4)  # a chunk stops when all its rows have converged
+
+
+def test_the_products_default_bfloat16_and_early_stop_land_within_a_percent_of_the_optimums_gain():
+    from hybridprune.methods.refine import shrink_offdiagonal
+
+    inputs = correlated_inputs(tokens=512, features=256, rank=32)
+    gram = shrink_offdiagonal(inputs.T @ inputs, 0.5)
+    gram.diagonal().add_(0.01 * gram.diagonal().mean())
+    weight = torch.randn(64, 256, generator=torch.Generator().manual_seed(4))
+    keep = mask_unstructured(weight.abs() * gram.diag().sqrt(), 0.5)
+
+    def error(v):
+        d = (v - weight).double()
+        return float(((d @ gram.double()) * d).sum())
+
+    masked = error(weight * keep)
+    optimum = error(least_squares(weight, keep, gram, steps=300, tolerance=1e-9, settle=0.0, products=None))
+    for products in ("auto", torch.bfloat16, None):
+        fast = error(least_squares(weight, keep, gram, products=products))
+        assert fast - optimum <= 0.01 * (masked - optimum), (products, fast, optimum, masked)
 
 
 def test_least_squares_keeps_unseen_inputs_and_rejects_mismatched_shapes():
