@@ -194,8 +194,10 @@ def configs() -> dict[str, PruneConfig]:
     c["step:score"] = preset("balanced", qk_shift=0.0, refine=0, nr_row_bound=1.0)  # NeuronRank's allocation, rows unbounded
     c["step:bound"] = preset("balanced", qk_shift=0.0, refine=0)  # + each row within 0.05 of the target
     c["step:qk"] = preset("balanced", refine=0)  # + q/k pruned more than v/o
-    # the update's weights at the least-squares optimum of the masks (--update-mask lsq) instead of the OBS sweep
+    # the update's weights at the least-squares optimum of the masks (--update-mask lsq) instead of the OBS sweep;
+    # `quality` itself since 2026-12-06 (benchmarks/validation_choices.md, 13): `:obs` is quality as it was before
     for point in ("", "@2:4", "@4:8", "@60", "@70"):
+        c[f"quality{point}:obs"] = preset("quality", update_mask="fixed", **_point(point))
         for name in ("quality", "wanda+update"):
             base = c[f"{name}{point}"] if f"{name}{point}" in c else preset("wanda", update=True, **_point(point))
             c[f"{name}{point}:lsq"] = PruneConfig(**{**base.to_dict(), "update_mask": "lsq"})
