@@ -26,11 +26,11 @@ STEPS = [  # (configuration, label)
     ("step:bound", "+ each neuron's row within 0.05 of the target"),
     ("step:qk", "+ q/k pruned more than v/o (--qk-shift 0.1)"),
     ("balanced", "+ swap refinement, 50 steps (= balanced)"),
-    ("quality", "+ OBS weight update (= quality)"),
+    ("quality", "+ least-squares weight update (= quality)"),
     ("joint", "+ joint ADMM solve of masks and weights (= joint)"),
 ]
 SHORT = {"wanda": "Wanda", "step:score": "+NR alloc.", "step:bound": "+row bound", "step:qk": "+q/k shift",
-         "balanced": "+refine", "quality": "+update", "joint": "+joint"}
+         "balanced": "+refine", "quality": "+lsq update", "joint": "+joint"}
 IN_DOMAIN = ("wiki",)
 
 

@@ -119,16 +119,16 @@ class PruneConfig:
     layer_spread: float = 0.0
     qk_shift: float = 0.0  # q/k pruned at sparsity + shift, v/o at sparsity - shift (clamped to the layer's target; no effect with N:M)
     sequential: bool = False
-    update: bool = False  # OBS weight update of the kept weights, from the cached second-order statistics
+    update: bool = False  # weight update of the kept weights (how: update_mask), from the cached second-order statistics
     heads_sparsity: float = 0.0  # structured: this share of the query heads removed in every layer (GQA-aware)
     drop_layers: int = 0  # structured: this many whole decoder layers removed (lowest block influence)
     target_speedup: float = 0.0  # structured: plan neurons / heads / layers for this prefill speed-up (0 = off)
-    update_mask: str = "fixed"  # with --update: the hybrid's masks kept (fixed) or masks chosen inside the OBS sweep (sweep)
+    update_mask: str = "fixed"  # with --update: UPDATE_MASKS (the quality preset sets "lsq")
     nm_order: str = "spread"  # N:M hybrid: permute MLP neurons so down_proj's N:M groups mix neuron scores (spread) or not (none)
     refine: int = 0  # swap-refinement steps per row of the masks under X^T X (0 = off; uses the second-order entry)
     nr_doc_rate: float = 0.1  # doc mode: a neuron is in a window when active on >= this fraction of its tokens
     nr_row_bound: float = 0.05  # gate/up: each neuron's row sparsity kept within target +- this (1 = unbounded)
-    update_shrink: float = 1.0  # --update: step toward the OBS-updated weights (1 = full update, 0 = none)
+    update_shrink: float = 1.0  # --update: step toward the updated weights (1 = full update, 0 = none)
     gram_offdiag: float | None = None  # --refine / --update: weight of X^T X's off-diagonal (1 = as calibrated, 0 = diagonal only); None: GRAM_OFFDIAG
 
     def validate(self, num_layers: int | None = None) -> PruneConfig:

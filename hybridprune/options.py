@@ -125,7 +125,7 @@ PRUNE_KNOBS = (
     opt("sequential", "--sequential/--dense-stats", type=bool | None, help="Original Wanda: inputs from pruned earlier layers."),
     opt("update", "--update/--no-update", type=bool | None,
         help="Update kept weights to compensate, from second-order statistics (collected once, then cached)."),
-    opt("update_shrink", type=float | None, help="With --update: how far the kept weights move toward the OBS update "
+    opt("update_shrink", type=float | None, help="With --update: how far the kept weights move toward the updated weights "
         f"(1 = the full update, 0 = none; {_default('update_shrink')}, chosen across domains)."),
     opt("update_mask", help=f"With --update: {'; '.join(f'{k}: {v}' for k, v in UPDATE_MASKS.items())} ({_default('update_mask')})."),
     opt("nm_order", help=f"N:M hybrid: {'; '.join(f'{k}: {v}' for k, v in NM_ORDERS.items())} "

@@ -73,8 +73,8 @@ class LayerPlan:
     pattern: str = "unstructured"
     weight_exp: float = 1.0
     qk_shift: float = 0.0  # q/k pruned at +shift, v/o at -shift (attention total unchanged)
-    update: bool = False  # OBS weight update of the kept weights (needs the second-order entry)
-    update_mask: str = "sweep"  # sweep: masks chosen inside the OBS sweep; fixed: the masks below, then the update
+    update: bool = False  # weight update of the kept weights (needs the second-order entry)
+    update_mask: str = "sweep"  # config.UPDATE_MASKS: sweep chooses masks inside the OBS sweep; fixed / lsq / admm start from the masks below
     sweep_group: str = "matrix"  # in the sweep, Wanda-pruned matrices compare per row ("row") or over a block of the matrix ("matrix")
     nm_order: str = "none"  # spread: N:M hybrid permutes MLP neurons so down_proj's groups mix scores
     refine: int = 0  # swap-refinement steps per row of every mask (0 = off; needs the second-order entry)
