@@ -10,7 +10,7 @@ the layer's output on the calibration inputs moves as little as possible.
 - `least_squares`: the optimum itself, argmin over v (v = 0 off the mask) of (v - w)^T H (v - w) per row,
   by conjugate gradients on the unit-diagonal H (no factorization). On SmolLM2's cached Grams at 50% it
   removes 1.6x (Gram shrunk to 0.25) to 1.5x (unshrunk) the sweep's error reduction, converged in 5-25
-  steps (benchmarks/validation_choices.md, item 13).
+  steps (docs/results.md, "The least-squares update"; chosen for `quality`: benchmarks/validation_choices.md, 13).
 
 Pure tensor code.
 """
@@ -39,6 +39,8 @@ def fast_low_precision(device: torch.device) -> torch.dtype | None:
     if device.type == "cpu" and getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)():
         return torch.bfloat16
     return None
+
+
 FLOAT64_BYTES = 2**30
 """The factorization runs in float64 while one n x n float64 matrix takes at most this many bytes (n <= 11585:
 every validated model), in float32 above (SparseGPT's precision), where float64 n x n buffers would exceed
