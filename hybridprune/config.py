@@ -87,7 +87,8 @@ def window_length(seqlen: int | None, model: Any) -> int:
 UPDATE_MASKS = {
     "sweep": "masks chosen inside the OBS sweep from already-updated weights",
     "fixed": "the hybrid's masks kept, only the kept weights updated",
-    "lsq": "the hybrid's masks kept, the kept weights at the least-squares optimum of the mask (conjugate gradients)",
+    "lsq": "the hybrid's masks kept, the kept weights at the least-squares optimum of the mask (conjugate gradients; "
+           "--pattern structured compensates removed neurons with the OBS sweep)",
     "admm": "masks and kept weights solved together (ADMM from the hybrid's masks, same per-row counts)",
 }
 # what --refine cannot work with (PruneConfig.refine_conflict) and the one line that says so
