@@ -413,7 +413,7 @@ def measure_shape(args: argparse.Namespace) -> None:
                 recorder.emit({"phase": "second_order_bytes", "layer_bytes": layer_tensor_bytes(hessians),
                                "file_bytes": written_bytes(hessians), "built_layers": shape.built_layers})
                 need = args.estimate_refine
-                if (want("balanced") or want("hybrid_update") or want("quality")) and not wait_for(
+                if (want("balanced") or want("hybrid_update") or want("hybrid_lsq") or want("quality")) and not wait_for(
                         need, f"{shape.name} refine / update", args.wait_minutes):
                     recorder.emit({"phase": "refused", "reason": f"{shape.name}: balanced / quality need about "
                                    f"{need / GB:.1f} GB, {available() / GB:.1f} GB available"})
