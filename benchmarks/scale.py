@@ -99,9 +99,9 @@ PHASE_LABELS = {
     "hybrid": "hybrid masks",
     "refine": "refine (balanced - hybrid)",
     "balanced": "balanced (hybrid + refine)",
-    "hybrid_update": "hybrid masks + update (quality, refine 0)",
+    "hybrid_update": "hybrid masks + OBS sweep update (refine 0)",
     "hybrid_lsq": "hybrid masks + least-squares update (refine 0)",
-    "update": "update",
+    "update": "update (least squares where measured)",
     "quality": "quality (balanced + update)",
     "joint": "joint (balanced + ADMM solve)",
     "sparsegpt": "SparseGPT (inverse + sweep)",
@@ -421,8 +421,9 @@ def measure_shape(args: argparse.Namespace) -> None:
                 if want("balanced"):
                     recorder.measure("balanced", prune_with("balanced", hessians), before=restore)
                     restore()
-                if want("hybrid_update"):  # the update alone: quality's masks without refine, then the OBS update
-                    recorder.measure("hybrid_update", prune_with("quality", hessians, refine=0), before=restore)
+                if want("hybrid_update"):  # the update alone: quality's masks without refine, then the OBS sweep
+                    recorder.measure("hybrid_update", prune_with("quality", hessians, refine=0, update_mask="fixed"),
+                                     before=restore)
                     restore()
                 if want("hybrid_lsq"):  # the same masks, the kept weights at their least-squares optimum
                     recorder.measure("hybrid_lsq", prune_with("quality", hessians, refine=0, update_mask="lsq"), before=restore)
@@ -550,6 +551,9 @@ def run_shapes(args: argparse.Namespace) -> None:
 # --- the model built from the measurements ------------------------------------------------------------------
 
 
+UPDATE_DERIVED = (("refine", ("balanced", "hybrid")), ("update", ("hybrid_lsq", "hybrid")), ("update", ("hybrid_update", "hybrid")))
+
+
 def phase_table(entry: dict[str, Any]) -> dict[str, Any]:
     """Per-layer seconds and peaks of one shape's rows, with the derived phases and the 16384-token extrapolation."""
     rows = {row["phase"]: row for row in entry["rows"]}
@@ -579,10 +583,11 @@ def phase_table(entry: dict[str, Any]) -> dict[str, Any]:
         if phase in rows:
             seconds[phase] = at_product[phase] = rows[phase]["seconds"]
             peaks[phase] = rows[phase]["peak_rss_above_start"]
-    # refine = balanced - hybrid masks; update = (hybrid masks + update) - hybrid masks where measured so, else
-    # quality - balanced; quality = balanced + update where it was not measured itself
-    for derived, (minuend, subtrahend) in {"refine": ("balanced", "hybrid"), "update": ("hybrid_update", "hybrid")}.items():
-        if minuend in seconds and subtrahend in seconds:
+    # refine = balanced - hybrid masks; update = (hybrid masks + least-squares update) - hybrid masks where measured
+    # so (quality's update since 2026-12-06), else the OBS sweep's, else quality - balanced; quality = balanced +
+    # update where it was not measured itself
+    for derived, (minuend, subtrahend) in UPDATE_DERIVED:
+        if derived not in seconds and minuend in seconds and subtrahend in seconds:
             seconds[derived] = at_product[derived] = seconds[minuend] - seconds[subtrahend]
             notes[derived] = f"{minuend} - {subtrahend}"
     if "update" not in seconds and "quality" in seconds and "balanced" in seconds:
@@ -597,8 +602,8 @@ def phase_table(entry: dict[str, Any]) -> dict[str, Any]:
         if phase in rows and rows[phase].get("cpu_seconds"):
             ordered = sorted(rows[phase]["cpu_seconds"])
             cpu[phase] = ordered[len(ordered) // 2] / (built if phase in PER_TOKEN else 1)
-    for derived, (minuend, subtrahend) in {"refine": ("balanced", "hybrid"), "update": ("hybrid_update", "hybrid")}.items():
-        if minuend in cpu and subtrahend in cpu:
+    for derived, (minuend, subtrahend) in UPDATE_DERIVED:
+        if derived not in cpu and minuend in cpu and subtrahend in cpu:
             cpu[derived] = cpu[minuend] - cpu[subtrahend]
     if "update" not in cpu and "quality" in cpu and "balanced" in cpu:
         cpu["update"] = cpu["quality"] - cpu["balanced"]

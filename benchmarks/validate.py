@@ -67,17 +67,20 @@ def preset(name: str, **overrides) -> PruneConfig:
     table = tomllib.loads((ROOT / "presets.toml").read_text())[name]
     values = {k: v for k, v in table.items() if k in PRUNE_FIELDS}
     values.update(overrides)
+    if not values.get("update"):  # no update: update_mask changes nothing, spelled as it was so the digest stays
+        values.setdefault("update_mask", "fixed")
     return PruneConfig(**values)
 
 
 # The product defaults of the new fields before this work, and idf_exp's old default: every
 # configuration below except the presets spells them out, so that its digest (and its measured rows)
 # does not change when the product defaults do. None of them changes Wanda's masks.
-OLD_DEFAULTS = dict(idf_exp=0.25, nr_doc_rate=0.0, nr_row_bound=1.0, update_shrink=1.0, qk_shift=0.0, gram_offdiag=1.0)
+OLD_DEFAULTS = dict(idf_exp=0.25, nr_doc_rate=0.0, nr_row_bound=1.0, update_shrink=1.0, qk_shift=0.0, gram_offdiag=1.0,
+                    update_mask="fixed")
 # `balanced` as it was when the refine / Gram-shrink rows were measured (2026-12-01, before 7ac1f23 made it the
 # default's definition), spelled out so those rows keep their digests: B(**knobs) is that plus knobs.
 BALANCED_AT_87425C2 = dict(prune_method="hybrid", hybrid_mlp_method="neuronrank_tfidf", nr_tfidf_mode="doc", qk_shift=0.1,
-                   idf_exp=0.0, nr_doc_rate=0.1, nr_row_bound=0.05, update_shrink=0.25, gram_offdiag=1.0)
+                   idf_exp=0.0, nr_doc_rate=0.1, nr_row_bound=0.05, update_shrink=0.25, gram_offdiag=1.0, update_mask="fixed")
 
 
 def B(**overrides) -> PruneConfig:
@@ -98,7 +101,7 @@ def configs() -> dict[str, PruneConfig]:
     """Every named configuration the harness knows (the report and the ablations pick from these)."""
     c: dict[str, PruneConfig] = {
         "wanda": P(prune_method="wanda"),
-        "wanda+update": preset("wanda", update=True),  # the product's update (defaults: full step, Gram off-diagonal 0.5)
+        "wanda+update": preset("wanda", update=True),  # the product's --update (least squares since 2026-12-06, Gram 0.25)
         "wanda+update@full": P(prune_method="wanda", update=True),  # full step, full Gram ("wanda+update" up to 87425c2)
         "wanda+qk0.1": P(prune_method="wanda", qk_shift=0.1),
         "wanda+qk0.1+update": P(prune_method="wanda", qk_shift=0.1, update=True),
@@ -119,7 +122,7 @@ def configs() -> dict[str, PruneConfig]:
         c[f"{name}:refine0"] = preset(name, refine=0, gram_offdiag=0.5, **was)  # as measured (0.5 was the default then)
         for a in (0.1, 0.25, 0.5, 1.0):
             c[f"{name}:off{a}"] = preset(name, gram_offdiag=a, **was)
-    c["wanda+update:off0.5"] = preset("wanda", update=True, gram_offdiag=0.5)  # the product's update before 84ecbf2
+    c["wanda+update:off0.5"] = preset("wanda", update=True, gram_offdiag=0.5, update_mask="fixed")  # the update before 84ecbf2
     c["balanced@2:4:off0.25"] = preset("balanced", pattern="2:4", gram_offdiag=0.25)
     c["quality@2:4:off0.25"] = preset("quality", pattern="2:4", gram_offdiag=0.25, update_mask="fixed")
     c["balanced@2:4:off0.5"] = preset("balanced", pattern="2:4", gram_offdiag=0.5)
@@ -198,8 +201,10 @@ def configs() -> dict[str, PruneConfig]:
     c["step:qk"] = preset("balanced", refine=0)  # + q/k pruned more than v/o
     # the update's weights at the least-squares optimum of the masks (--update-mask lsq) instead of the OBS sweep;
     # `quality` itself since 2026-12-06 (benchmarks/validation_choices.md, 13): `:obs` is quality as it was before
+    # `--update` alone too since 2026-12-06 (14): `wanda+update{point}:obs` is Wanda + update as it was before
     for point in ("", "@2:4", "@4:8", "@60", "@70"):
         c[f"quality{point}:obs"] = preset("quality", update_mask="fixed", **_point(point))
+        c[f"wanda+update{point}:obs"] = preset("wanda", update=True, update_mask="fixed", **_point(point))
         for name in ("quality", "wanda+update"):
             base = c[f"{name}{point}"] if f"{name}{point}" in c else preset("wanda", update=True, **_point(point))
             c[f"{name}{point}:lsq"] = PruneConfig(**{**base.to_dict(), "update_mask": "lsq"})
@@ -470,9 +475,9 @@ def fmt_table(s: dict, names: list[str], models: list[str], domains: tuple[str, 
     return "\n".join(lines)
 
 
-HEADLINE = ["wanda", "wanda+update", "wanda+update:off0.5", "wanda+qk0.1", "balanced@87425c2", "quality@87425c2", "balanced:refine0",
+HEADLINE = ["wanda", "wanda+update:obs", "wanda+update", "wanda+update:off0.5", "wanda+qk0.1", "balanced@87425c2", "quality@87425c2", "balanced:refine0",
             "balanced:off0.5", "quality:off0.5", "balanced", "quality:obs", "quality", "joint", "conservative", "fast",
-            "wanda@2:4", "wanda+update@2:4", "balanced@2:4", "quality@2:4:obs", "quality@2:4", "joint@2:4", "wanda@4:8",
+            "wanda@2:4", "wanda+update@2:4:obs", "wanda+update@2:4", "balanced@2:4", "quality@2:4:obs", "quality@2:4", "joint@2:4", "wanda@4:8",
             "quality@4:8:obs", "quality@4:8", "joint@4:8", "wanda@60", "quality@60:obs", "quality@60", "joint@60", "wanda@70",
             "quality@70:obs", "quality@70", "joint@70"]
 

@@ -86,15 +86,14 @@ def window_length(seqlen: int | None, model: Any) -> int:
 
 UPDATE_MASKS = {
     "sweep": "masks chosen inside the OBS sweep from already-updated weights",
-    "fixed": "the hybrid's masks kept, only the kept weights updated",
-    "lsq": "the hybrid's masks kept, the kept weights at the least-squares optimum of the mask (conjugate gradients; "
-           "--pattern structured compensates removed neurons with the OBS sweep)",
+    "fixed": "the hybrid's masks kept, the kept weights updated by the OBS sweep (SparseGPT's)",
+    "lsq": "the hybrid's masks kept, the kept weights at the least-squares optimum of the mask (conjugate gradients)",
     "admm": "masks and kept weights solved together (ADMM from the hybrid's masks, same per-row counts)",
 }
 # what --refine cannot work with (PruneConfig.refine_conflict) and the one line that says so
 REFINE_CONFLICTS = {
     "--pattern structured": "--refine swaps weights inside rows; --pattern structured removes whole neurons: drop one of them",
-    "--update-mask sweep": "--refine improves fixed masks; with --update the masks are chosen inside the sweep: add --update-mask fixed or drop --refine",
+    "--update-mask sweep": "--refine improves fixed masks; with --update the masks are chosen inside the sweep: use --update-mask lsq (the default) or drop --refine",
 }
 NM_ORDERS = {"spread": "MLP neurons permuted so each N:M group of down_proj mixes neuron scores", "none": "neurons in their order"}
 
@@ -124,7 +123,7 @@ class PruneConfig:
     heads_sparsity: float = 0.0  # structured: this share of the query heads removed in every layer (GQA-aware)
     drop_layers: int = 0  # structured: this many whole decoder layers removed (lowest block influence)
     target_speedup: float = 0.0  # structured: plan neurons / heads / layers for this prefill speed-up (0 = off)
-    update_mask: str = "fixed"  # with --update: UPDATE_MASKS (the quality preset sets "lsq")
+    update_mask: str = "lsq"  # with --update: UPDATE_MASKS (benchmarks/validation_choices.md, 13 and 14)
     nm_order: str = "spread"  # N:M hybrid: permute MLP neurons so down_proj's N:M groups mix neuron scores (spread) or not (none)
     refine: int = 0  # swap-refinement steps per row of the masks under X^T X (0 = off; uses the second-order entry)
     nr_doc_rate: float = 0.1  # doc mode: a neuron is in a window when active on >= this fraction of its tokens

@@ -131,7 +131,7 @@ PRUNE_KNOBS = (
     opt("nm_order", help=f"N:M hybrid: {'; '.join(f'{k}: {v}' for k, v in NM_ORDERS.items())} "
         f"({_default('nm_order')}; the saved model is the permuted one, the same function)."),
     opt("refine", type=int | None, help="Improve the masks by up to N weight swaps per row that lower the layer's output "
-        "error on the calibration inputs (second-order entry; minutes on CPU; with --update add --update-mask fixed)."),
+        "error on the calibration inputs (second-order entry; minutes on CPU; not with --update-mask sweep)."),
     opt("gram_offdiag", type=float | None, help="With --refine / --update: weight of the calibration Gram's off-diagonal "
         "(1 = X^T X as calibrated, 0 = its diagonal only, Wanda's objective; default "
         f"{GRAM_OFFDIAG['unstructured']}, {GRAM_OFFDIAG['nm']} under N:M). Below 1 the fit depends less on the calibration text."),

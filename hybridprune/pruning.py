@@ -27,7 +27,14 @@ from hybridprune.methods.hybrid import (
     sweep_specs,
 )
 from hybridprune.methods.obs import spread_order, sweep_counts, sweep_prune
-from hybridprune.methods.reconstruct import inverse_factor, least_squares, reconstruct_with_factor, shrink_update, unit_gram
+from hybridprune.methods.reconstruct import (
+    inverse_factor,
+    keep_columns,
+    least_squares,
+    reconstruct_with_factor,
+    shrink_update,
+    unit_gram,
+)
 from hybridprune.methods.refine import refine_swaps, shrink_offdiagonal
 from hybridprune.models.adapters import FamilyAdapter
 from hybridprune.models.loading import LoadedModel
@@ -144,9 +151,10 @@ def prune_layer(
 
     With `hessians` (the second-order entry: per input group, the Gram x x^T) and plan.update the kept
     weights are updated to compensate for the pruned ones; the Linears that read the same inputs (q/k/v,
-    gate/up) are updated together, as one matrix with one factorization. plan.update_mask "fixed" (default)
-    applies the hybrid's masks and updates around them by the OBS sweep, "lsq" sets the kept weights to the
-    least-squares optimum of those masks (both methods/reconstruct.py), "admm" solves masks and weights together
+    gate/up) are updated together, as one matrix. plan.update_mask "lsq" (default) sets the kept weights of the
+    hybrid's masks to the least-squares optimum of those masks, "fixed" updates around them by the OBS sweep (both
+    methods/reconstruct.py); structured removal (one column mask for every row) takes the exact least squares
+    whatever the mask choice (`keep_columns`); "admm" solves masks and weights together
     (methods/admm.py), "sweep" chooses the masks inside the OBS sweep on the already-updated weights (methods/obs.py). plan.refine > 0 (needs `hessians`)
     improves the hybrid's masks by swaps before they are applied.
     plan.nm_order "spread" (N:M with NeuronRank) permutes the MLP neurons first (the same function).
@@ -220,11 +228,10 @@ def prune_layer(
     with torch.no_grad():
         if "neurons" in masks:
             keep = masks.pop("neurons")
-            if hessians is not None and plan.update:  # compensate the removed neurons in down_proj's remaining columns
+            if hessians is not None and plan.update:  # the removed neurons compensated on down_proj's remaining columns
                 down = linears[adapter.mlp_output]
-                columns = keep.unsqueeze(0).expand_as(down.weight).to(down.weight.device)
-                updated = reconstruct_with_factor(down.weight, columns, *factor_of(adapter.input_group(adapter.mlp_output)))
-                down.weight.copy_(shrink_update(down.weight * columns, updated, update_shrink))
+                updated = keep_columns(down.weight, keep, gram_of(adapter.input_group(adapter.mlp_output)))
+                down.weight.copy_(shrink_update(down.weight * keep.to(down.weight.device), updated, update_shrink))
             shrink_mlp(adapter.mlp(layer), adapter, keep)
         if sweep:
             _sweep_layer(linears, adapter, plan, score, factor_of, update_shrink)

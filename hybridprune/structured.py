@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from hybridprune.calibration.stats import CalibrationStats
 from hybridprune.errors import UserError
-from hybridprune.methods.reconstruct import reconstruct_with_factor
+from hybridprune.methods.reconstruct import keep_columns
 from hybridprune.models.adapters import DOWN_IN, O_IN, FamilyAdapter
 from hybridprune.pruning import _select
 
@@ -146,23 +146,22 @@ def shrink_attention(
     keep_query: Tensor,
     keep_kv: Tensor,
     shape: AttentionShape,
-    o_factor: tuple[Tensor, Tensor] | None = None,
+    o_gram: Tensor | None = None,
 ) -> None:
     """Keep only the given query / KV heads of one attention module (q, k, v rows; o columns), in place.
 
-    `o_factor` (the second-order entry's o_in factor and dead mask) compensates the removed o_proj
-    columns on the remaining ones before they are dropped.
+    `o_gram` (the second-order entry's damped o_in Gram) compensates the removed o_proj columns on the
+    remaining ones before they are dropped (their least-squares optimum, `keep_columns`).
     """
     q_name, k_name, v_name = adapter.attention_inputs
     o_name = adapter.attention_output
     query_channels, kv_channels = _channels(keep_query, shape.head_dim), _channels(keep_kv, shape.head_dim)
     o_proj = getattr(attention, o_name)
-    if o_factor is not None and len(keep_query) < shape.heads:
+    if o_gram is not None and len(keep_query) < shape.heads:
         keep = torch.zeros(o_proj.in_features, dtype=torch.bool)
         keep[query_channels] = True
         with torch.no_grad():
-            columns = keep.unsqueeze(0).expand_as(o_proj.weight).to(o_proj.weight.device)
-            o_proj.weight.copy_(reconstruct_with_factor(o_proj.weight, columns, *o_factor))
+            o_proj.weight.copy_(keep_columns(o_proj.weight, keep, o_gram))
     setattr(attention, q_name, _select(getattr(attention, q_name), query_channels, dim=0))
     setattr(attention, o_name, _select(o_proj, query_channels, dim=1))
     if len(keep_kv) < shape.kv_heads:
@@ -212,8 +211,8 @@ def remove_heads(
         o_proj = getattr(attention, adapter.attention_output)
         scores = head_scores(o_proj.weight, stats.sumsq(index, O_IN), shape)
         keep_query, keep_kv = head_keep(scores, shape, mode, count)
-        factor = hessians.inverse_factor(index, O_IN) if hessians is not None else None
-        shrink_attention(attention, adapter, keep_query, keep_kv, shape, factor)
+        gram = hessians.gram(index, O_IN)[0] if hessians is not None else None
+        shrink_attention(attention, adapter, keep_query, keep_kv, shape, gram)
         removal.kept[index] = keep_query.tolist()
     removal.heads, removal.kv_heads = len(keep_query), len(keep_kv)
     removal.removed_per_layer = shape.heads - removal.heads
@@ -301,8 +300,7 @@ def remove_neurons(
         if hessians is not None:
             down = getattr(mlp, adapter.mlp_output)
             with torch.no_grad():
-                columns = keep.unsqueeze(0).expand_as(down.weight).to(down.weight.device)
-                down.weight.copy_(reconstruct_with_factor(down.weight, columns, *hessians.inverse_factor(index, DOWN_IN)))
+                down.weight.copy_(keep_columns(down.weight, keep, hessians.gram(index, DOWN_IN)[0]))
         shrink_mlp(mlp, adapter, keep)
     setattr(model.config, adapter.intermediate_size_key, width - count)
     return width - count

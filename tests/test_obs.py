@@ -147,7 +147,8 @@ def _tiny_run(folder: Path, cache: Path, **fields):
 @pytest.mark.parametrize(
     "fields",
     [
-        dict(update=True),  # the hybrid's masks kept, the update shrunk (the defaults)
+        dict(update=True),  # the defaults: the hybrid's masks kept, the kept weights at their least-squares optimum
+        dict(update=True, update_mask="fixed"),  # the OBS sweep on the hybrid's masks
         dict(update=True, update_mask="sweep"),  # masks chosen inside the sweep
         dict(update=True, update_mask="sweep", qk_shift=0.1, update_shrink=1.0),
         dict(update=True, update_mask="sweep", pattern="2:4"),
@@ -178,7 +179,7 @@ def test_every_update_and_refine_mode_hits_the_target(tiny_llama_folder: Path, t
 
 
 def test_update_under_the_diagonal_gram_changes_no_kept_weight(tiny_llama_folder: Path, tiny_cache_dir: Path):
-    """--gram-offdiag 0: no input channel co-varies with another, so the OBS update has nothing to move."""
+    """--gram-offdiag 0: no input channel co-varies with another, so the update has nothing to move."""
     updated, _ = _tiny_run(tiny_llama_folder, tiny_cache_dir, update=True, update_shrink=1.0, gram_offdiag=0.0)
     masked, _ = _tiny_run(tiny_llama_folder, tiny_cache_dir)
     for layer_u, layer_m in zip(updated.adapter.layers(updated.model), masked.adapter.layers(masked.model)):

@@ -10,7 +10,7 @@ import torch
 from hybridprune.calibration.collect import CollectionOptions, collect_statistics
 from hybridprune.config import PruneConfig
 from hybridprune.masks import mask_unstructured
-from hybridprune.methods.reconstruct import least_squares, reconstruct, resolve_on_support, unit_gram
+from hybridprune.methods.reconstruct import keep_columns, least_squares, reconstruct, resolve_on_support, unit_gram
 from hybridprune.models import load_model
 from hybridprune.passes import prune_model
 from hybridprune.reporting import SilentReporter
@@ -199,3 +199,32 @@ def test_least_squares_keeps_unseen_inputs_and_rejects_mismatched_shapes():
         least_squares(weight, keep[:, :10], gram)
     with pytest.raises(ValueError, match="needs the Gram"):
         least_squares(weight, keep)
+
+
+def test_keep_columns_is_the_least_squares_optimum_of_a_shared_column_mask_and_beats_the_sweep():
+    """Whole neurons / heads removed: one column mask for every row, solved exactly by one k x k Cholesky."""
+    inputs = correlated_inputs()
+    inputs[:, 7] = 0.0  # a dead input among the kept ones
+    gram = inputs.T @ inputs
+    gram[7, 7] = 1.0
+    gram.diagonal().add_(0.01 * gram.diagonal().mean())
+    weight = torch.randn(32, 64, generator=torch.Generator().manual_seed(3))
+    columns = torch.ones(64, dtype=torch.bool)
+    columns[torch.randperm(64, generator=torch.Generator().manual_seed(4))[:24]] = False
+    columns[7] = True
+    solved = keep_columns(weight, columns, gram)
+    keep = columns.unsqueeze(0).expand_as(weight)
+    assert solved.dtype == weight.dtype and bool((solved[:, ~columns] == 0).all())
+    torch.testing.assert_close(solved.double(), _exact_rows(weight.double(), keep, gram.double()), rtol=1e-4, atol=1e-5)
+    assert torch.allclose(solved[:, 7], weight[:, 7])  # never seen non-zero: its weight stays
+
+    def error(v):
+        d = (v - weight).double()
+        return ((d @ gram.double()) * d).sum(1)
+
+    sweep = error(reconstruct(weight, keep, gram, damping=0.0))
+    assert bool((error(solved) <= sweep * (1 + 1e-6)).all())
+    assert float(error(solved).sum()) < 0.95 * float(sweep.sum())
+    assert torch.equal(keep_columns(weight, torch.zeros(64, dtype=torch.bool), gram), torch.zeros_like(weight))
+    with pytest.raises(ValueError, match="shapes"):
+        keep_columns(weight, columns[:10], gram)
