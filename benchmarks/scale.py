@@ -524,10 +524,15 @@ def run_shapes(args: argparse.Namespace) -> None:
             status = f"stopped at the time box of {box:.0f} s"
         rows = [json.loads(line) for line in partial.read_text().splitlines() if line.strip()]
         partial.unlink()
+        previous = document["shapes"].get(key, {})
+        if args.phases and previous:  # only what was asked for: the inputs of a listed phase (the second-order
+            # statistics, the setup at this run's token count) keep the rows of the run that measured them
+            listed = set(args.phases.split(","))
+            recorded = listed | {"refused"} | {part for phase in listed for part in COMPANIONS.get(phase, ())}
+            rows = [row for row in rows if row["phase"] in recorded]
         measured_phases = {row["phase"] for row in rows}
         running = next((p for p in ("forward", "first_order", "wanda", "hybrid", "second_order_half", "second_order",
                                     "balanced", "hybrid_update", "sparsegpt", "quality") if p not in measured_phases), None)
-        previous = document["shapes"].get(key, {})
         if args.phases and previous:  # a partial rerun replaces only the phases it measured (and drops --drop)
             dropped = set(args.drop.split(",")) if args.drop else set()
             kept = [row for row in previous.get("rows", []) if row["phase"] not in measured_phases | dropped]
@@ -537,7 +542,8 @@ def run_shapes(args: argparse.Namespace) -> None:
         document["shapes"][key] = {
             "shape": asdict(shape), "status": status, "wall_seconds": time.perf_counter() - started, "rows": rows,
             "unfinished_phase": running if status != "ok" else None, "lm_head": lm_head_rate(shape.hidden, args.threads),
-            "command": " ".join(["python benchmarks/scale.py", *sys.argv[1:]]),
+            "commands": [*(previous.get("commands") or [previous["command"]] if args.phases and previous.get("rows") else []),
+                         " ".join(["python benchmarks/scale.py", *sys.argv[1:]])],
         }
         document["machine"] = machine()
         document["commit"] = commit()
@@ -551,6 +557,9 @@ def run_shapes(args: argparse.Namespace) -> None:
 # --- the model built from the measurements ------------------------------------------------------------------
 
 
+# the rows a listed phase brings with it (a partial rerun records those and nothing else)
+COMPANIONS = {"forward": ("forward_half",), "first_order": ("first_order_half", "first_order_bytes"),
+              "second_order": ("second_order_half", "second_order_bytes"), "sparsegpt": ("sparsegpt_parts",)}
 UPDATE_DERIVED = (("refine", ("balanced", "hybrid")), ("update", ("hybrid_lsq", "hybrid")), ("update", ("hybrid_update", "hybrid")))
 
 
@@ -739,9 +748,10 @@ def markdown(document, order, tables, fitted, png: str) -> str:
         "Measured by `benchmarks/scale.py` (issue 21, item 3). Regenerate the tables and the plot from "
         "`docs/scale.json` with `python benchmarks/scale.py report`.",
         "",
-        "Commands of the recorded runs (one per shape, as stored in scale.json):",
+        "Commands of the recorded runs (as stored in scale.json; a later run with --phases replaced the rows of the phases it lists):",
         "",
-        *sorted({f"    {document['shapes'][key]['command']}" for key in order}),
+        *sorted({f"    {command}" for key in order
+                 for command in document["shapes"][key].get("commands") or [document["shapes"][key]["command"]]}),
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores (AVX-512 {'yes' if m['avx512'] else 'no'}, AMX-bf16 "
         f"{'yes' if m['amx_bf16'] else 'no'}), {m['memory_gb']:.0f} GB RAM, torch {m['torch']}, "
