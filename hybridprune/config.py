@@ -294,7 +294,9 @@ class PruneConfig:
 
 # --gram-offdiag when not given, per pattern kind. 50% unstructured: 0.25, the smallest worst case over both
 # models' validation halves within 0.02, the larger mean gain (benchmarks/validation_choices.md, 8); N:M: 0.5,
-# better than 0.25 and 1 on SmolLM2's validation halves at 2:4 (Qwen's not measured; 6 and 9); structured: 0.5.
+# better than 0.25 and 1 on SmolLM2's validation halves at 2:4 (Qwen's not measured; 6 and 9); structured
+# (--pattern structured --update): 0.5, better than 1 at 25% of the neurons on SmolLM2's validation halves, worse at
+# 50% (benchmarks/structured_update.py; docs/results.md, "Structured removal's compensation").
 GRAM_OFFDIAG = {"unstructured": 0.25, "nm": 0.5, "structured": 0.5}
 # Below about this many calibration tokens per MLP input channel an off-diagonal weight above 0.5 fits the
 # calibration text: on SmolLM2's validation halves the full Gram lost up to 1.18x (refine) and 1.80x (update)
