@@ -41,6 +41,7 @@ from hybridprune.data import eval_windows, load_text, sample_windows, tokenize  
 from hybridprune.data.tokens import encode_text  # noqa: E402
 from hybridprune.evaluation import perplexity  # noqa: E402
 from hybridprune.models import load_model  # noqa: E402
+from hybridprune.passes import sequential_pruner  # noqa: E402
 from hybridprune.pruning import neuron_scoring, plan_layers, prune_layer  # noqa: E402
 
 CACHE = Path(os.environ.get("HYBRIDPRUNE_VALIDATE_CACHE", "/tmp/hpcache/validate"))
@@ -115,6 +116,12 @@ def configs() -> dict[str, PruneConfig]:
     c["wanda+update@2:4"] = preset("wanda", pattern="2:4", update=True)
     c["balanced@2:4"] = preset("balanced", pattern="2:4")
     c["quality@2:4"] = preset("quality", pattern="2:4")
+    # sequential pruning (each layer from the pruned earlier layers' outputs), fitted to its own pruned outputs or, with
+    # dense targets, to the dense model's (2026-12-06)
+    for point in ("", "@2:4"):
+        c[f"quality{point}:seq"] = preset("quality", sequential=True, **_point(point))
+        c[f"quality{point}:seqdense"] = preset("quality", sequential=True, dense_targets=True, **_point(point))
+        c[f"wanda+update{point}:seqdense"] = preset("wanda", update=True, sequential=True, dense_targets=True, **_point(point))
     # the default presets with one knob changed (84ecbf2, 2026-12-01: chosen on both models' validation halves);
     # quality's were measured with the OBS sweep (its update before 2026-12-06), so they say so
     for name in ("balanced", "quality"):
@@ -330,6 +337,13 @@ class Bench:
         self.restore()
         if config is None:
             return
+        if config.sequential:  # one pass: each layer pruned from the pruned earlier layers' outputs, as the product does
+            self.memo.layer((config.digest, seed))  # its refines see inputs of its own: nothing shared with another
+            collect_statistics(self.model, self.adapter, self.calibration_windows(seed),
+                               CollectionOptions(topics=TOPICS, q_active=Q_ACTIVE, seed=seed),
+                               after_layer=self._sequential(config, seed), hessians=config.needs_second_order,
+                               dense_targets=config.dense_targets)
+            return
         stats = self.stats(seed)
         hessians = self.hessians(seed) if config.needs_second_order else None
         plans = plan_layers(self.model, self.adapter, stats, config)
@@ -340,6 +354,15 @@ class Bench:
             if index in plans:
                 self.memo.layer((masks_of, seed, index))
                 prune_layer(layer, index, self.adapter, stats, plans[index], scoring, hessians, config.update_shrink)
+
+    def _sequential(self, config: PruneConfig, seed: int):
+        prune_now = sequential_pruner(self.loaded, config)
+
+        def after(index: int, layer, collected: CalibrationStats) -> None:
+            self.memo.layer((config.digest, seed, index))
+            prune_now(index, layer, collected)
+
+        return after
 
     def ppl(self, domain: str, half: str) -> float:
         with torch.no_grad():

@@ -130,6 +130,7 @@ class PruneConfig:
     nr_row_bound: float = 0.05  # gate/up: each neuron's row sparsity kept within target +- this (1 = unbounded)
     update_shrink: float = 1.0  # --update: step toward the updated weights (1 = full update, 0 = none)
     gram_offdiag: float | None = None  # --refine / --update: weight of X^T X's off-diagonal (1 = as calibrated, 0 = diagonal only); None: GRAM_OFFDIAG
+    dense_targets: bool = False  # --sequential: each layer fitted to the dense model's outputs, not to its own on pruned inputs
 
     def validate(self, num_layers: int | None = None) -> PruneConfig:
         """Refuse impossible combinations with one clear line naming the flag."""
@@ -177,6 +178,9 @@ class PruneConfig:
         # preset) does nothing there: the masks are the pattern's (see methods/hybrid.layer_masks).
         if self.sequential and self.layer_spread:
             raise UserError("--sequential prunes layer by layer and cannot combine with --layer-spread")
+        if self.dense_targets and not self.sequential:
+            raise UserError("--dense-targets fits each layer's pruned inputs to the dense outputs, which only --sequential "
+                            "pruning has: add --sequential")
         structural = self.heads_sparsity or self.drop_layers or self.target_speedup
         if not 0.0 <= self.heads_sparsity < 1.0:
             raise UserError(f"--heads-sparsity must be a share of the heads in [0, 1), got {self.heads_sparsity}")
@@ -234,7 +238,7 @@ class PruneConfig:
     @property
     def needs_second_order(self) -> bool:
         """--update and --refine read the second-order statistics (dense, cached; or from --sequential's pass)."""
-        return bool(self.update or self.refine)
+        return bool(self.update or self.refine or self.dense_targets)
 
     def second_order_steps(self) -> str:
         """What runs after the masks, for progress labels: ' + refine', ' + weight update', both, or ''."""
@@ -285,7 +289,10 @@ class PruneConfig:
     def to_dict(self) -> dict[str, Any]:
         """The fields, defaults resolved (the digest names what runs: an explicit --gram-offdiag equal to the
         pattern's default is the same configuration)."""
-        return {**dataclasses.asdict(self), "gram_offdiag": self.gram_weight}
+        fields = {**dataclasses.asdict(self), "gram_offdiag": self.gram_weight}
+        if not self.dense_targets:  # added later: off, it leaves the digests of every configuration before it as they were
+            del fields["dense_targets"]
+        return fields
 
     @property
     def digest(self) -> str:

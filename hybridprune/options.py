@@ -123,6 +123,9 @@ PRUNE_KNOBS = (
     opt("layer_spread", type=float | None, help="Non-uniform sparsity across layers (OWL outliers)."),
     opt("qk_shift", type=float | None, help="q/k pruned at target+shift, v/o at target-shift."),
     opt("sequential", "--sequential/--dense-stats", type=bool | None, help="Original Wanda: inputs from pruned earlier layers."),
+    opt("dense_targets", "--dense-targets/--pruned-targets", type=bool | None,
+        help="With --sequential: fit each layer to the dense model's outputs from its pruned inputs (the dense model "
+        "runs alongside; one pass per configuration, not cached)."),
     opt("update", "--update/--no-update", type=bool | None,
         help="Update kept weights to compensate, from second-order statistics (collected once, then cached)."),
     opt("update_shrink", type=float | None, help="With --update: how far the kept weights move toward the updated weights "

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hybridprune.calibration.second_order import DAMPING
 from hybridprune.calibration.stats import CalibrationStats
 from hybridprune.config import PruneConfig
 from hybridprune.env import __version__
@@ -28,6 +29,7 @@ from hybridprune.methods.hybrid import (
 )
 from hybridprune.methods.obs import spread_order, sweep_counts, sweep_prune
 from hybridprune.methods.reconstruct import (
+    aim_at_dense,
     inverse_factor,
     keep_columns,
     least_squares,
@@ -158,8 +160,12 @@ def prune_layer(
     (methods/admm.py), "sweep" chooses the masks inside the OBS sweep on the already-updated weights (methods/obs.py). plan.refine > 0 (needs `hessians`)
     improves the hybrid's masks by swaps before they are applied.
     plan.nm_order "spread" (N:M with NeuronRank) permutes the MLP neurons first (the same function).
+    `hessians` with cross sums (sequential pruning with --dense-targets) first aims every Linear at the dense
+    model's outputs (aim_layer_at_dense); the masks and the update are then chosen for those weights.
     """
     linears = adapter.linears(layer)
+    if hessians is not None:
+        aim_layer_at_dense(linears, index, adapter, hessians)
     weights = {name: linear.weight.detach() for name, linear in linears.items()}
     sumsq = {name: stats.sumsq(index, adapter.input_group(name)) for name in linears}
     for name, tensor in weights.items():
@@ -273,6 +279,21 @@ def prune_layer(
             updated = shrink_update(dense * keep, updated, update_shrink)
             for weight, rows in zip(stacked, updated.split([weight.shape[0] for weight in stacked])):
                 weight.copy_(rows)
+
+
+def aim_layer_at_dense(linears: dict[str, nn.Module], index: int, adapter: FamilyAdapter, stats: CalibrationStats) -> None:
+    """--dense-targets: each Linear's weight replaced (in place) by the one that maps this layer's inputs in the
+    pruned model to the dense model's outputs (methods/reconstruct.aim_at_dense), per input group from the
+    sequential pass's `<group>.cross` / `<group>.own` sums; nothing happens where there are none."""
+    for group in dict.fromkeys(adapter.input_group(name) for name in linears):
+        prefix = f"layer.{index}.{group}."
+        if prefix + "cross" not in stats.tensors:
+            continue
+        cross, own = stats.tensors[prefix + "cross"], stats.tensors[prefix + "own"]
+        with torch.no_grad():
+            for name, linear in linears.items():
+                if adapter.input_group(name) == group:
+                    linear.weight.copy_(aim_at_dense(linear.weight, own, cross, DAMPING))
 
 
 def _joint_solve(dense: torch.Tensor, keep: torch.Tensor, gram: torch.Tensor, pattern) -> tuple[torch.Tensor, torch.Tensor]:

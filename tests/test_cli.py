@@ -181,3 +181,23 @@ def test_out_must_not_be_the_model_folder_or_a_non_empty_folder(setup, tmp_path)
         result = invoke(setup, "prune", "--data", str(setup["text"]), *SMALL, "--out", str(out), expect=2)
         assert needle in one_line_error(result)
     assert (busy / "keep.txt").read_text() == "mine"
+
+
+def test_dense_targets_run_their_pass_each_time_and_refuse_without_sequential(setup, tmp_path):
+    """--sequential --dense-targets: the cross sums are not cached, so the pass runs again (the same weights);
+    without --sequential one line says what to add."""
+    from safetensors.torch import load_file
+
+    def run(out: str) -> dict:
+        return json.loads(invoke(setup, "prune", "--data", str(setup["text"]), *SMALL, "--seed", "7", "--sequential",
+                                 "--dense-targets", "--update", "--preset", "wanda", "--out", str(tmp_path / out),
+                                 "--json").stdout)["runs"][0]
+
+    first, again = run("a"), run("b")
+    assert not first["statistics_reused"] and not again["statistics_reused"]
+    a, b = (load_file(str(tmp_path / out / "model.safetensors")) for out in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    refused = invoke(setup, "prune", "--data", str(setup["text"]), *SMALL, "--dense-targets", "--out", str(tmp_path / "c"),
+                     expect=2)
+    assert "add --sequential" in one_line_error(refused)
+    assert not (tmp_path / "c").exists()

@@ -101,6 +101,8 @@ def prune(o: Options, *, reporter: Reporter | None = None, on_run: Callable[[Pru
         raise UserError("with --offload the model is pruned and written layer by layer: pass --out FOLDER")
     if streaming and o.evaluate:
         raise UserError("--eval needs the whole model in memory, which --offload avoids: run `hybridprune eval --model OUT` on the saved folder")
+    if streaming and any(c.dense_targets for c in configs):
+        raise UserError("--dense-targets runs the dense model next to the pruned one, which --offload cannot hold: drop --offload")
     if streaming and any(c.heads_sparsity or c.drop_layers or c.target_speedup for c in configs):
         raise UserError("--heads-sparsity, --drop-layers and --target-speedup reshape the whole model in memory: drop --offload")
 
@@ -144,7 +146,7 @@ def prune(o: Options, *, reporter: Reporter | None = None, on_run: Callable[[Pru
             calibration = calibrated_statistics(
                 loaded, request, cache, reporter, force=o.force,
                 mode=f"sequential:{config.digest}", after_layer=sequential_pruner(loaded, config),
-                second_order=config.needs_second_order,
+                second_order=config.needs_second_order, dense_targets=config.dense_targets,
             )
             replay = calibration.reused or bool(streaming)  # the cached sequential statistics replay the same masks
             if config.needs_second_order:  # the pass's own second-order sums (pruned inputs), in the same entry

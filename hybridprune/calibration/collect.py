@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from hybridprune.calibration.runner import LayerStore, run_layerwise
+from hybridprune.calibration.runner import LayerStore, ReferenceStream, run_layerwise
 from hybridprune.calibration.second_order import GramAccumulator, pack_gram
 from hybridprune.calibration.stats import CalibrationStats, LayerAccumulator
 from hybridprune.config import default_of
@@ -115,6 +115,48 @@ def hessian_observer(adapter: FamilyAdapter, finished: dict[str, Tensor]) -> Cal
     return observe
 
 
+def cross_observer(adapter: FamilyAdapter, reference: ReferenceStream, finished: dict[str, Tensor]) -> Callable[[int, nn.Module], Callable[[], None]]:
+    """An observer that fills `finished` with each layer's sums per input group, in float32: `<group>.cross`
+    X_p^T X_d [n, n] (rows the pruned stream's inputs, columns the dense stream's inputs of the same tokens, which
+    `reference` kept) and `<group>.own` X_p^T X_p (exact: the stored Gram's float16 correlations would not cancel
+    against the cross sums). They live only until the layer is pruned (prune_layer aims it at the dense outputs
+    with them: methods/reconstruct.aim_at_dense) and are never cached."""
+
+    def observe(index: int, layer: nn.Module) -> Callable[[], None]:
+        sums: dict[str, Tensor] = {}
+        seen: dict[str, int] = {}
+        linears = adapter.linears(layer)
+
+        def tap(name: str, group: str, x: Tensor) -> None:
+            number = seen.get(name, 0)
+            seen[name] = number + 1
+            pruned = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
+            dense = reference.inputs[name][number].reshape(-1, x.shape[-1]).to(torch.float32)
+            both = torch.cat([dense, pruned], 1)  # one product: [X_p^T X_d, X_p^T X_p]
+            if group in sums:
+                sums[group].addmm_(pruned.T, both)
+            else:
+                sums[group] = pruned.T @ both
+
+        handles = [
+            linears[name].register_forward_pre_hook(lambda _module, args, name=name, group=group: tap(name, group, args[0]))
+            for name, group in adapter.group_readers().items()
+        ]
+
+        def remove() -> None:
+            for handle in handles:
+                handle.remove()
+            reference.inputs = {}
+            for group, total in sums.items():
+                cross, own = total.chunk(2, dim=1)
+                finished[f"layer.{index}.{group}.cross"] = cross.contiguous()
+                finished[f"layer.{index}.{group}.own"] = own.contiguous()
+
+        return remove
+
+    return observe
+
+
 def combined(observers: list[Callable[[int, nn.Module], Callable[[], None]]]) -> Callable[[int, nn.Module], Callable[[], None]]:
     """Several observers over the same pass (their hooks on the same layer, removed together)."""
 
@@ -146,6 +188,7 @@ def collect_statistics(
     first_order: bool | None = None,
     sink: Callable[[int, dict[str, Tensor]], None] | None = None,
     rerun: bool = True,
+    dense_targets: bool = False,
 ) -> CalibrationStats:
     """One pass over `windows` [N, seqlen]; with `after_layer` it is the sequential (pruned-inputs) mode.
 
@@ -157,7 +200,11 @@ def collect_statistics(
     run through every layer but not counted. `store`: layers are loaded one at a time (streaming).
     `sink`: each layer's entries (first and second order) are handed to it as the layer finishes and leave
     memory (the returned statistics then hold only `tokens`): what keeps a pass's memory to one layer.
+    `dense_targets` (sequential with `hessians`): the dense model runs next to the pruned one and each layer's
+    cross sums x_pruned x_dense^T reach `after_layer` as `<group>.cross` entries, dropped once it returns.
     """
+    if dense_targets and (after_layer is None or not hessians):
+        raise ValueError("dense targets belong to a sequential pass with second-order sums")
     if anchor is not None and after_layer is not None:
         raise ValueError("sequential calibration prunes with the statistics collected so far: it cannot be sharded")
     tensors: dict[str, Tensor] = {"tokens": torch.tensor(float(windows.numel()), dtype=torch.float64)}
@@ -168,11 +215,17 @@ def collect_statistics(
     observers = [statistics_observer(adapter, windows.shape[0], options, tensors, anchored=anchor is not None)] if first_order else []
     if hessians:
         observers.append(hessian_observer(adapter, tensors))
+    reference = None
+    if dense_targets:
+        reference = ReferenceStream(lambda layer: {name: adapter.linears(layer)[name] for name in adapter.group_readers()})
+        observers.append(cross_observer(adapter, reference, tensors))
     observer = observers[0] if len(observers) == 1 else combined(observers)
 
     def after(index: int, layer: nn.Module) -> None:
         if after_layer is not None:
             after_layer(index, layer, CalibrationStats(tensors))  # the layers collected so far
+            for name in [name for name in tensors if name.startswith(f"layer.{index}.") and name.endswith((".cross", ".own"))]:
+                del tensors[name]  # used: never stored
         if sink is not None:
             prefix = f"layer.{index}."
             sink(index, {name: tensors.pop(name) for name in [name for name in tensors if name.startswith(prefix)]})
@@ -189,5 +242,6 @@ def collect_statistics(
         lead=anchor,
         store=store,
         rerun=rerun and after_layer is not None,
+        reference=reference,
     )
     return CalibrationStats(tensors)

@@ -30,6 +30,7 @@ class WindowBatch:
 
     hidden: Tensor
     layer_kwargs: list[dict[str, Any]]
+    reference: Tensor | None = None  # the dense model's hidden states of the same windows (ReferenceStream)
 
 
 class _StopCapture(Exception):
@@ -84,6 +85,36 @@ LayerObserver = Callable[[int, nn.Module], Callable[[], None]]
 """Called before layer l runs; installs its hooks and returns the function that removes them."""
 
 
+class ReferenceStream:
+    """The dense model's hidden states next to the pruned ones (sequential calibration with dense targets).
+
+    Before a layer is observed (and pruned) it runs, still dense, on the reference hidden states, which become
+    the next layer's; the inputs of the Linears `taps(layer)` names are kept per batch in `inputs[name]`, for
+    the observers that pair them with the pruned stream's inputs of the same tokens (calibration/collect.py).
+    """
+
+    def __init__(self, taps: Callable[[nn.Module], dict[str, nn.Module]]) -> None:
+        self.taps = taps
+        self.inputs: dict[str, list[Tensor]] = {}
+
+    def run(self, layer: nn.Module, index: int, batches: list[WindowBatch]) -> None:
+        self.inputs = {}
+        handles = [
+            linear.register_forward_pre_hook(
+                lambda _module, args, name=name: self.inputs.setdefault(name, []).append(args[0].detach()))
+            for name, linear in self.taps(layer).items()
+        ]
+        try:
+            with torch.no_grad(), kept_freed_memory():
+                for batch in batches:
+                    assert batch.reference is not None
+                    output = layer(batch.reference, **batch.layer_kwargs[index])
+                    batch.reference = output[0] if isinstance(output, tuple) else output
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
 class LayerStore(Protocol):
     """Where layers live between uses (models.streaming.LayerStream): loaded before a layer runs, released after."""
 
@@ -105,6 +136,7 @@ def run_layerwise(
     lead: Tensor | None = None,
     store: LayerStore | None = None,
     rerun: bool = True,
+    reference: ReferenceStream | None = None,
 ) -> list[Tensor]:
     """Run all windows through the decoder layers one layer at a time; return the last layer's outputs.
 
@@ -114,12 +146,18 @@ def run_layerwise(
     layer sees).
     `lead` windows run as an extra first batch through every layer (its outputs are included).
     With `store` each layer is materialized just before it runs and released after `after_layer`.
+    `reference` runs the dense model's hidden states through each layer before it is observed (see ReferenceStream).
     """
     batches = capture_layer_inputs(model, adapter, windows, batch_size, device, lead)
+    if reference is not None:
+        for batch in batches:
+            batch.reference = batch.hidden  # never changed in place: the layers' outputs replace it
     for index, layer in enumerate(adapter.layers(model)):
         if store is not None:
             store.materialize(index, layer)
         try:
+            if reference is not None:
+                reference.run(layer, index, batches)
             _run_one(layer, index, batches, observe, after_layer, on_batch, rerun)
         finally:
             if store is not None:

@@ -83,6 +83,7 @@ def calibrated_statistics(
     after_layer: Callable[[int, nn.Module, CalibrationStats], None] | None = None,
     second_order: bool = False,
     with_second_order: bool = False,
+    dense_targets: bool = False,
     shard: ShardSpec | None = None,
     world: World | None = None,
 ) -> CalibrationResult:
@@ -96,7 +97,11 @@ def calibrated_statistics(
     collects each layer's second-order sums from the pruned inputs too, into the same entry.
     `with_second_order` (dense mode): when this pass must run and the second-order entry is not cached either,
     it collects both in one forward pass and stores them as their two entries (`result.second_order`).
+    `dense_targets` (sequential with `second_order`): the dense model runs alongside and `after_layer` sees each
+    layer's cross sums too (collect.collect_statistics); they are not stored, so such a pass never reuses its entry.
     """
+    if dense_targets and not second_order:
+        raise ValueError("dense targets go with a sequential pass's second-order sums")
     if second_order and after_layer is None:
         raise ValueError("second_order goes with a sequential pass (after_layer); the dense entry is mode=HESSIAN_MODE")
     if (shard is not None or world is not None) and after_layer is not None:
@@ -118,7 +123,7 @@ def calibrated_statistics(
     part = world.shard if world is not None else shard
     leader = world is None or world.leader
     with cache.lock(key) if leader else contextlib.nullcontext():
-        reuse = leader and cache.has(key) and not force
+        reuse = leader and cache.has(key) and not force and not dense_targets
         if world is not None:
             reuse = world.agree(reuse)
         if reuse:
@@ -196,6 +201,7 @@ def calibrated_statistics(
                     hessians=hessians or second_order,
                     first_order=True if both else None,
                     sink=sink,
+                    dense_targets=dense_targets,
                 )
             if world is not None:
                 stats = world.reduce_statistics(stats)  # every rank waits here for all the others
