@@ -238,7 +238,7 @@ class PruneConfig:
     @property
     def needs_second_order(self) -> bool:
         """--update and --refine read the second-order statistics (dense, cached; or from --sequential's pass)."""
-        return bool(self.update or self.refine or self.dense_targets)
+        return bool(self.update or self.refine)
 
     def second_order_steps(self) -> str:
         """What runs after the masks, for progress labels: ' + refine', ' + weight update', both, or ''."""

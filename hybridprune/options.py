@@ -124,8 +124,8 @@ PRUNE_KNOBS = (
     opt("qk_shift", type=float | None, help="q/k pruned at target+shift, v/o at target-shift."),
     opt("sequential", "--sequential/--dense-stats", type=bool | None, help="Original Wanda: inputs from pruned earlier layers."),
     opt("dense_targets", "--dense-targets/--pruned-targets", type=bool | None,
-        help="With --sequential: fit each layer to the dense model's outputs from its pruned inputs (the dense model "
-        "runs alongside; one pass per configuration, not cached)."),
+        help="With --sequential: rescale o_proj / down_proj per input so their pruned inputs give the dense model's "
+        "outputs (the dense model runs alongside in the pass)."),
     opt("update", "--update/--no-update", type=bool | None,
         help="Update kept weights to compensate, from second-order statistics (collected once, then cached)."),
     opt("update_shrink", type=float | None, help="With --update: how far the kept weights move toward the updated weights "

@@ -160,12 +160,11 @@ def prune_layer(
     (methods/admm.py), "sweep" chooses the masks inside the OBS sweep on the already-updated weights (methods/obs.py). plan.refine > 0 (needs `hessians`)
     improves the hybrid's masks by swaps before they are applied.
     plan.nm_order "spread" (N:M with NeuronRank) permutes the MLP neurons first (the same function).
-    `hessians` with cross sums (sequential pruning with --dense-targets) first aims every Linear at the dense
+    `stats` with cross sums (sequential pruning with --dense-targets) first aims o_proj and down_proj at the dense
     model's outputs (aim_layer_at_dense); the masks and the update are then chosen for those weights.
     """
     linears = adapter.linears(layer)
-    if hessians is not None:
-        aim_layer_at_dense(linears, index, adapter, hessians)
+    aim_layer_at_dense(linears, index, adapter, stats)
     weights = {name: linear.weight.detach() for name, linear in linears.items()}
     sumsq = {name: stats.sumsq(index, adapter.input_group(name)) for name in linears}
     for name, tensor in weights.items():
@@ -282,18 +281,17 @@ def prune_layer(
 
 
 def aim_layer_at_dense(linears: dict[str, nn.Module], index: int, adapter: FamilyAdapter, stats: CalibrationStats) -> None:
-    """--dense-targets: each Linear's weight replaced (in place) by the one that maps this layer's inputs in the
-    pruned model to the dense model's outputs (methods/reconstruct.aim_at_dense), per input group from the
-    sequential pass's `<group>.cross` / `<group>.own` sums; nothing happens where there are none."""
-    for group in dict.fromkeys(adapter.input_group(name) for name in linears):
-        prefix = f"layer.{index}.{group}."
-        if prefix + "cross" not in stats.tensors:
+    """--dense-targets: o_proj's and down_proj's weights rescaled per input (in place) so that their inputs in the
+    pruned model give the dense model's outputs (methods/reconstruct.aim_at_dense), from the sequential pass's
+    `<group>.cross` / `<group>.own` sums; nothing happens where there are none."""
+    entries = stats.layer_tensors(index)  # in memory during the pass, the layer's file in a cached replay
+    for name in adapter.writers:
+        prefix = f"layer.{index}.{adapter.input_group(name)}."
+        if prefix + "cross" not in entries:
             continue
-        cross, own = stats.tensors[prefix + "cross"], stats.tensors[prefix + "own"]
         with torch.no_grad():
-            for name, linear in linears.items():
-                if adapter.input_group(name) == group:
-                    linear.weight.copy_(aim_at_dense(linear.weight, own, cross, DAMPING))
+            weight = linears[name].weight
+            weight.copy_(aim_at_dense(weight, entries[prefix + "own"], entries[prefix + "cross"], DAMPING))
 
 
 def _joint_solve(dense: torch.Tensor, keep: torch.Tensor, gram: torch.Tensor, pattern) -> tuple[torch.Tensor, torch.Tensor]:

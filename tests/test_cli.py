@@ -183,8 +183,8 @@ def test_out_must_not_be_the_model_folder_or_a_non_empty_folder(setup, tmp_path)
     assert (busy / "keep.txt").read_text() == "mine"
 
 
-def test_dense_targets_run_their_pass_each_time_and_refuse_without_sequential(setup, tmp_path):
-    """--sequential --dense-targets: the cross sums are not cached, so the pass runs again (the same weights);
+def test_dense_targets_replay_from_their_entry_and_refuse_without_sequential(setup, tmp_path):
+    """--sequential --dense-targets: the second run reuses the pass's entry (its own key) and saves the same weights;
     without --sequential one line says what to add."""
     from safetensors.torch import load_file
 
@@ -194,7 +194,8 @@ def test_dense_targets_run_their_pass_each_time_and_refuse_without_sequential(se
                                  "--json").stdout)["runs"][0]
 
     first, again = run("a"), run("b")
-    assert not first["statistics_reused"] and not again["statistics_reused"]
+    assert not first["statistics_reused"] and again["statistics_reused"]
+    assert first["statistics_key"] == again["statistics_key"]
     a, b = (load_file(str(tmp_path / out / "model.safetensors")) for out in ("a", "b"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     refused = invoke(setup, "prune", "--data", str(setup["text"]), *SMALL, "--dense-targets", "--out", str(tmp_path / "c"),

@@ -230,32 +230,30 @@ def test_keep_columns_is_the_least_squares_optimum_of_a_shared_column_mask_and_b
         keep_columns(weight, columns[:10], gram)
 
 
-def test_aim_at_dense_is_the_regularised_least_squares_to_the_dense_outputs():
-    """V = argmin ||X_d W^T - X_p V^T||^2 + lambda ||V - W||^2, checked against the stacked least-squares problem
-    solved by torch.linalg.lstsq; identical inputs give W back."""
+def test_aim_at_dense_is_each_inputs_least_squares_to_the_dense_outputs():
+    """V[:, j] = argmin_v ||x_d,j W[:, j] - x_p,j v||^2 + lambda ||v - W[:, j]||^2 for every input j (brute force:
+    torch.linalg.lstsq per column); identical inputs give W back; dead inputs keep their weights."""
     from hybridprune.methods.reconstruct import aim_at_dense
 
     generator = torch.Generator().manual_seed(3)
     tokens, width, rows, damping = 200, 12, 5, 0.01
     dense_inputs = torch.randn(tokens, width, generator=generator, dtype=torch.float64)
-    # a pruned earlier layer: mostly a linear distortion of the dense inputs, plus what no linear map undoes
-    distortion = torch.eye(width, dtype=torch.float64) + 0.3 * torch.randn(width, width, generator=generator, dtype=torch.float64)
-    pruned_inputs = dense_inputs @ distortion + 0.05 * torch.randn(tokens, width, generator=generator, dtype=torch.float64)
+    # a pruned earlier layer: the inputs scaled, and partly replaced by what the dense model does not have
+    pruned_inputs = 0.8 * dense_inputs + 0.4 * torch.randn(tokens, width, generator=generator, dtype=torch.float64)
+    pruned_inputs[:, 3] = 0.0
     weight = torch.randn(rows, width, generator=generator, dtype=torch.float64)
-    own, cross = pruned_inputs.T @ pruned_inputs, pruned_inputs.T @ dense_inputs
+    own, cross = pruned_inputs.square().sum(0), (pruned_inputs * dense_inputs).sum(0)
     aimed = aim_at_dense(weight, own, cross, damping)
 
-    lam = damping * float(own.diagonal().mean())
-    design = torch.cat([pruned_inputs, lam**0.5 * torch.eye(width, dtype=torch.float64)])
-    targets = torch.cat([dense_inputs @ weight.T, lam**0.5 * weight.T])
-    expected = torch.linalg.lstsq(design, targets).solution.T
-    torch.testing.assert_close(aimed, expected, rtol=1e-8, atol=1e-8)
-    # better on the dense targets than the weight itself, and the weight back when nothing was pruned before
-    def miss(v):
-        return float((dense_inputs @ weight.T - pruned_inputs @ v.T).square().sum())
-
-    assert miss(aimed) < 0.1 * miss(weight)
-    same = dense_inputs.T @ dense_inputs
-    torch.testing.assert_close(aim_at_dense(weight, same, same, damping), weight, rtol=1e-9, atol=1e-9)
+    lam = damping * float(own.mean())
+    for j in range(width):
+        design = torch.cat([pruned_inputs[:, j : j + 1], torch.full((1, 1), lam**0.5, dtype=torch.float64)])
+        for i in range(rows):
+            target = torch.cat([dense_inputs[:, j] * weight[i, j], (lam**0.5 * weight[i, j]).reshape(1)])
+            expected = torch.linalg.lstsq(design, target[:, None]).solution.item()
+            assert float(aimed[i, j]) == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    torch.testing.assert_close(aimed[:, 3], weight[:, 3])
+    same = dense_inputs.square().sum(0)
+    torch.testing.assert_close(aim_at_dense(weight, same, same, damping), weight, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="shapes"):
-        aim_at_dense(weight, own[:-1, :-1], cross, damping)
+        aim_at_dense(weight, own[:-1], cross, damping)

@@ -59,7 +59,8 @@ def invoke(*args: str, expect: int = 0):
 
 @pytest.mark.parametrize(
     "flags",
-    [[], ["--pattern", "structured"], ["--update"], ["--layer-spread", "0.1", "--pattern", "2:4"], ["--sequential"]],
+    [[], ["--pattern", "structured"], ["--update"], ["--layer-spread", "0.1", "--pattern", "2:4"], ["--sequential"],
+     ["--sequential", "--dense-targets"]],
 )
 @pytest.mark.parametrize("family", ["llama", "tied"])
 def test_prune_offload_writes_the_in_memory_model_as_shards(family, flags, tiny_llama_folder, tied_llama, text, tmp_path):

@@ -101,8 +101,6 @@ def prune(o: Options, *, reporter: Reporter | None = None, on_run: Callable[[Pru
         raise UserError("with --offload the model is pruned and written layer by layer: pass --out FOLDER")
     if streaming and o.evaluate:
         raise UserError("--eval needs the whole model in memory, which --offload avoids: run `hybridprune eval --model OUT` on the saved folder")
-    if streaming and any(c.dense_targets for c in configs):
-        raise UserError("--dense-targets runs the dense model next to the pruned one, which --offload cannot hold: drop --offload")
     if streaming and any(c.heads_sparsity or c.drop_layers or c.target_speedup for c in configs):
         raise UserError("--heads-sparsity, --drop-layers and --target-speedup reshape the whole model in memory: drop --offload")
 

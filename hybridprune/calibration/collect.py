@@ -116,41 +116,38 @@ def hessian_observer(adapter: FamilyAdapter, finished: dict[str, Tensor]) -> Cal
 
 
 def cross_observer(adapter: FamilyAdapter, reference: ReferenceStream, finished: dict[str, Tensor]) -> Callable[[int, nn.Module], Callable[[], None]]:
-    """An observer that fills `finished` with each layer's sums per input group, in float32: `<group>.cross`
-    X_p^T X_d [n, n] (rows the pruned stream's inputs, columns the dense stream's inputs of the same tokens, which
-    `reference` kept) and `<group>.own` X_p^T X_p (exact: the stored Gram's float16 correlations would not cancel
-    against the cross sums). They live only until the layer is pruned (prune_layer aims it at the dense outputs
-    with them: methods/reconstruct.aim_at_dense) and are never cached."""
+    """An observer that fills `finished` with each layer's per-input sums over the tokens, float64, for the Linears
+    that write into the residual stream (o_proj, down_proj: adapter.writers): `<group>.cross` sum x_p x_d (the
+    pruned stream's input times the dense stream's of the same token, which `reference` kept) and `<group>.own`
+    sum x_p^2. Two vectors per layer, stored with the pass's other statistics (prune_layer aims the writers at the
+    dense outputs with them: methods/reconstruct.aim_at_dense)."""
 
     def observe(index: int, layer: nn.Module) -> Callable[[], None]:
         sums: dict[str, Tensor] = {}
         seen: dict[str, int] = {}
         linears = adapter.linears(layer)
+        readers = adapter.group_readers()
 
-        def tap(name: str, group: str, x: Tensor) -> None:
+        def tap(name: str, x: Tensor) -> None:
             number = seen.get(name, 0)
             seen[name] = number + 1
             pruned = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
             dense = reference.inputs[name][number].reshape(-1, x.shape[-1]).to(torch.float32)
-            both = torch.cat([dense, pruned], 1)  # one product: [X_p^T X_d, X_p^T X_p]
-            if group in sums:
-                sums[group].addmm_(pruned.T, both)
-            else:
-                sums[group] = pruned.T @ both
+            both = torch.stack([(pruned * dense).sum(0), pruned.square().sum(0)]).to(torch.float64)
+            sums[name] = sums[name].add_(both) if name in sums else both
 
         handles = [
-            linears[name].register_forward_pre_hook(lambda _module, args, name=name, group=group: tap(name, group, args[0]))
-            for name, group in adapter.group_readers().items()
+            linears[name].register_forward_pre_hook(lambda _module, args, name=name: tap(name, args[0]))
+            for name in adapter.writers
         ]
 
         def remove() -> None:
             for handle in handles:
                 handle.remove()
             reference.inputs = {}
-            for group, total in sums.items():
-                cross, own = total.chunk(2, dim=1)
-                finished[f"layer.{index}.{group}.cross"] = cross.contiguous()
-                finished[f"layer.{index}.{group}.own"] = own.contiguous()
+            for name, total in sums.items():
+                finished[f"layer.{index}.{readers[name]}.cross"] = total[0].clone()
+                finished[f"layer.{index}.{readers[name]}.own"] = total[1].clone()
 
         return remove
 
@@ -217,15 +214,13 @@ def collect_statistics(
         observers.append(hessian_observer(adapter, tensors))
     reference = None
     if dense_targets:
-        reference = ReferenceStream(lambda layer: {name: adapter.linears(layer)[name] for name in adapter.group_readers()})
+        reference = ReferenceStream(lambda layer: {name: adapter.linears(layer)[name] for name in adapter.writers})
         observers.append(cross_observer(adapter, reference, tensors))
     observer = observers[0] if len(observers) == 1 else combined(observers)
 
     def after(index: int, layer: nn.Module) -> None:
         if after_layer is not None:
             after_layer(index, layer, CalibrationStats(tensors))  # the layers collected so far
-            for name in [name for name in tensors if name.startswith(f"layer.{index}.") and name.endswith((".cross", ".own"))]:
-                del tensors[name]  # used: never stored
         if sink is not None:
             prefix = f"layer.{index}."
             sink(index, {name: tensors.pop(name) for name in [name for name in tensors if name.startswith(prefix)]})

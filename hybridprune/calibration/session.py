@@ -97,11 +97,11 @@ def calibrated_statistics(
     collects each layer's second-order sums from the pruned inputs too, into the same entry.
     `with_second_order` (dense mode): when this pass must run and the second-order entry is not cached either,
     it collects both in one forward pass and stores them as their two entries (`result.second_order`).
-    `dense_targets` (sequential with `second_order`): the dense model runs alongside and `after_layer` sees each
-    layer's cross sums too (collect.collect_statistics); they are not stored, so such a pass never reuses its entry.
+    `dense_targets` (sequential): the dense model runs alongside; the writers' cross sums go into the entry too
+    (collect.collect_statistics), so a cached entry replays the same weights.
     """
-    if dense_targets and not second_order:
-        raise ValueError("dense targets go with a sequential pass's second-order sums")
+    if dense_targets and after_layer is None:
+        raise ValueError("dense targets go with a sequential pass (after_layer)")
     if second_order and after_layer is None:
         raise ValueError("second_order goes with a sequential pass (after_layer); the dense entry is mode=HESSIAN_MODE")
     if (shard is not None or world is not None) and after_layer is not None:
@@ -123,7 +123,7 @@ def calibrated_statistics(
     part = world.shard if world is not None else shard
     leader = world is None or world.leader
     with cache.lock(key) if leader else contextlib.nullcontext():
-        reuse = leader and cache.has(key) and not force and not dense_targets
+        reuse = leader and cache.has(key) and not force
         if world is not None:
             reuse = world.agree(reuse)
         if reuse:

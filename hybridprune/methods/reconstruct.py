@@ -144,33 +144,26 @@ def keep_columns(weight: Tensor, keep: Tensor, gram: Tensor) -> Tensor:
 
 
 def aim_at_dense(weight: Tensor, own: Tensor, cross: Tensor, damping: float) -> Tensor:
-    """The dense weight [out, in] that maps the pruned model's inputs to the dense model's outputs (sequential
-    pruning with dense targets: earlier layers are pruned, so this layer's inputs X_p [tokens, in] differ from the
-    dense model's X_d of the same tokens):
+    """The weight [out, in] rescaled per input column so that this layer's inputs in the pruned model reproduce,
+    column by column, what the dense model's inputs of the same tokens gave (sequential pruning with dense
+    targets: earlier layers are pruned, so the inputs X_p [tokens, in] differ from the dense model's X_d):
 
-        argmin over V of ||X_d W^T - X_p V^T||^2 + lambda ||V - W||^2,   lambda = damping * mean(diag X_p^T X_p)
-        V^T = (X_p^T X_p + lambda I)^-1 (C + lambda I) W^T,   C = X_p^T X_d,
+        V[:, j] = W[:, j] (c_j + lambda) / (g_j + lambda),   c = sum_t x_p x_d,  g = sum_t x_p^2  (`cross`, `own`, [in])
+        lambda = damping * mean(g)
 
-    from `own` = X_p^T X_p and `cross` = C [in, in] (inputs never non-zero get lambda + 1 on the diagonal, as the
-    damped Gram of second_order.py). X_p = X_d gives V = W exactly: the damping pulls V toward W, not toward zero.
-    The masks and the update are then chosen for V: with a mask, the least squares of V's kept weights under X_p's
-    Gram is the least squares of the dense targets X_d W^T (the same normal equations). Float64 where one n x n
-    float64 matrix fits FLOAT64_BYTES, float32 above."""
+    the least squares of the dense targets x_d,j W[:, j] from x_p,j one input at a time, pulled toward W by lambda.
+    Where x_p is x_d it is W; where the pruned stream has drifted (uncorrelated, or larger) it shrinks the
+    column, the regression's dilution. One scalar per input, not a matrix: the full least squares
+    V = W C^T (X_p^T X_p)^-1 fitted the calibration text and lost 2x-40x SmolLM2's perplexity (2026-12-06,
+    docs/results.md), and it needs two n x n sums per input group where this needs two vectors."""
     width = weight.shape[1]
-    if own.shape != (width, width) or cross.shape != (width, width):
+    if own.shape != (width,) or cross.shape != (width,):
         raise ValueError(f"shapes: weight {tuple(weight.shape)}, own {tuple(own.shape)}, cross {tuple(cross.shape)}")
-    dtype = torch.float64 if width**2 * 8 <= FLOAT64_BYTES else torch.float32
-    device = weight.device
-    gram = own.to(device, dtype, copy=True)
-    diagonal = gram.diagonal()
-    diagonal[diagonal == 0] = 1.0
-    shift = damping * float(diagonal.mean())
-    diagonal.add_(shift)
-    lower = torch.linalg.cholesky(gram)
-    del gram
-    transposed = weight.to(dtype).T
-    rhs = cross.to(device, dtype) @ transposed + shift * transposed
-    return torch.cholesky_solve(rhs, lower).T.to(weight.dtype)
+    own, cross = own.to(torch.float64), cross.to(torch.float64)
+    shift = damping * float(own.mean()) if float(own.mean()) > 0 else 1.0
+    scale = (cross + shift) / (own + shift)
+    work = torch.promote_types(weight.dtype, torch.float32)
+    return (weight.to(work) * scale.to(weight.device, work)[None, :]).to(weight.dtype)
 
 
 def shrink_update(pruned: Tensor, updated: Tensor, shrink: float) -> Tensor:

@@ -70,6 +70,11 @@ class FamilyAdapter:
         return {self.attention_inputs[0]: ATTN_IN, self.attention_output: O_IN, self.mlp_inputs[0]: MLP_IN, self.mlp_output: DOWN_IN}
 
     @property
+    def writers(self) -> tuple[str, str]:
+        """The Linears whose outputs are added to the residual stream (o_proj, down_proj)."""
+        return (self.attention_output, self.mlp_output)
+
+    @property
     def attention_names(self) -> tuple[str, ...]:
         return (*self.attention_inputs, self.attention_output)
 
