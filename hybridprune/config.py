@@ -130,7 +130,7 @@ class PruneConfig:
     nr_row_bound: float = 0.05  # gate/up: each neuron's row sparsity kept within target +- this (1 = unbounded)
     update_shrink: float = 1.0  # --update: step toward the updated weights (1 = full update, 0 = none)
     gram_offdiag: float | None = None  # --refine / --update: weight of X^T X's off-diagonal (1 = as calibrated, 0 = diagonal only); None: GRAM_OFFDIAG
-    dense_targets: bool = False  # --sequential: each layer fitted to the dense model's outputs, not to its own on pruned inputs
+    dense_targets: bool = False  # --sequential: o_proj / down_proj rescaled per input toward the dense model's outputs (reconstruct.aim_at_dense)
 
     def validate(self, num_layers: int | None = None) -> PruneConfig:
         """Refuse impossible combinations with one clear line naming the flag."""

@@ -215,6 +215,10 @@ def test_dense_targets_aim_the_writers_at_the_dense_outputs_and_replay(calibrate
     prune_model(replayed, entry, config, SilentReporter(), hessians=entry)
     for name, parameter in replayed.model.named_parameters():
         torch.testing.assert_close(parameter, weights[1][name], rtol=0, atol=0)
+    # masks only (no second-order sums in the pass): the writers are aimed all the same
+    masked, masked_aimed = run(False)[0], run(True)[0]
+    name = "model.layers.1.self_attn.o_proj.weight"
+    assert not torch.allclose(dict(masked.model.named_parameters())[name], dict(masked_aimed.model.named_parameters())[name])
 
 
 def test_dense_targets_need_sequential():

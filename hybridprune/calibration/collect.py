@@ -197,11 +197,11 @@ def collect_statistics(
     run through every layer but not counted. `store`: layers are loaded one at a time (streaming).
     `sink`: each layer's entries (first and second order) are handed to it as the layer finishes and leave
     memory (the returned statistics then hold only `tokens`): what keeps a pass's memory to one layer.
-    `dense_targets` (sequential with `hessians`): the dense model runs next to the pruned one and each layer's
-    cross sums x_pruned x_dense^T reach `after_layer` as `<group>.cross` entries, dropped once it returns.
+    `dense_targets` (sequential): the dense model runs next to the pruned one and each layer's writers get their
+    `<group>.cross` and `<group>.own` entries (cross_observer) before `after_layer` prunes it.
     """
-    if dense_targets and (after_layer is None or not hessians):
-        raise ValueError("dense targets belong to a sequential pass with second-order sums")
+    if dense_targets and after_layer is None:
+        raise ValueError("dense targets belong to a sequential pass")
     if anchor is not None and after_layer is not None:
         raise ValueError("sequential calibration prunes with the statistics collected so far: it cannot be sharded")
     tensors: dict[str, Tensor] = {"tokens": torch.tensor(float(windows.numel()), dtype=torch.float64)}
