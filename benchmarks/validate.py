@@ -202,6 +202,7 @@ def configs() -> dict[str, PruneConfig]:
     # Qwen at 2:4 loses more than Wanda on docs and poetry (docs/qwen_e2e.md): which part of balanced@2:4 does it
     c["balanced@2:4:refine0"] = preset("balanced", pattern="2:4", refine=0)  # the hybrid's masks, unrefined
     c["balanced@2:4:wanda-mlp"] = preset("balanced", pattern="2:4", prune_method="wanda")  # Wanda's MLP masks, q/k shift + refine
+    c["quality@2:4:refine0"] = preset("quality", pattern="2:4", refine=0)  # the hybrid's N:M masks unrefined, then the update
     # the contributions, one component added at a time (Wanda -> ... -> quality -> joint): docs/contributions.png
     c["step:score"] = preset("balanced", qk_shift=0.0, refine=0, nr_row_bound=1.0)  # NeuronRank's allocation, rows unbounded
     c["step:bound"] = preset("balanced", qk_shift=0.0, refine=0)  # + each row within 0.05 of the target
