@@ -339,7 +339,6 @@ class Bench:
         if config is None:
             return
         if config.sequential:  # one pass: each layer pruned from the pruned earlier layers' outputs, as the product does
-            self.memo.layer((config.digest, seed))  # its refines see inputs of its own: nothing shared with another
             collect_statistics(self.model, self.adapter, self.calibration_windows(seed),
                                CollectionOptions(topics=TOPICS, q_active=Q_ACTIVE, seed=seed),
                                after_layer=self._sequential(config, seed), hessians=config.needs_second_order,
@@ -360,7 +359,7 @@ class Bench:
         prune_now = sequential_pruner(self.loaded, config)
 
         def after(index: int, layer, collected: CalibrationStats) -> None:
-            self.memo.layer((config.digest, seed, index))
+            self.memo.layer((config.digest, seed, index))  # its refines see inputs of its own: nothing shared
             prune_now(index, layer, collected)
 
         return after

@@ -136,6 +136,7 @@ def layer_plan(config: PruneConfig, target: float) -> LayerPlan:
         nm_order=config.nm_order,
         refine=config.refine,
         gram_offdiag=config.gram_weight,
+        dense_targets=config.dense_targets,
     )
 
 
@@ -160,11 +161,13 @@ def prune_layer(
     (methods/admm.py), "sweep" chooses the masks inside the OBS sweep on the already-updated weights (methods/obs.py). plan.refine > 0 (needs `hessians`)
     improves the hybrid's masks by swaps before they are applied.
     plan.nm_order "spread" (N:M with NeuronRank) permutes the MLP neurons first (the same function).
-    `stats` with cross sums (sequential pruning with --dense-targets) first aims o_proj and down_proj at the dense
-    model's outputs (aim_layer_at_dense); the masks and the update are then chosen for those weights.
+    plan.dense_targets (sequential pruning with --dense-targets) first aims o_proj and down_proj at the dense
+    model's outputs from the pass's sums in `stats` (aim_layer_at_dense); the masks and the update are then chosen
+    for those weights.
     """
     linears = adapter.linears(layer)
-    aim_layer_at_dense(linears, index, adapter, stats)
+    if plan.dense_targets:
+        aim_layer_at_dense(linears, index, adapter, stats)
     weights = {name: linear.weight.detach() for name, linear in linears.items()}
     sumsq = {name: stats.sumsq(index, adapter.input_group(name)) for name in linears}
     for name, tensor in weights.items():
@@ -283,15 +286,12 @@ def prune_layer(
 def aim_layer_at_dense(linears: dict[str, nn.Module], index: int, adapter: FamilyAdapter, stats: CalibrationStats) -> None:
     """--dense-targets: o_proj's and down_proj's weights rescaled per input (in place) so that their inputs in the
     pruned model give the dense model's outputs (methods/reconstruct.aim_at_dense), from the sequential pass's
-    `<group>.cross` / `<group>.own` sums; nothing happens where there are none."""
-    entries = stats.layer_tensors(index)  # in memory during the pass, the layer's file in a cached replay
+    `<group>.cross` / `<group>.own` sums (in memory during the pass, the layer's file in a cached replay)."""
     for name in adapter.writers:
-        prefix = f"layer.{index}.{adapter.input_group(name)}."
-        if prefix + "cross" not in entries:
-            continue
+        group = adapter.input_group(name)
+        own, cross = stats.layer_entry(index, f"{group}.own"), stats.layer_entry(index, f"{group}.cross")
         with torch.no_grad():
-            weight = linears[name].weight
-            weight.copy_(aim_at_dense(weight, entries[prefix + "own"], entries[prefix + "cross"], DAMPING))
+            linears[name].weight.copy_(aim_at_dense(linears[name].weight, own, cross, DAMPING))
 
 
 def _joint_solve(dense: torch.Tensor, keep: torch.Tensor, gram: torch.Tensor, pattern) -> tuple[torch.Tensor, torch.Tensor]:

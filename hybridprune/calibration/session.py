@@ -100,8 +100,6 @@ def calibrated_statistics(
     `dense_targets` (sequential): the dense model runs alongside; the writers' cross sums go into the entry too
     (collect.collect_statistics), so a cached entry replays the same weights.
     """
-    if dense_targets and after_layer is None:
-        raise ValueError("dense targets go with a sequential pass (after_layer)")
     if second_order and after_layer is None:
         raise ValueError("second_order goes with a sequential pass (after_layer); the dense entry is mode=HESSIAN_MODE")
     if (shard is not None or world is not None) and after_layer is not None:

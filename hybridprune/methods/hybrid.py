@@ -79,6 +79,7 @@ class LayerPlan:
     nm_order: str = "none"  # spread: N:M hybrid permutes MLP neurons so down_proj's groups mix scores
     refine: int = 0  # swap-refinement steps per row of every mask (0 = off; needs the second-order entry)
     gram_offdiag: float = 1.0  # weight of X^T X's off-diagonal in refine and the update (1 = as calibrated)
+    dense_targets: bool = False  # o_proj / down_proj aimed at the dense outputs first (the sequential pass's sums)
     row_bound: float = 1.0  # gate/up: each neuron's row sparsity within target +- row_bound (1 = unbounded)
 
 

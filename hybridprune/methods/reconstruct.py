@@ -154,13 +154,14 @@ def aim_at_dense(weight: Tensor, own: Tensor, cross: Tensor, damping: float) -> 
     the least squares of the dense targets x_d,j W[:, j] from x_p,j one input at a time, pulled toward W by lambda.
     Where x_p is x_d it is W; where the pruned stream has drifted (uncorrelated, or larger) it shrinks the
     column, the regression's dilution. One scalar per input, not a matrix: the full least squares
-    V = W C^T (X_p^T X_p)^-1 fitted the calibration text and lost 2x-40x SmolLM2's perplexity (2026-12-06,
+    V = W C^T (X_p^T X_p)^-1 fitted the calibration text and multiplied SmolLM2's perplexity by 2.2x-45x (2026-12-06,
     docs/results.md), and it needs two n x n sums per input group where this needs two vectors."""
     width = weight.shape[1]
     if own.shape != (width,) or cross.shape != (width,):
         raise ValueError(f"shapes: weight {tuple(weight.shape)}, own {tuple(own.shape)}, cross {tuple(cross.shape)}")
     own, cross = own.to(torch.float64), cross.to(torch.float64)
-    shift = damping * float(own.mean()) if float(own.mean()) > 0 else 1.0
+    mean = float(own.mean())
+    shift = damping * mean if mean > 0 else 1.0
     scale = (cross + shift) / (own + shift)
     work = torch.promote_types(weight.dtype, torch.float32)
     return (weight.to(work) * scale.to(weight.device, work)[None, :]).to(weight.dtype)
