@@ -120,10 +120,11 @@ def configs() -> dict[str, PruneConfig]:
         c[f"wanda+update{point}"] = preset("wanda", update=True, **_point(point))
     # OWL's layer allocation (--layer-spread: layers with more Wanda-metric outliers kept denser) at the high
     # sparsities, where its paper measured its gains (lambda 0.08 at 70%); 2026-12-06
-    for point in ("@60", "@70"):
+    for point in ("", "@60", "@70"):
         c[f"wanda{point}:owl0.08"] = preset("wanda", layer_spread=0.08, **_point(point))
         for spread in (0.04, 0.08, 0.15):
             c[f"quality{point}:owl{spread}"] = preset("quality", layer_spread=spread, **_point(point))
+            c[f"balanced{point}:owl{spread}"] = preset("balanced", layer_spread=spread, **_point(point))
     # sequential pruning (each layer from the pruned earlier layers' outputs), fitted to its own pruned outputs or, with
     # dense targets, to the dense model's (2026-12-06)
     for point in ("", "@2:4", "@60", "@70", "@4:8"):

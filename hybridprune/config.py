@@ -95,6 +95,11 @@ REFINE_CONFLICTS = {
     "--pattern structured": "--refine swaps weights inside rows; --pattern structured removes whole neurons: drop one of them",
     "--update-mask sweep": "--refine improves fixed masks; with --update the masks are chosen inside the sweep: use --update-mask lsq (the default) or drop --refine",
 }
+# what --layer-spread cannot work with (PruneConfig.spread_conflict) and the one line that says so
+SPREAD_CONFLICTS = {
+    "--sequential": "--sequential prunes layer by layer and cannot combine with --layer-spread: drop one of them",
+    "--pattern N:M": "--layer-spread moves sparsity between layers; an N:M pattern fixes every layer's: drop --layer-spread",
+}
 NM_ORDERS = {"spread": "MLP neurons permuted so each N:M group of down_proj mixes neuron scores", "none": "neurons in their order"}
 
 
@@ -176,8 +181,8 @@ class PruneConfig:
         # Near 0 or 1 the shift is clamped per layer so that q/k and v/o stay in [0, 1) (prune.plan_layers).
         # An N:M pattern fixes every matrix's sparsity, so --qk-shift (on by default through the balanced
         # preset) does nothing there: the masks are the pattern's (see methods/hybrid.layer_masks).
-        if self.sequential and self.layer_spread:
-            raise UserError("--sequential prunes layer by layer and cannot combine with --layer-spread")
+        if self.layer_spread and self.spread_conflict():
+            raise UserError(SPREAD_CONFLICTS[self.spread_conflict()])
         if self.dense_targets and not self.sequential:
             raise UserError("--dense-targets fits each layer's pruned inputs to the dense outputs, which only --sequential "
                             "pruning has: add --sequential")
@@ -250,6 +255,14 @@ class PruneConfig:
             return "--pattern structured"
         if self.update and self.update_mask == "sweep":
             return "--update-mask sweep"
+        return ""
+
+    def spread_conflict(self) -> str:
+        """The choice that excludes --layer-spread ('--sequential', '--pattern N:M'), or '' when it can run."""
+        if self.sequential:
+            return "--sequential"
+        if ":" in self.pattern:  # no parse: a bad pattern is validate's to report
+            return "--pattern N:M"
         return ""
 
     def pruned_layers(self, num_layers: int) -> range:

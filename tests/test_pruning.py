@@ -228,3 +228,16 @@ def test_dense_targets_need_sequential():
         PruneConfig(dense_targets=True).validate()
     assert "dense_targets" not in PruneConfig().to_dict()  # off: the digests of every earlier configuration stay
     assert not PruneConfig(sequential=True, dense_targets=True).needs_second_order  # first-order sums suffice
+
+
+@pytest.mark.parametrize(("fields", "conflict"), [(dict(sequential=True), "--sequential"),
+                                                  (dict(pattern="2:4"), "--pattern N:M"), (dict(pattern="4:8"), "--pattern N:M")])
+def test_layer_spread_is_refused_where_every_layers_sparsity_is_fixed(fields, conflict):
+    """An N:M pattern fixes every layer's sparsity and --sequential prunes layer by layer: a spread there would do
+    nothing (the N:M masks ignore a layer's target) or cannot be planned (each layer's statistics come as it goes)."""
+    from hybridprune.errors import UserError
+
+    assert PruneConfig(**fields).spread_conflict() == conflict
+    with pytest.raises(UserError, match="--layer-spread"):
+        PruneConfig(layer_spread=0.1, **fields).validate()
+    assert PruneConfig(layer_spread=0.1, pattern="structured").validate().spread_conflict() == ""

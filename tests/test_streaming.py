@@ -59,7 +59,7 @@ def invoke(*args: str, expect: int = 0):
 
 @pytest.mark.parametrize(
     "flags",
-    [[], ["--pattern", "structured"], ["--update"], ["--layer-spread", "0.1", "--pattern", "2:4"], ["--sequential"],
+    [[], ["--pattern", "structured"], ["--update"], ["--layer-spread", "0.1"], ["--sequential"],
      ["--sequential", "--dense-targets"]],
 )
 @pytest.mark.parametrize("family", ["llama", "tied"])
