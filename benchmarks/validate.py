@@ -16,6 +16,7 @@ already there (same model, configuration digest, seed, domain, half, windows) is
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -42,6 +43,7 @@ from hybridprune.data.tokens import encode_text  # noqa: E402
 from hybridprune.evaluation import perplexity  # noqa: E402
 from hybridprune.models import load_model  # noqa: E402
 from hybridprune.passes import sequential_pruner  # noqa: E402
+from hybridprune.presets import spread_yields  # noqa: E402
 from hybridprune.pruning import neuron_scoring, plan_layers, prune_layer  # noqa: E402
 
 CACHE = Path(os.environ.get("HYBRIDPRUNE_VALIDATE_CACHE", "/tmp/hpcache/validate"))
@@ -70,7 +72,10 @@ def preset(name: str, **overrides) -> PruneConfig:
     values.update(overrides)
     if not values.get("update"):  # no update: update_mask changes nothing, spelled as it was so the digest stays
         values.setdefault("update_mask", "fixed")
-    return PruneConfig(**values)
+    config = PruneConfig(**values)
+    if "layer_spread" not in overrides and config.layer_spread and spread_yields(config):
+        config = dataclasses.replace(config, layer_spread=0.0)  # as the product's presets.resolve: N:M, --sequential
+    return config
 
 
 # The product defaults of the new fields before this work, and idf_exp's old default: every

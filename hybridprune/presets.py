@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -149,16 +149,31 @@ def resolve(explicit: dict[str, Any], preset: Preset | None) -> PruneConfig:
     config = PruneConfig(**values)
     if "refine" not in given and config.refine and config.refine_conflict():
         config = PruneConfig(**{**values, "refine": 0})
+    if "layer_spread" not in given and config.layer_spread and spread_yields(config):
+        config = replace(config, layer_spread=0.0)
     return config
+
+
+def spread_yields(config: PruneConfig) -> str:
+    """What makes a preset's --layer-spread give way: what excludes it, or --pattern structured (a spread of removed
+    neurons over layers was never measured; an explicit --layer-spread there is the user's)."""
+    if config.spread_conflict():
+        return config.spread_conflict()
+    return "--pattern structured" if config.pattern.strip().lower() == "structured" else ""
 
 
 def yielded(explicit: dict[str, Any], preset: Preset | None, config: PruneConfig) -> list[str]:
     """One line per preset knob that `resolve` dropped because an explicit choice excludes it."""
+    lines = []
     wanted = preset.values.get("refine", 0) if preset else 0
     if explicit.get("refine") is None and wanted and not config.refine:
-        return [f"the {preset.name} preset's --refine {wanted} does not apply with "
-                f"{config.refine_conflict()}: pruning without it"]
-    return []
+        lines.append(f"the {preset.name} preset's --refine {wanted} does not apply with "
+                     f"{config.refine_conflict()}: pruning without it")
+    spread = preset.values.get("layer_spread", 0.0) if preset else 0.0
+    if explicit.get("layer_spread") is None and spread and not config.layer_spread:
+        lines.append(f"the {preset.name} preset's --layer-spread {spread:g} does not apply with "
+                     f"{spread_yields(config)}: every layer at the same sparsity")
+    return lines
 
 
 def save_user_preset(name: str, values: dict[str, Any], description: str = "") -> Path:
