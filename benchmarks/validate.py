@@ -65,10 +65,16 @@ def calibration_of(row: dict) -> str:
     return row.get("calibration", "wiki-vital")
 
 
-def preset(name: str, **overrides) -> PruneConfig:
-    """A preset from this worktree's presets.toml (PruneConfig fields only) plus overrides."""
+def preset(name: str, *, current: bool = False, **overrides) -> PruneConfig:
+    """A preset from this worktree's presets.toml (PruneConfig fields only) plus overrides.
+
+    Not `current`: its --layer-spread pinned at 0 unless an override gives one, as every variant below was
+    measured before the presets spread sparsity over layers, so that their digests (and measured rows) stay;
+    `current`: the preset as the product defines it now."""
     table = tomllib.loads((ROOT / "presets.toml").read_text())[name]
     values = {k: v for k, v in table.items() if k in PRUNE_FIELDS}
+    if not current:
+        values["layer_spread"] = 0.0
     values.update(overrides)
     if not values.get("update"):  # no update: update_mask changes nothing, spelled as it was so the digest stays
         values.setdefault("update_mask", "fixed")
@@ -111,25 +117,25 @@ def configs() -> dict[str, PruneConfig]:
         "wanda+update@full": P(prune_method="wanda", update=True),  # full step, full Gram ("wanda+update" up to 87425c2)
         "wanda+qk0.1": P(prune_method="wanda", qk_shift=0.1),
         "wanda+qk0.1+update": P(prune_method="wanda", qk_shift=0.1, update=True),
-        "balanced": preset("balanced"),
-        "quality": preset("quality"),
+        "balanced": preset("balanced", current=True),
+        "quality": preset("quality", current=True),
         "conservative": preset("conservative"),
         "fast": preset("fast"),
     }
     # 2:4 (issue 12's pattern on this protocol): each ratio is against Wanda at 2:4 (`report` pairs them)
     c["wanda@2:4"] = preset("wanda", pattern="2:4")
     c["wanda+update@2:4"] = preset("wanda", pattern="2:4", update=True)
-    c["balanced@2:4"] = preset("balanced", pattern="2:4")
-    c["quality@2:4"] = preset("quality", pattern="2:4")
+    c["balanced@2:4"] = preset("balanced", pattern="2:4", current=True)
+    c["quality@2:4"] = preset("quality", pattern="2:4", current=True)
     for point in ("@60", "@70", "@4:8"):  # --update alone (least squares since 2026-12-06) at the higher points
         c[f"wanda+update{point}"] = preset("wanda", update=True, **_point(point))
     # OWL's layer allocation (--layer-spread: layers with more Wanda-metric outliers kept denser) at the high
     # sparsities, where its paper measured its gains (lambda 0.08 at 70%); 2026-12-06
     for point in ("", "@60", "@70"):
         c[f"wanda{point}:owl0.08"] = preset("wanda", layer_spread=0.08, **_point(point))
-        for spread in (0.04, 0.08, 0.15):
-            c[f"quality{point}:owl{spread}"] = preset("quality", layer_spread=spread, **_point(point))
-            c[f"balanced{point}:owl{spread}"] = preset("balanced", layer_spread=spread, **_point(point))
+        for spread in (0.0, 0.04, 0.08, 0.15):  # 0: every layer at the target (the presets before 2026-12-06)
+            c[f"quality{point}:owl{spread:g}"] = preset("quality", layer_spread=spread, **_point(point))
+            c[f"balanced{point}:owl{spread:g}"] = preset("balanced", layer_spread=spread, **_point(point))
     # sequential pruning (each layer from the pruned earlier layers' outputs), fitted to its own pruned outputs or, with
     # dense targets, to the dense model's (2026-12-06)
     for point in ("", "@2:4", "@60", "@70", "@4:8"):
@@ -207,12 +213,12 @@ def configs() -> dict[str, PruneConfig]:
         c[f"wanda+refine200+off{a}"] = P(prune_method="wanda", refine=200, gram_offdiag=a)
         c[f"wanda+update1+off{a}"] = P(prune_method="wanda", update=True, gram_offdiag=a)
     # the joint solver (--update-mask admm), 60% / 70% unstructured and 4:8 (issue 22); each against Wanda at the same point
-    c["joint"] = preset("joint")
+    c["joint"] = preset("joint", current=True)
     for name in ("wanda", "balanced", "quality", "joint"):
         for pattern in ("2:4", "4:8"):
-            c[f"{name}@{pattern}"] = preset(name, pattern=pattern)
+            c[f"{name}@{pattern}"] = preset(name, pattern=pattern, current=True)
         for sparsity in (0.6, 0.7):
-            c[f"{name}@{round(sparsity * 100)}"] = preset(name, sparsity=sparsity)
+            c[f"{name}@{round(sparsity * 100)}"] = preset(name, sparsity=sparsity, current=True)
     # Qwen at 2:4 loses more than Wanda on docs and poetry (docs/qwen_e2e.md): which part of balanced@2:4 does it
     c["balanced@2:4:refine0"] = preset("balanced", pattern="2:4", refine=0)  # the hybrid's masks, unrefined
     c["balanced@2:4:wanda-mlp"] = preset("balanced", pattern="2:4", prune_method="wanda")  # Wanda's MLP masks, q/k shift + refine
