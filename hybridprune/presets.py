@@ -170,7 +170,8 @@ def yielded(explicit: dict[str, Any], preset: Preset | None, config: PruneConfig
         lines.append(f"the {preset.name} preset's --refine {wanted} does not apply with "
                      f"{config.refine_conflict()}: pruning without it")
     spread = preset.values.get("layer_spread", 0.0) if preset else 0.0
-    if explicit.get("layer_spread") is None and spread and not config.layer_spread:
+    # said for --sequential and structured removal; an N:M pattern fixes every layer's sparsity by its definition
+    if explicit.get("layer_spread") is None and spread and not config.layer_spread and spread_yields(config) != "--pattern N:M":
         lines.append(f"the {preset.name} preset's --layer-spread {spread:g} does not apply with "
                      f"{spread_yields(config)}: every layer at the same sparsity")
     return lines

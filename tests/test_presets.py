@@ -120,13 +120,15 @@ def test_a_presets_layer_spread_gives_way_where_it_cannot_work_or_was_never_meas
     spread = Preset(name="owl", values={"prune_method": "hybrid", "layer_spread": 0.04}, source="test")
     assert resolve({"sparsity": 0.7}, spread).layer_spread == 0.04
     assert yielded({"sparsity": 0.7}, spread, resolve({"sparsity": 0.7}, spread)) == []
-    for explicit, reason in (({"pattern": "2:4", "sparsity": 0.5}, "--pattern N:M"), ({"sequential": True}, "--sequential"),
-                             ({"pattern": "structured"}, "--pattern structured")):
+    for explicit, reason in (({"sequential": True}, "--sequential"), ({"pattern": "structured"}, "--pattern structured")):
         config = resolve(explicit, spread)
         assert config.layer_spread == 0.0
         config.validate()  # not refused
         (line,) = yielded(explicit, spread, config)
         assert reason in line and "owl" in line and "--layer-spread 0.04" in line
+    # N:M fixes every layer's sparsity by its definition: the spread gives way without a word
+    nm = {"pattern": "2:4", "sparsity": 0.5}
+    assert resolve(nm, spread).validate().layer_spread == 0.0 and yielded(nm, spread, resolve(nm, spread)) == []
     # an explicit --layer-spread is the user's: refused where it cannot work, kept with structured removal
     with pytest.raises(UserError, match="--layer-spread"):
         resolve({"pattern": "2:4", "sparsity": 0.5, "layer_spread": 0.1}, spread).validate()
