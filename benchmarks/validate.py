@@ -16,7 +16,6 @@ already there (same model, configuration digest, seed, domain, half, windows) is
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import re
@@ -43,7 +42,7 @@ from hybridprune.data.tokens import encode_text  # noqa: E402
 from hybridprune.evaluation import perplexity  # noqa: E402
 from hybridprune.models import load_model  # noqa: E402
 from hybridprune.passes import sequential_pruner  # noqa: E402
-from hybridprune.presets import spread_yields  # noqa: E402
+from hybridprune.presets import Preset, resolve  # noqa: E402
 from hybridprune.pruning import neuron_scoring, plan_layers, prune_layer  # noqa: E402
 
 CACHE = Path(os.environ.get("HYBRIDPRUNE_VALIDATE_CACHE", "/tmp/hpcache/validate"))
@@ -73,15 +72,11 @@ def preset(name: str, *, current: bool = False, **overrides) -> PruneConfig:
     `current`: the preset as the product defines it now."""
     table = tomllib.loads((ROOT / "presets.toml").read_text())[name]
     values = {k: v for k, v in table.items() if k in PRUNE_FIELDS}
-    if not current:
-        values["layer_spread"] = 0.0
-    values.update(overrides)
-    if not values.get("update"):  # no update: update_mask changes nothing, spelled as it was so the digest stays
-        values.setdefault("update_mask", "fixed")
-    config = PruneConfig(**values)
-    if "layer_spread" not in overrides and config.layer_spread and spread_yields(config):
-        config = dataclasses.replace(config, layer_spread=0.0)  # as the product's presets.resolve: N:M, --sequential
-    return config
+    explicit = dict(overrides) if current else {"layer_spread": 0.0, **overrides}
+    if not {**values, **explicit}.get("update"):  # no update: update_mask changes nothing, spelled as it was so the digest stays
+        explicit.setdefault("update_mask", values.get("update_mask", "fixed"))
+    # the product's own merge: explicit > preset, and a preset knob gives way where the explicit choices exclude it
+    return resolve(explicit, Preset(name=name, values=values, source="presets.toml"))
 
 
 # The product defaults of the new fields before this work, and idf_exp's old default: every

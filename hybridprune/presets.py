@@ -149,12 +149,12 @@ def resolve(explicit: dict[str, Any], preset: Preset | None) -> PruneConfig:
     config = PruneConfig(**values)
     if "refine" not in given and config.refine and config.refine_conflict():
         config = PruneConfig(**{**values, "refine": 0})
-    if "layer_spread" not in given and config.layer_spread and spread_yields(config):
+    if "layer_spread" not in given and config.layer_spread and _spread_yields(config):
         config = replace(config, layer_spread=0.0)
     return config
 
 
-def spread_yields(config: PruneConfig) -> str:
+def _spread_yields(config: PruneConfig) -> str:
     """What makes a preset's --layer-spread give way: what excludes it, or --pattern structured (a spread of removed
     neurons over layers was never measured; an explicit --layer-spread there is the user's)."""
     if config.spread_conflict():
@@ -171,9 +171,9 @@ def yielded(explicit: dict[str, Any], preset: Preset | None, config: PruneConfig
                      f"{config.refine_conflict()}: pruning without it")
     spread = preset.values.get("layer_spread", 0.0) if preset else 0.0
     # said for --sequential and structured removal; an N:M pattern fixes every layer's sparsity by its definition
-    if explicit.get("layer_spread") is None and spread and not config.layer_spread and spread_yields(config) != "--pattern N:M":
+    if explicit.get("layer_spread") is None and spread and not config.layer_spread and _spread_yields(config) != "--pattern N:M":
         lines.append(f"the {preset.name} preset's --layer-spread {spread:g} does not apply with "
-                     f"{spread_yields(config)}: every layer at the same sparsity")
+                     f"{_spread_yields(config)}: every layer at the same sparsity")
     return lines
 
 
