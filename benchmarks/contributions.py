@@ -25,27 +25,36 @@ STEPS = [  # (configuration, label)
     ("step:score", "+ NeuronRank allocation over MLP neurons (rows unbounded)"),
     ("step:bound", "+ each neuron's row within 0.05 of the target"),
     ("step:qk", "+ q/k pruned more than v/o (--qk-shift 0.1)"),
-    ("balanced", "+ swap refinement, 50 steps (= balanced)"),
+    ("step:refine", "+ swap refinement, 50 steps"),
+    ("balanced", "+ OWL's layer spread 0.04 (= balanced)"),
     ("quality", "+ least-squares weight update (= quality)"),
-    ("joint", "+ joint ADMM solve of masks and weights (= joint)"),
+    ("joint", "joint: the refined masks without the spread, masks and weights solved together by ADMM (= joint)"),
 ]
 SHORT = {"wanda": "Wanda", "step:score": "+NR alloc.", "step:bound": "+row bound", "step:qk": "+q/k shift",
-         "balanced": "+refine", "quality": "+lsq update", "joint": "+joint"}
+         "step:refine": "+refine", "balanced": "+layer spread", "quality": "+lsq update", "joint": "joint"}
+# a step that does not build on the one before it is judged against the configuration it builds on
+AGAINST = {"joint": "quality:owl0"}  # joint keeps every layer at the target: against quality without the spread
 IN_DOMAIN = ("wiki",)
 
 
 def rows_for(model: str) -> list[dict]:
-    s = v.summary(v.load_rows(), [name for name, _ in STEPS], "test", [model])
+    s = v.summary(v.load_rows(), [name for name, _ in STEPS] + list(AGAINST.values()), "test", [model])
+
+    def measured(name: str, label: str) -> dict:
+        if name not in s or model not in s[name]:
+            return {"config": name, "label": label, "measured": False}
+        r = s[name][model]["ratio"]
+        return {"config": name, "label": label, "measured": True, "mean": statistics.mean(r.values()),
+                "worst": max(r.values()), "worst_domain": max(r, key=r.get),
+                "in_domain": statistics.mean(r[d] for d in IN_DOMAIN),
+                "off_domain": statistics.mean(x for d, x in r.items() if d not in IN_DOMAIN), "ratio": r}
+
     out = []
     for name, label in STEPS:
-        if name not in s or model not in s[name]:
-            out.append({"config": name, "label": label, "measured": False})
-            continue
-        r = s[name][model]["ratio"]
-        out.append({"config": name, "label": label, "measured": True, "mean": statistics.mean(r.values()),
-                    "worst": max(r.values()), "worst_domain": max(r, key=r.get),
-                    "in_domain": statistics.mean(r[d] for d in IN_DOMAIN),
-                    "off_domain": statistics.mean(x for d, x in r.items() if d not in IN_DOMAIN), "ratio": r})
+        row = measured(name, label)
+        if name in AGAINST:
+            row["against"] = measured(AGAINST[name], AGAINST[name])
+        out.append(row)
     return out
 
 
@@ -69,9 +78,12 @@ def report(models: list[str]) -> None:
                 lines.append(f"| {row['label']} | `{row['config']}` | not measured | | | | |")
                 continue
             verdict = ""
+            if "against" in row:  # judged against the configuration it builds on, not the step printed before it
+                previous = row["against"] if row["against"]["measured"] else None
             if previous is not None:
                 gain_mean, gain_worst = previous["mean"] - row["mean"], previous["worst"] - row["worst"]
-                verdict = ("adds on both" if gain_mean > 0 and gain_worst > 0 else
+                verdict = ("" if "against" not in row else f"against `{previous['config']}` ({previous['mean']:.3f} / "
+                           f"{previous['worst']:.3f}): ") + ("adds on both" if gain_mean > 0 and gain_worst > 0 else
                            "adds nothing on the union of domains" if gain_mean <= 0 and gain_worst <= 0 else
                            f"mixed: mean {-gain_mean:+.3f}, worst {-gain_worst:+.3f}")
             lines.append(f"| {row['label']} | `{row['config']}` | {row['mean']:.3f} | {row['worst']:.3f} ({row['worst_domain']}) | "
@@ -110,7 +122,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     if args.command == "run":
-        v.run(args.model, ["dense", *[name for name, _ in STEPS]], "test", list(v.DOMAINS), [0], args.threads)
+        v.run(args.model, ["dense", *[name for name, _ in STEPS], *AGAINST.values()], "test", list(v.DOMAINS), [0],
+              args.threads)
     else:
         report([m for m in v.MODELS if any(r["model"] == m for r in v.load_rows())])
 

@@ -222,6 +222,7 @@ def configs() -> dict[str, PruneConfig]:
     c["step:score"] = preset("balanced", qk_shift=0.0, refine=0, nr_row_bound=1.0)  # NeuronRank's allocation, rows unbounded
     c["step:bound"] = preset("balanced", qk_shift=0.0, refine=0)  # + each row within 0.05 of the target
     c["step:qk"] = preset("balanced", refine=0)  # + q/k pruned more than v/o
+    c["step:refine"] = preset("balanced")  # + the swap refinement, every layer at the target (= balanced:owl0)
     # the update's weights at the least-squares optimum of the masks (--update-mask lsq) instead of the OBS sweep;
     # `quality` itself since 2026-12-06 (benchmarks/validation_choices.md, 13): `:obs` is quality as it was before
     # `--update` alone too since 2026-12-06 (14): `wanda+update{point}:obs` is Wanda + update as it was before
@@ -229,7 +230,9 @@ def configs() -> dict[str, PruneConfig]:
         c[f"quality{point}:obs"] = preset("quality", update_mask="fixed", **_point(point))
         c[f"wanda+update{point}:obs"] = preset("wanda", update=True, update_mask="fixed", **_point(point))
         for name in ("quality", "wanda+update"):
-            base = c[f"{name}{point}"] if f"{name}{point}" in c else preset("wanda", update=True, **_point(point))
+            # every layer at the target (as measured, before the presets' layer spread)
+            base = preset("quality" if name == "quality" else "wanda", **({} if name == "quality" else {"update": True}),
+                          **_point(point))
             c[f"{name}{point}:lsq"] = PruneConfig(**{**base.to_dict(), "update_mask": "lsq"})
     # ablations
     c["abl:nr-constant-score"] = P(idf_exp=0.0, tf_exp=0.0)  # gate/up matrix groups, every s_i equal
@@ -514,10 +517,10 @@ def fmt_table(s: dict, names: list[str], models: list[str], domains: tuple[str, 
 
 
 HEADLINE = ["wanda", "wanda+update:obs", "wanda+update", "wanda+update:off0.5", "wanda+qk0.1", "balanced@87425c2", "quality@87425c2", "balanced:refine0",
-            "balanced:off0.5", "quality:off0.5", "balanced", "quality:obs", "quality", "joint", "conservative", "fast",
+            "balanced:off0.5", "quality:off0.5", "balanced:owl0", "quality:owl0", "balanced", "quality:obs", "quality", "joint", "conservative", "fast",
             "wanda@2:4", "wanda+update@2:4:obs", "wanda+update@2:4", "balanced@2:4", "quality@2:4:obs", "quality@2:4", "joint@2:4", "wanda@4:8",
-            "quality@4:8:obs", "quality@4:8", "joint@4:8", "wanda@60", "quality@60:obs", "quality@60", "joint@60", "wanda@70",
-            "quality@70:obs", "quality@70", "joint@70"]
+            "quality@4:8:obs", "quality@4:8", "joint@4:8", "wanda@60", "quality@60:obs", "quality@60:owl0", "balanced@60", "quality@60", "joint@60",
+            "wanda@70", "quality@70:obs", "quality@70:owl0", "balanced@70", "quality@70", "joint@70"]
 
 
 def report() -> None:
@@ -545,7 +548,8 @@ def report() -> None:
     log("wrote docs/validation.md and docs/validation.json")
 
 
-SEEDED = ["wanda", "balanced", "quality:obs", "balanced:off0.5", "quality:off0.5"]  # off0.5: the presets before 84ecbf2, the ones seeded
+# off0.5: the presets before 84ecbf2; balanced:owl0: balanced before its layer spread (2026-12-06)
+SEEDED = ["wanda", "balanced:owl0", "quality:obs", "balanced:off0.5", "quality:off0.5"]
 
 
 def seed_lines(rows: list[dict], names: list[str], models: list[str], half: str = "test") -> str:
@@ -589,7 +593,7 @@ def goal_lines(s: dict, models: list[str]) -> str:
     for m in models:
         for name, limit in (("balanced", 0.85), ("quality", 0.70)):
             if name not in s or m not in s[name]:
-                out.append(f"- {m}: `{name}`: **not measured** in this session")
+                out.append(f"- {m}: `{name}`: **not measured** (test halves)")
             if name in s and m in s[name]:
                 worst = s[name][m]["worst"]
                 out.append(f"- {m}: `{name}` worst ratio {worst:.3f} vs goal <= {limit}: "

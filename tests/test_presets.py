@@ -106,12 +106,27 @@ def test_a_presets_refine_gives_way_to_choices_it_cannot_work_with():
         config = resolve(explicit, balanced)
         assert config.refine == 0
         config.validate()  # no longer refused
-        (line,) = yielded(explicit, balanced, config)
+        (line,) = [line for line in yielded(explicit, balanced, config) if "--refine" in line]
         assert reason in line and "balanced" in line
     # an explicit --refine is the user's: still refused where it cannot work
     with pytest.raises(UserError, match="--refine"):
         resolve({"pattern": "structured", "refine": 10}, balanced).validate()
     assert yielded({"pattern": "2:4", "sparsity": 0.5}, balanced, resolve({"pattern": "2:4", "sparsity": 0.5}, balanced)) == []
+
+
+def test_balanced_and_quality_spread_sparsity_over_layers_where_it_can_work():
+    """Both spread sparsity over layers by OWL's outlier ratio (benchmarks/validation_choices.md 17); joint does not."""
+    from hybridprune.presets import get_preset, resolve, yielded
+
+    for name in ("balanced", "quality"):
+        preset = get_preset(name)
+        assert resolve({}, preset).layer_spread == 0.04
+        assert resolve({"sparsity": 0.7}, preset).layer_spread == 0.04
+        assert resolve({"layer_spread": 0.0}, preset).layer_spread == 0.0  # the user's flag wins
+        structured = {"pattern": "structured"}
+        assert resolve(structured, preset).validate().layer_spread == 0.0
+        assert any("--layer-spread 0.04" in line for line in yielded(structured, preset, resolve(structured, preset)))
+    assert resolve({}, get_preset("joint")).layer_spread == 0.0
 
 
 def test_a_presets_layer_spread_gives_way_where_it_cannot_work_or_was_never_measured():
@@ -151,5 +166,6 @@ def test_presets_list_fits_80_columns_and_show_gives_the_long_text(tmp_path: Pat
         assert sum(line.startswith(f"│ {name} ") for line in lines) == 1 and any(preset.line in line for line in lines), name
     assert "Default choice" not in listed.output  # the long description waits for --show
     shown = CliRunner().invoke(app, ["presets", "--show", "balanced"])
-    assert shown.exit_code == 0 and "Default choice" in shown.output and "--refine 50" in shown.output.replace("\n", " ")
+    flat = " ".join(shown.output.replace("│", " ").split())  # the table's cells read as one text, however they wrap
+    assert shown.exit_code == 0 and "Default choice" in shown.output and "--layer-spread 0.04 --refine 50" in flat
     assert CliRunner().invoke(app, ["presets", "--show", "nope"]).exit_code != 0
