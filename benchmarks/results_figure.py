@@ -51,7 +51,7 @@ def main() -> None:
     axis.set_xticks(range(len(ROWS)), [label for _, label in ROWS], fontsize=8)
     axis.set_ylabel("perplexity loss / Wanda's loss")
     axis.set_ylim(0, 1.15)
-    axis.set_title("Test halves of five domains (wiki, code, docs, plays, poetry); bars missing where a model was not measured")
+    axis.set_title("Test halves of five domains (wiki, code, docs, plays, poetry); no bar: not measured on that model", fontsize=10)
     axis.legend(fontsize=8, loc="lower left")
     figure.tight_layout()
     out = ROOT / "docs" / "results.png"
