@@ -15,6 +15,8 @@ a fresh subprocess (its own peak RSS), which appends one JSON line per phase to 
                 builds it (today including its factorization at the end of each layer), at T and T/2 tokens
   wanda / hybrid / balanced / quality  prune_layer on layer 0 with the preset's plan (hybrid = balanced with
                 refine 0, no second-order entry); refine = balanced - hybrid, update = quality - balanced
+  outliers      pruning.layer_importance on layer 0: the outlier ratio that --layer-spread (balanced's and
+                quality's 0.04) reads of every layer before pruning (with --offload: after loading it once more)
   sparsegpt     benchmarks/sparsegpt_anchor.py on the same layer: per input group one damped Cholesky-based
                 inverse of X^T X (collected here with forward hooks, float32), then the column sweep of each Linear
 The layer's weights are restored between the pruning phases (untimed).
@@ -88,7 +90,7 @@ SHAPES = {
 }
 PER_TOKEN = ("forward", "first_order", "second_order", "sparsegpt_gram")
 PHASES = ("forward", "first_order", "second_order", "wanda", "hybrid", "refine", "balanced", "update", "quality", "joint",
-          "sparsegpt")
+          "sparsegpt", "outliers")
 # the tables also show the measured hybrid + update, and the same with the least-squares update (--update-mask lsq)
 TABLE_PHASES = (*PHASES[:7], "hybrid_update", "hybrid_lsq", *PHASES[7:])
 PHASE_LABELS = {
@@ -106,6 +108,7 @@ PHASE_LABELS = {
     "joint": "joint (balanced + ADMM solve)",
     "sparsegpt": "SparseGPT (inverse + sweep)",
     "sparsegpt_gram": "SparseGPT's X^T X collection",
+    "outliers": "layer spread: the layer's outlier ratio (OWL)",
 }
 
 
@@ -330,7 +333,7 @@ def measure_shape(args: argparse.Namespace) -> None:
     from hybridprune.calibration.runner import run_layerwise
     from hybridprune.models.adapters import adapter_for
     from hybridprune.presets import get_preset, resolve
-    from hybridprune.pruning import neuron_scoring, plan_layers, prune_layer
+    from hybridprune.pruning import layer_importance, neuron_scoring, plan_layers, prune_layer
 
     global COMMIT
     COMMIT = commit()
@@ -391,6 +394,8 @@ def measure_shape(args: argparse.Namespace) -> None:
     with torch.no_grad():
         if want("wanda"):
             recorder.measure("wanda", prune_with("wanda", None), before=restore)
+        if want("outliers"):
+            recorder.measure("outliers", lambda: layer_importance(model, adapter, stats, range(1)))
         if want("hybrid"):
             recorder.measure("hybrid", prune_with("balanced", None, refine=0), before=restore)
         restore()
@@ -539,14 +544,19 @@ def run_shapes(args: argparse.Namespace) -> None:
             rows = kept + rows
         if path.exists():  # another run may have written other shapes meanwhile: keep theirs, replace this one
             document = {**json.loads(path.read_text()), "shapes": {**json.loads(path.read_text())["shapes"]}}
+        partial_run = bool(args.phases and previous.get("rows"))
+        # the LM head's matmul rate belongs with the forward pass it completes: a partial rerun without it keeps the old
+        lm_head = (previous["lm_head"] if partial_run and "lm_head" in previous and "forward" not in args.phases.split(",")
+                   else lm_head_rate(shape.hidden, args.threads))
         document["shapes"][key] = {
             "shape": asdict(shape), "status": status, "wall_seconds": time.perf_counter() - started, "rows": rows,
-            "unfinished_phase": running if status != "ok" else None, "lm_head": lm_head_rate(shape.hidden, args.threads),
+            "unfinished_phase": running if status != "ok" else None, "lm_head": lm_head,
             "commands": [*(previous.get("commands") or [previous["command"]] if args.phases and previous.get("rows") else []),
                          " ".join(["python benchmarks/scale.py", *sys.argv[1:]])],
         }
         document["machine"] = machine()
-        document["commit"] = commit()
+        if not partial_run:  # the code the whole table was measured with; each row keeps its own commit
+            document["commit"] = commit()
         document["threads"] = args.threads
         document["product_tokens"] = PRODUCT_TOKENS
         path.write_text(json.dumps(document, indent=1))
@@ -588,7 +598,7 @@ def phase_table(entry: dict[str, Any]) -> dict[str, Any]:
             notes[phase] = f"{constant:.2f} s per layer + {slope * 1e3:.3f} ms per token"
         else:
             at_product[phase] = full * PRODUCT_TOKENS / tokens
-    for phase in ("wanda", "hybrid", "balanced", "hybrid_update", "hybrid_lsq", "quality", "joint", "sparsegpt"):
+    for phase in ("wanda", "hybrid", "balanced", "hybrid_update", "hybrid_lsq", "quality", "joint", "sparsegpt", "outliers"):
         if phase in rows:
             seconds[phase] = at_product[phase] = rows[phase]["seconds"]
             peaks[phase] = rows[phase]["peak_rss_above_start"]
@@ -607,7 +617,7 @@ def phase_table(entry: dict[str, Any]) -> dict[str, Any]:
         notes["quality"] = "balanced + update"
     cpu: dict[str, float] = {}
     for phase in ("forward", "first_order", "second_order", "wanda", "hybrid", "balanced", "hybrid_update", "hybrid_lsq",
-                  "quality", "joint", "sparsegpt"):
+                  "quality", "joint", "sparsegpt", "outliers"):
         if phase in rows and rows[phase].get("cpu_seconds"):
             ordered = sorted(rows[phase]["cpu_seconds"])
             cpu[phase] = ordered[len(ordered) // 2] / (built if phase in PER_TOKEN else 1)
@@ -635,10 +645,11 @@ def whole_model(entry: dict[str, Any], table: dict[str, Any]) -> dict[str, float
     out["lm_head"] = head
     if "forward" in p:
         out["forward_with_lm_head"] = out["forward"] + head
+    spread = p.get("outliers", 0.0)  # the layer spread's outlier ratios (balanced and quality since 2026-12-06) where measured
     if all(k in p for k in ("first_order", "second_order", "balanced")):
-        out["default_preset"] = layers * (p["first_order"] + p["second_order"] + p["balanced"])
+        out["default_preset"] = layers * (p["first_order"] + p["second_order"] + p["balanced"] + spread)
     if all(k in p for k in ("first_order", "second_order", "quality")):
-        out["quality_preset"] = layers * (p["first_order"] + p["second_order"] + p["quality"])
+        out["quality_preset"] = layers * (p["first_order"] + p["second_order"] + p["quality"] + spread)
     if "sparsegpt" in p and "sparsegpt_gram" in p:
         out["sparsegpt_pipeline"] = layers * (p["sparsegpt"] + p["sparsegpt_gram"])
     return out
@@ -906,7 +917,9 @@ def default_paragraph(document, order, tables, wholes) -> list[str]:
                 f"- {shape.name} ({shape.layers} layers): the default `balanced` preset (first-order calibration + "
                 f"second-order collection + hybrid masks and 50 refine swaps) costs about {_s(w['default_preset'])} of "
                 f"compute here at 16384 calibration tokens ({_s(w['first_order'])} first-order, {_s(w['second_order'])} "
-                f"second-order, {_s(w['balanced'])} pruning), against {_s(w.get('sparsegpt_pipeline'))} for SparseGPT's "
+                f"second-order, {_s(w['balanced'])} pruning"
+                + (f", {_s(w['outliers'])} the layer spread's outlier ratios" if "outliers" in w else
+                   "; the layer spread's outlier ratios not measured at this shape") + f"), against {_s(w.get('sparsegpt_pipeline'))} for SparseGPT's "
                 f"own pipeline (its X^T X, inverse and sweep) and {_s(w.get('forward'))} for one pass of the layers; "
                 f"`quality` {_s(w.get('quality_preset'))}. The largest per-phase peak RSS above the loaded layers was "
                 f"{_b(peak)} per layer (one layer at a time when layers stream), and the second-order entry "
