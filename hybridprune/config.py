@@ -323,6 +323,30 @@ GRAM_OFFDIAG = {"unstructured": 0.25, "nm": 0.5, "structured": 0.5}
 # Wanda's loss at 0.67 tokens per down_proj input, 1.01x / 1.12x at 2.7, 0.93x / 0.98x at 10.7, where 0.5 is
 # the best weight (benchmarks/validation_choices.md, 10). A note, not a refusal: the weight is the user's choice.
 GRAM_TOKENS_PER_INPUT = 10
+# `--layer-spread auto` (balanced's and quality's): OWL's layer spread by target sparsity, the best spread of each
+# point measured on both models' validation halves (benchmarks/validation_choices.md, 17 and 18); linear between the
+# points, the nearest point's spread outside them (below 50% and above 70% not measured)
+SPREAD_BY_SPARSITY = ((0.6, 0.04), (0.7, 0.15))
+
+
+def spread_for(value: float | str | None, sparsity: float) -> float | None:
+    """--layer-spread as a number: `auto` is SPREAD_BY_SPARSITY at `sparsity`; a number (or its text) is itself."""
+    if value is None or not isinstance(value, str):
+        return value
+    if value.strip().lower() != "auto":
+        try:
+            return float(value)
+        except ValueError:
+            raise UserError(f"--layer-spread must be a number in [0, 0.5) or auto, got {value!r}") from None
+    (low, at_low), (high, at_high) = SPREAD_BY_SPARSITY[0], SPREAD_BY_SPARSITY[-1]
+    if sparsity <= low:
+        return at_low
+    if sparsity >= high:
+        return at_high
+    for (x0, y0), (x1, y1) in zip(SPREAD_BY_SPARSITY, SPREAD_BY_SPARSITY[1:]):
+        if x0 <= sparsity <= x1:
+            return round(y0 + (y1 - y0) * (sparsity - x0) / (x1 - x0), 6)
+    raise AssertionError("SPREAD_BY_SPARSITY must be sorted by sparsity")
 
 
 def _choice(flag: str, value: str, allowed: Any) -> None:

@@ -120,7 +120,9 @@ PRUNE_KNOBS = (
     *SCORING,
     opt("nr_row_bound", type=float | None,
         help=f"gate/up: each neuron's row sparsity stays within target +- this (1 = unbounded; {_default('nr_row_bound')})."),
-    opt("layer_spread", type=float | None, help="Non-uniform sparsity across layers (OWL outliers)."),
+    opt("layer_spread", type=str | None, api_type=float | str | None,
+        help="OWL's sparsity spread across layers (more outliers: denser), a number in [0, 0.5) or auto (by sparsity; "
+             "balanced and quality). 0: every layer at the target."),
     opt("qk_shift", type=float | None, help="q/k pruned at target+shift, v/o at target-shift."),
     opt("sequential", "--sequential/--dense-stats", type=bool | None, help="Original Wanda: inputs from pruned earlier layers."),
     opt("dense_targets", "--dense-targets/--pruned-targets", type=bool | None,

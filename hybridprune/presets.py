@@ -14,7 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from hybridprune.config import PRUNE_FIELDS, PruneConfig
+from hybridprune.config import PRUNE_FIELDS, PruneConfig, spread_for
 from hybridprune.errors import UserError
 from hybridprune.fsutil import atomic_write_text
 
@@ -103,13 +103,16 @@ def _parse(text: str, source: str) -> dict[str, Preset]:
                 continue
             if key in CALIBRATION_KEYS:
                 calibration[key] = _typed(name, source, key, value, CALIBRATION_KEYS[key])
+            elif key == "layer_spread" and isinstance(value, str):  # `auto`: the spread by sparsity (config.spread_for)
+                spread_for(value, 0.5)  # refuses any other text in one line
+                values[key] = value.strip().lower()
             elif key in PRUNE_FIELDS:
                 values[key] = _typed(name, source, key, value, type(PRUNE_FIELDS[key].default))
             else:
                 known = ", ".join([*PRUNE_FIELDS, *CALIBRATION_KEYS])
                 raise UserError(f"preset '{name}' in {source}: unknown key '{key}' (known keys: {known})")
         try:
-            PruneConfig(**values).validate()
+            PruneConfig(**_numeric_spread(values)).validate()
         except UserError as err:
             raise UserError(f"preset '{name}' in {source}: {err}") from None
         parsed[name] = Preset(
@@ -146,12 +149,20 @@ def resolve(explicit: dict[str, Any], preset: Preset | None) -> PruneConfig:
     values.update(given)
     if values.get("target_speedup"):  # a speed-up plan can only be a structured removal of its own choosing
         values.update({key: value for key, value in IMPLIED_BY_SPEEDUP.items() if key not in given})
-    config = PruneConfig(**values)
+    config = PruneConfig(**_numeric_spread(values))
     if "refine" not in given and config.refine and config.refine_conflict():
-        config = PruneConfig(**{**values, "refine": 0})
+        config = PruneConfig(**_numeric_spread({**values, "refine": 0}))
     if "layer_spread" not in given and config.layer_spread and _spread_yields(config):
         config = replace(config, layer_spread=0.0)
     return config
+
+
+def _numeric_spread(values: dict[str, Any]) -> dict[str, Any]:
+    """`values` with --layer-spread as the number it means at their sparsity (`auto`: config.spread_for)."""
+    if "layer_spread" not in values:
+        return values
+    sparsity = values.get("sparsity", PRUNE_FIELDS["sparsity"].default)
+    return {**values, "layer_spread": spread_for(values["layer_spread"], sparsity)}
 
 
 def _spread_yields(config: PruneConfig) -> str:
@@ -172,7 +183,7 @@ def yielded(explicit: dict[str, Any], preset: Preset | None, config: PruneConfig
     spread = preset.values.get("layer_spread", 0.0) if preset else 0.0
     # said for --sequential and structured removal; an N:M pattern fixes every layer's sparsity by its definition
     if explicit.get("layer_spread") is None and spread and not config.layer_spread and _spread_yields(config) != "--pattern N:M":
-        lines.append(f"the {preset.name} preset's --layer-spread {spread:g} does not apply with "
+        lines.append(f"the {preset.name} preset's --layer-spread {spread if isinstance(spread, str) else f'{spread:g}'} does not apply with "
                      f"{_spread_yields(config)}: every layer at the same sparsity")
     return lines
 

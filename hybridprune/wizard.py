@@ -389,8 +389,11 @@ def preset_values(answers: Answers, presets: dict[str, Preset] | None = None) ->
     presets = presets if presets is not None else load_presets()
     preset = presets[answers.preset]
     values: dict[str, Any] = {**preset.values, **preset.calibration, "sparsity": answers.sparsity, "pattern": answers.pattern}
+    run = resolve({"sparsity": answers.sparsity, "pattern": answers.pattern}, preset)
     if "refine" in values:  # what the run will do: a refine that gives way to the pattern is not saved with it
-        values["refine"] = resolve({"sparsity": answers.sparsity, "pattern": answers.pattern}, preset).refine
+        values["refine"] = run.refine
+    if values.get("layer_spread") and not run.layer_spread:  # nor a layer spread (refused in a preset with N:M)
+        del values["layer_spread"]
     if answers.nsamples != DEFAULT_NSAMPLES or "nsamples" in values:
         values["nsamples"] = answers.nsamples
     if answers.seqlen != SEQLEN or "seqlen" in values:

@@ -140,6 +140,8 @@ def one_line_error(result) -> str:
         (["prune", "--preset", "nope"], "unknown preset"),
         (["prune", "--pruning-last", "0"], "--pruning-last"),
         (["prune", "--pruning-last", "3"], "exceeds"),
+        (["prune", "--layer-spread", "wide"], "--layer-spread must be a number in [0, 0.5) or auto"),
+        (["prune", "--layer-spread", "auto", "--pattern", "2:4"], "--layer-spread"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(setup, tmp_path, args, needle):

@@ -116,17 +116,44 @@ def test_a_presets_refine_gives_way_to_choices_it_cannot_work_with():
 
 def test_balanced_and_quality_spread_sparsity_over_layers_where_it_can_work():
     """Both spread sparsity over layers by OWL's outlier ratio (benchmarks/validation_choices.md 17); joint does not."""
+    from hybridprune.config import SPREAD_BY_SPARSITY
     from hybridprune.presets import get_preset, resolve, yielded
 
     for name in ("balanced", "quality"):
         preset = get_preset(name)
-        assert resolve({}, preset).layer_spread == 0.04
-        assert resolve({"sparsity": 0.7}, preset).layer_spread == 0.04
+        assert preset.values["layer_spread"] == "auto"
+        for sparsity, spread in SPREAD_BY_SPARSITY:  # `auto` is the measured spread at each measured sparsity
+            assert resolve({"sparsity": sparsity}, preset).validate().layer_spread == spread
+        assert resolve({}, preset).layer_spread == SPREAD_BY_SPARSITY[0][1]  # 50%: the lowest point's
         assert resolve({"layer_spread": 0.0}, preset).layer_spread == 0.0  # the user's flag wins
+        assert resolve({"layer_spread": "0.1"}, preset).layer_spread == 0.1  # as the command line gives it
         structured = {"pattern": "structured"}
         assert resolve(structured, preset).validate().layer_spread == 0.0
-        assert any("--layer-spread 0.04" in line for line in yielded(structured, preset, resolve(structured, preset)))
+        assert any("--layer-spread auto" in line for line in yielded(structured, preset, resolve(structured, preset)))
     assert resolve({}, get_preset("joint")).layer_spread == 0.0
+
+
+def test_spread_for_is_linear_between_the_measured_points_and_flat_beyond():
+    from hybridprune.config import SPREAD_BY_SPARSITY, spread_for
+
+    (low, at_low), (high, at_high) = SPREAD_BY_SPARSITY[0], SPREAD_BY_SPARSITY[-1]
+    assert spread_for("auto", low - 0.3) == at_low and spread_for(" AUTO ", high + 0.2) == at_high
+    (x0, y0), (x1, y1) = SPREAD_BY_SPARSITY[:2]
+    assert spread_for("auto", (x0 + x1) / 2) == pytest.approx((y0 + y1) / 2)  # halfway between two points
+    assert spread_for(0.1, 0.5) == 0.1 and spread_for("0.2", 0.5) == 0.2 and spread_for(None, 0.5) is None
+    with pytest.raises(UserError, match="--layer-spread must be a number in \\[0, 0.5\\) or auto"):
+        spread_for("wide", 0.5)
+
+
+def test_a_presets_file_may_say_layer_spread_auto_and_nothing_else_in_words(tmp_path):
+    from hybridprune.presets import load_presets, resolve
+
+    good, bad = tmp_path / "good.toml", tmp_path / "bad.toml"
+    good.write_text('[mine]\nprune_method = "hybrid"\nlayer_spread = "auto"\n')
+    bad.write_text('[mine]\nprune_method = "hybrid"\nlayer_spread = "wide"\n')
+    assert resolve({"sparsity": 0.7}, load_presets(good)["mine"]).layer_spread > 0
+    with pytest.raises(UserError, match="or auto"):
+        load_presets(bad)
 
 
 def test_a_presets_layer_spread_gives_way_where_it_cannot_work_or_was_never_measured():
@@ -167,5 +194,5 @@ def test_presets_list_fits_80_columns_and_show_gives_the_long_text(tmp_path: Pat
     assert "Default choice" not in listed.output  # the long description waits for --show
     shown = CliRunner().invoke(app, ["presets", "--show", "balanced"])
     flat = " ".join(shown.output.replace("│", " ").split())  # the table's cells read as one text, however they wrap
-    assert shown.exit_code == 0 and "Default choice" in shown.output and "--layer-spread 0.04 --refine 50" in flat
+    assert shown.exit_code == 0 and "Default choice" in shown.output and "--layer-spread auto --refine 50" in flat
     assert CliRunner().invoke(app, ["presets", "--show", "nope"]).exit_code != 0

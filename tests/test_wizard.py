@@ -190,6 +190,16 @@ def test_save_answers_as_a_named_preset(script):
     assert (again.preset, again.sparsity, again.pattern) == ("my-run", 0.6, "structured")
 
 
+def test_a_saved_preset_keeps_the_layer_spread_only_where_it_applies():
+    """balanced's spread is refused next to an N:M pattern in a preset file: a 2:4 run saves without it."""
+    from hybridprune.presets import save_user_preset
+
+    for name, pattern, sparsity, spread in (("mine-24", "2:4", 0.5, 0.0), ("mine-70", "unstructured", 0.7, 0.15)):
+        save_user_preset(name, wizard.preset_values(wizard.Answers(preset="balanced", sparsity=sparsity, pattern=pattern)))
+        assert resolve({}, get_preset(name)).validate().layer_spread == spread  # the file loads, and means the same run
+    assert "layer_spread" not in tomllib.loads(user_presets_path().read_text())["mine-24"]
+
+
 def test_without_a_terminal_the_wizard_refuses_in_one_line():
     result = CliRunner().invoke(app, ["wizard"])
     assert result.exit_code != 0
