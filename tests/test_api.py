@@ -350,3 +350,13 @@ def test_second_order_recompute_refuses_what_it_cannot_serve(world, tmp_path):
         api.prune(model=str(world["model"]), data=str(world["text"]), cache_dir=tmp_path, second_order="recompute",
                   pattern="structured", sparsity=0.25, update=True, **SMALL)
 
+
+
+def test_the_mode_panel_says_the_layer_spread_a_run_uses():
+    """The spread is data printed before the run: `auto` at 70% is 0.15, and no line where every layer is at the target."""
+    from hybridprune.presets import get_preset, resolve
+
+    balanced = get_preset("balanced")
+    assert any("layer spread: target +- 0.15" in line for line in api.mode_banner(resolve({"sparsity": 0.7}, balanced), balanced))
+    uniform = resolve({"sparsity": 0.7, "layer_spread": 0.0}, balanced)
+    assert not any("layer spread" in line for line in api.mode_banner(uniform, balanced))

@@ -261,7 +261,8 @@ def mode_banner(config: PruneConfig, preset: Preset | None) -> list[str]:
         f"Attention: {config.attention_label()}" + ("  (magnitude × activation)" if config.attention_label() == "Wanda" else ""),
         f"MLP:       {config.mlp_label()}",
         f"Pattern:   {config.pattern}" + (f"   layers: last {config.pruning_last}" if config.pruning_last else "")
-        + (f"   first {config.preserve_first:.0%} of layers kept dense" if config.preserve_first else ""),
+        + (f"   first {config.preserve_first:.0%} of layers kept dense" if config.preserve_first else "")
+        + (f"   layer spread: target +- {config.layer_spread:g} (OWL)" if config.layer_spread else ""),
         f"Preset:    {preset.name if preset else 'none'}" + ("   calibration: sequential (pruned inputs" + (", dense targets)" if config.dense_targets else ")")
                                                          if config.sequential else ""),
     ]
