@@ -231,15 +231,13 @@ def configs() -> dict[str, PruneConfig]:
         c[f"wanda+update{point}:obs"] = preset("wanda", update=True, update_mask="fixed", **_point(point))
         for name in ("quality", "wanda+update"):
             # every layer at the target (as measured, before the presets' layer spread)
-            base = preset("quality" if name == "quality" else "wanda", **({} if name == "quality" else {"update": True}),
-                          **_point(point))
+            base = preset("quality", **_point(point)) if name == "quality" else preset("wanda", update=True, **_point(point))
             c[f"{name}{point}:lsq"] = PruneConfig(**{**base.to_dict(), "update_mask": "lsq"})
     # the Gram's off-diagonal weight under N:M with the least-squares update (0.5 is N:M's default; 0.25 is
     # unstructured's, and item 12's choice for the mask alone over both models): 2026-12-06
     for point in ("@2:4", "@4:8"):
-        for a in (0.25,):
-            c[f"quality{point}:lsq-off{a}"] = preset("quality", gram_offdiag=a, **_point(point))
-            c[f"wanda+update{point}:lsq-off{a}"] = preset("wanda", update=True, gram_offdiag=a, **_point(point))
+        c[f"quality{point}:lsq-off0.25"] = preset("quality", gram_offdiag=0.25, **_point(point))
+        c[f"wanda+update{point}:lsq-off0.25"] = preset("wanda", update=True, gram_offdiag=0.25, **_point(point))
     # ablations
     c["abl:nr-constant-score"] = P(idf_exp=0.0, tf_exp=0.0)  # gate/up matrix groups, every s_i equal
     for mode in ("doc", "topic"):

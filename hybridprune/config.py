@@ -338,15 +338,10 @@ def spread_for(value: float | str | None, sparsity: float) -> float | None:
             return float(value)
         except ValueError:
             raise UserError(f"--layer-spread must be a number in [0, 0.5) or auto, got {value!r}") from None
-    (low, at_low), (high, at_high) = SPREAD_BY_SPARSITY[0], SPREAD_BY_SPARSITY[-1]
-    if sparsity <= low:
-        return at_low
-    if sparsity >= high:
-        return at_high
-    for (x0, y0), (x1, y1) in zip(SPREAD_BY_SPARSITY, SPREAD_BY_SPARSITY[1:]):
-        if x0 <= sparsity <= x1:
-            return round(y0 + (y1 - y0) * (sparsity - x0) / (x1 - x0), 6)
-    raise AssertionError("SPREAD_BY_SPARSITY must be sorted by sparsity")
+    import numpy  # here, not at import: the command line starts without it
+
+    points, spreads = zip(*SPREAD_BY_SPARSITY)
+    return round(float(numpy.interp(sparsity, points, spreads)), 6)  # linear between, the end values beyond
 
 
 def _choice(flag: str, value: str, allowed: Any) -> None:

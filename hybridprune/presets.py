@@ -103,8 +103,7 @@ def _parse(text: str, source: str) -> dict[str, Preset]:
                 continue
             if key in CALIBRATION_KEYS:
                 calibration[key] = _typed(name, source, key, value, CALIBRATION_KEYS[key])
-            elif key == "layer_spread" and isinstance(value, str):  # `auto`: the spread by sparsity (config.spread_for)
-                spread_for(value, 0.5)  # refuses any other text in one line
+            elif key == "layer_spread" and isinstance(value, str):  # `auto` (other text is refused just below)
                 values[key] = value.strip().lower()
             elif key in PRUNE_FIELDS:
                 values[key] = _typed(name, source, key, value, type(PRUNE_FIELDS[key].default))

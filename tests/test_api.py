@@ -351,7 +351,6 @@ def test_second_order_recompute_refuses_what_it_cannot_serve(world, tmp_path):
                   pattern="structured", sparsity=0.25, update=True, **SMALL)
 
 
-
 def test_the_mode_panel_says_the_layer_spread_a_run_uses():
     """The spread is data printed before the run: `auto` at 70% is 0.15, and no line where every layer is at the target."""
     from hybridprune.presets import get_preset, resolve
