@@ -30,7 +30,9 @@ Scores of neuron i of a layer (higher = kept):
               metric (without its bias compensation and its search over layers: equal counts here)
   obs         the compensated error itself (structured OBS, as ZipLM / SlimGPT choose columns): neurons removed
               greedily, each step the ones whose removal adds the least sum_r W_ri^2 / [G^-1]_ii with the kept
-              columns re-solved (G the Gram the compensation uses); only meaningful with --compensate
+              columns re-solved (G the Gram the compensation uses); only meaningful with --compensate. Slow in this
+              form at Qwen's width (a float64 downdate of the 8960 x 8960 inverse per block: more than 30 minutes
+              for its 28 layers on 2 cores), so run on SmolLM2 only
   random      uniform at random (seed 0): the floor
 """
 
