@@ -59,6 +59,7 @@ from hybridprune.methods.reconstruct import keep_columns  # noqa: E402
 from hybridprune.methods.refine import shrink_offdiagonal  # noqa: E402
 from hybridprune.models.adapters import DOWN_IN, MLP_IN  # noqa: E402
 from hybridprune.pruning import neuron_scoring  # noqa: E402
+from hybridprune.structured import neuron_energy  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "neuron_choice.jsonl"
 DOC = ROOT / "docs" / "neuron_choice.md"
@@ -114,8 +115,8 @@ def neuron_scores(bench: V.Bench, kind: str, index: int, sums: dict[int, torch.T
         name, knobs = KNOBS[kind]
         scoring = neuron_scoring(V.preset(name, **knobs))
         return score_neurons(stats.neuron_stats(index), scoring, bench.dense[(index, bench.adapter.mlp_output)])
-    if kind == "energy":
-        return down_sumsq.sqrt() * column
+    if kind == "energy":  # the product's own score under --prune-method wanda (its square: the same ranking)
+        return neuron_energy(down, down_sumsq)
     if kind == "wanda-sp":
         x = stats.sumsq(index, MLP_IN).double().sqrt()
         return (gate.abs() * x).sum(1) + (up.abs() * x).sum(1) + (down.abs() * down_sumsq.sqrt()).sum(0)
@@ -190,6 +191,7 @@ def load_rows() -> list[dict]:
 def run(model: str, half: str, fractions: list[float], kinds: list[str], compensate: bool, threads: int) -> None:
     MOST_REMOVED[0] = max(fractions)
     bench = V.Bench(model, threads)
+    code = commit()  # once: every row of this run names the same code
     windows = V.MODELS[model]["windows"]
     sums = down_input_sums(bench) if "flap" in kinds else None
     have = {(r["model"], r["half"], r["score"], r["fraction"], r["compensate"], r["domain"], r["windows"]) for r in load_rows()}
@@ -208,7 +210,7 @@ def run(model: str, half: str, fractions: list[float], kinds: list[str], compens
             ppl = bench.ppl(domain, half)
             row = {"model": model, "half": half, "score": kind, "fraction": fraction, "compensate": compensate and kind != "dense",
                    "domain": domain, "windows": windows, "ppl": round(ppl, 4), "prune_s": round(prune_s, 1),
-                   "calibration": V.CALIBRATION, "commit": commit()}
+                   "calibration": V.CALIBRATION, "commit": code}
             with RESULTS.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             V.log(f"[{model}] {kind:10s} {fraction:.2f}{' +lsq' if row['compensate'] else ''} {domain:7s} {half} ppl {ppl:9.3f}")
