@@ -405,7 +405,10 @@ def load_rows() -> list[dict]:
     return [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
 
 
-def run(model: str, names: list[str], half: str, domains: list[str], seeds: list[int], threads: int) -> None:
+def run(model: str, names: list[str], half: str, domains: list[str], seeds: list[int], threads: int,
+        rerun: bool = False) -> None:
+    """Measure each configuration on each domain half not yet measured (with `rerun`, measure again: the new rows come
+    later in the file, and the latest row of a digest wins, so the tables follow the code as it is now)."""
     known = configs()
     unknown = [n for n in names if n != "dense" and n not in known]
     if unknown:
@@ -418,7 +421,8 @@ def run(model: str, names: list[str], half: str, domains: list[str], seeds: list
             have = {(r["model"], r["digest"], r["seed"], r["domain"], r["half"], r["windows"]) for r in rows
                     if calibration_of(r) == CALIBRATION or r["config"] == "dense"}
             dseed = 0 if config is None else seed
-            todo = [d for d in domains if (model, digest(config), dseed, d, half, MODELS[model]["windows"]) not in have]
+            todo = [d for d in domains if (rerun and config is not None)
+                    or (model, digest(config), dseed, d, half, MODELS[model]["windows"]) not in have]
             if not todo:
                 continue
             bench = bench or Bench(model, threads)
@@ -629,6 +633,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--windows", type=int, help="evaluation windows per domain half (default: the model's protocol; "
                         "rows are kept per window count)")
+    parser.add_argument("--rerun", action="store_true", help="measure the configurations again even where rows exist "
+                        "(after a change of the code, not of the settings; the latest row wins)")
     parser.add_argument("--calibration", default=CALIBRATION, help="calibration text (a --data spec), default %(default)s")
     args = parser.parse_args()
     globals()["CALIBRATION"] = args.calibration
@@ -636,7 +642,7 @@ def main() -> None:
     if args.windows:
         MODELS[args.model]["windows"] = args.windows
     if args.command == "run":
-        run(args.model, args.configs.split(","), args.half, args.domains.split(","), seeds, args.threads)
+        run(args.model, args.configs.split(","), args.half, args.domains.split(","), seeds, args.threads, args.rerun)
     elif args.command == "report":
         report()
     else:

@@ -7,13 +7,23 @@ import torch
 
 from helpers import correlated_inputs
 from hybridprune.masks import mask_n_m, mask_unstructured
+from hybridprune.methods import refine
 from hybridprune.methods.refine import reconstruction_error, refine_swaps, shrink_offdiagonal
+
+
+def use_pool(monkeypatch, pooled: bool) -> None:
+    """The candidate pool of wide rows at these narrow ones: 16 of each side (the candidates), rescored every 3 searches."""
+    if pooled:
+        monkeypatch.setattr(refine, "POOL_FROM_INPUTS", 0)
+        monkeypatch.setattr(refine, "POOL", 16)
+        monkeypatch.setattr(refine, "REFRESH", 3)
 
 
 @pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("nm", [None, (2, 4)])
-def test_refinement_never_increases_the_error_and_keeps_the_counts(nm, dtype, batch):
+@pytest.mark.parametrize(("nm", "pooled"), [(None, False), (None, True), ((2, 4), False)])
+def test_refinement_never_increases_the_error_and_keeps_the_counts(nm, pooled, dtype, batch, monkeypatch):
+    use_pool(monkeypatch, pooled)
     inputs = correlated_inputs(tokens=1024, features=32, rank=6, seed=4)
     gram = inputs.T @ inputs
     weight = torch.randn(20, 32, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(dtype)
@@ -86,9 +96,10 @@ def test_nm_refine_step_finds_the_best_swap_of_every_group(nm):
         assert (int(revive[row]), int(prune[row])) == best[1:]
 
 
-@pytest.mark.parametrize("nm", [None, (2, 4)])
-def test_refining_stacked_matrices_gives_each_ones_own_refinement(nm):
+@pytest.mark.parametrize(("nm", "pooled"), [(None, False), (None, True), ((2, 4), False)])
+def test_refining_stacked_matrices_gives_each_ones_own_refinement(nm, pooled, monkeypatch):
     """Rows refine independently under one Gram, so q/k/v (gate/up) are refined as one stacked matrix."""
+    use_pool(monkeypatch, pooled)
     inputs = correlated_inputs(tokens=1024, features=32, rank=6, seed=10)
     gram = inputs.T @ inputs
     generator = torch.Generator().manual_seed(11)
@@ -102,8 +113,10 @@ def test_refining_stacked_matrices_gives_each_ones_own_refinement(nm):
     assert torch.equal(stacked, separate)
 
 
+@pytest.mark.parametrize("pooled", [False, True])
 @pytest.mark.parametrize("batch", [1, 4])
-def test_a_row_without_kept_or_pruned_weights_does_not_stop_the_others(batch):
+def test_a_row_without_kept_or_pruned_weights_does_not_stop_the_others(batch, pooled, monkeypatch):
+    use_pool(monkeypatch, pooled)
     inputs = correlated_inputs(tokens=1024, features=32, rank=6, seed=12)
     gram = inputs.T @ inputs
     weight = torch.randn(6, 32, generator=torch.Generator().manual_seed(13), dtype=torch.float64)
@@ -149,3 +162,20 @@ def test_nm_search_state_after_swaps_matches_a_fresh_search(nm):
     fresh = _NMSearch(weight, after, squared, gram, nm)
     for got, want in zip(search.best(weight, residual, gram, 1), fresh.best(weight, residual, gram, 1)):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_the_pool_rescores_every_weight_at_its_first_search_and_then_finds_the_pools_best_swap(batch, monkeypatch):
+    """A pooled refine's first step is the exact search's; on later steps its swaps come from the pool, each one
+    lowering the error by its exact amount."""
+    inputs = correlated_inputs(tokens=1024, features=48, rank=6, seed=20)
+    gram = inputs.T @ inputs
+    weight = torch.randn(16, 48, generator=torch.Generator().manual_seed(21), dtype=torch.float64)
+    keep = mask_unstructured(weight.abs() * gram.diagonal().sqrt(), 0.5)
+    exact = [refine_swaps(weight, keep, gram, steps=steps, batch=batch) for steps in (1, 12)]
+    use_pool(monkeypatch, True)
+    pooled = [refine_swaps(weight, keep, gram, steps=steps, batch=batch) for steps in (1, 12)]
+    assert torch.equal(pooled[0], exact[0])
+    assert not torch.equal(pooled[1], exact[1])  # later steps do search another set
+    errors = [reconstruction_error(weight, k, gram).sum() for k in (keep, pooled[0], pooled[1])]
+    assert errors[2] < errors[1] < errors[0]

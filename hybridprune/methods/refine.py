@@ -61,7 +61,7 @@ def refine_swaps(
     # float64 weights are refined in float64 (tests); float32 in float32 with the residual recomputed
     # every `RESYNC` steps and only clear improvements accepted (tolerance below).
     dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    g = gram.to(device, dtype)
+    g = gram.to(device, dtype).contiguous()  # read through its flat view (_entries)
     keep_all = keep.clone().to(device)
     # the state of the rows still refining (a row without an improving swap leaves: nothing left to change)
     rows_left = torch.arange(rows, device=device)
@@ -112,6 +112,16 @@ def refine_swaps(
     return keep_all
 
 
+REFRESH = 4
+POOL = 64
+POOL_FROM_INPUTS = 1024
+"""The candidate pool of wide rows: from POOL_FROM_INPUTS inputs, every weight of a row is scored only every REFRESH
+searches, which keep the best POOL of each side (kept, pruned); the searches between score the pool alone with the
+current residual (every accepted swap still lowers the error by its exact amount). Scoring every weight (two
+[rows, columns] products and two topk) is most of a search: measured in `python benchmarks/refine_pool.py`
+(docs/results.md, "The refine's candidate pool"). Narrower rows are searched in full at every step: their 50 steps
+of 4 swaps move a third of a row's weights, and a pool refreshed every 4 steps lost up to 13% of the exact search's
+error reduction on SmolLM2's 576-input layers."""
 RESYNC = 100
 """Steps between recomputations of the residual G delta (each a [rows, columns] x [columns, columns] product: for
 Qwen2.5-1.5B's down_proj 1.9 s in float32 on one thread, 3.0 s in float64, against 0.3 s for a whole step). Its
@@ -141,17 +151,42 @@ class _Search:
         self.kept = keep.count_nonzero(1)
         self.pruned = keep.shape[1] - self.kept
         self.buffers = (torch.empty_like(w), torch.empty_like(w))
+        # wide rows: every weight scored every REFRESH searches, the pool of the best POOL of each side in between
+        self.refresh = REFRESH if w.shape[1] >= POOL_FROM_INPUTS else 1
+        self.pool_size = min(max(POOL, candidates) if self.refresh > 1 else candidates, w.shape[1])
+        self.searches = 0
+        self.pool: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
 
     def scratch(self, rows: int) -> Tensor:
         """A [rows, columns] buffer free between searches (the residual's recomputation uses it)."""
         return self.buffers[0][:rows]
 
     def best(self, w, residual, g, batch):
-        rows = w.shape[0]
-        neg_cost = torch.addcmul(self.neg_base_cost, self.twice_w, residual, value=-1, out=self.buffers[0][:rows])
-        gain = torch.addcmul(self.base_gain, self.twice_w, residual, out=self.buffers[1][:rows])
         counts = (int(self.kept.max()), int(self.pruned.max()))
-        return _best_swap(w, neg_cost, gain, residual, g, self.candidates, batch, counts)
+        k_keep, k_pruned = min(self.candidates, counts[0]), min(self.candidates, counts[1])
+        if k_keep == 0 or k_pruned == 0:
+            empty = torch.zeros(w.shape[0], dtype=torch.long, device=w.device)
+            return torch.zeros(w.shape[0], dtype=w.dtype, device=w.device), empty, empty
+        if self.searches % self.refresh == 0:  # every weight scored; the best of each side kept for the next steps
+            rows = w.shape[0]
+            neg_cost = torch.addcmul(self.neg_base_cost, self.twice_w, residual, value=-1, out=self.buffers[0][:rows])
+            gain = torch.addcmul(self.base_gain, self.twice_w, residual, out=self.buffers[1][:rows])
+            # the pool's size is not the rows' counts: a row's pool must not depend on the other rows
+            neg_pool, pool_keep = torch.topk(neg_cost, self.pool_size, dim=1)
+            gain_pool, pool_pruned = torch.topk(gain, self.pool_size, dim=1)
+            # a row with fewer moves than the pool pads it with no-moves, which stay none until the next refresh
+            self.pool = (pool_keep, pool_pruned, torch.isinf(neg_pool), torch.isinf(gain_pool))
+        else:  # only the pool scored, with the current residual (a weight swapped since is -inf in its base term)
+            pool_keep, pool_pruned, no_keep, no_pruned = self.pool
+            neg_pool = torch.addcmul(self.neg_base_cost.gather(1, pool_keep), self.twice_w.gather(1, pool_keep),
+                                     residual.gather(1, pool_keep), value=-1).masked_fill_(no_keep, -torch.inf)
+            gain_pool = torch.addcmul(self.base_gain.gather(1, pool_pruned), self.twice_w.gather(1, pool_pruned),
+                                      residual.gather(1, pool_pruned)).masked_fill_(no_pruned, -torch.inf)
+        self.searches += 1
+        neg_j_cost, j_at = torch.topk(neg_pool, k_keep, dim=1)
+        i_gain, i_at = torch.topk(gain_pool, k_pruned, dim=1)
+        return _best_pair(w, neg_j_cost.neg_(), pool_keep.gather(1, j_at), i_gain, pool_pruned.gather(1, i_at),
+                          residual, g, batch)
 
     def swapped(self, rows: Tensor, revived: Tensor, pruned: Tensor) -> None:
         self.neg_base_cost[rows, revived] = -self.squared[rows, revived]
@@ -163,6 +198,8 @@ class _Search:
         self.twice_w, self.squared = self.twice_w[r], self.squared[r]
         self.neg_base_cost, self.base_gain = self.neg_base_cost[r], self.base_gain[r]
         self.kept, self.pruned = self.kept[r], self.pruned[r]
+        if self.pool is not None:
+            self.pool = tuple(part[r] for part in self.pool)
 
 
 class _NMSearch:
@@ -279,6 +316,14 @@ def _add_rows_of_g(residual: Tensor, g: Tensor, w: Tensor, r: Tensor, revive: Te
     residual.addmm_(change, g)
 
 
+def _entries(g: Tensor, rows: Tensor, columns: Tensor) -> Tensor:
+    """G[rows, columns] for broadcastable index tensors, read through G's flat view: the same values as advanced
+    indexing, in 0.44x its time for [16384, 16, 16] random entries of a 4096^2 G (one thread; the rows the refine
+    pairs are scattered over G, so each entry is a cache miss either way)."""
+    flat = rows * g.shape[1] + columns
+    return g.reshape(-1).index_select(0, flat.reshape(-1)).view(flat.shape)
+
+
 def _prefix_deltas(w: Tensor, residual: Tensor, g: Tensor, revive: Tensor, prune: Tensor) -> Tensor:
     """Exact change of each row's error [rows, T] after the first t swaps (revive[:, :t], prune[:, :t]),
     all weights distinct: 2 v^T r + v^T G v with v = -w at the revived, +w at the pruned positions."""
@@ -287,7 +332,7 @@ def _prefix_deltas(w: Tensor, residual: Tensor, g: Tensor, revive: Tensor, prune
     sign = torch.tensor([-1.0, 1.0], dtype=w.dtype, device=w.device).repeat(count)
     v = torch.gather(w, 1, idx) * sign
     linear = (2 * v * torch.gather(residual, 1, idx)).cumsum(1)
-    quad = (v.unsqueeze(2) * v.unsqueeze(1) * g[idx.unsqueeze(2), idx.unsqueeze(1)]).cumsum(1).cumsum(2)
+    quad = (v.unsqueeze(2) * v.unsqueeze(1) * _entries(g, idx.unsqueeze(2), idx.unsqueeze(1))).cumsum(1).cumsum(2)
     ends = torch.arange(1, 2 * count, 2, device=w.device)
     return linear[:, ends] + quad[:, ends, ends]
 
@@ -312,29 +357,22 @@ def _choose(single: Tensor, revive1: Tensor, prune1: Tensor, w, residual, g, rev
     return torch.minimum(best_prefix, single), chosen_revive, chosen_prune
 
 
-def _best_swap(w: Tensor, neg_cost: Tensor, gain: Tensor, residual: Tensor, g: Tensor, k: int, batch: int,
-               counts: tuple[int, int]):
-    """The best swap per row from the `k` cheapest prunings and `k` best revivals (`neg_cost`: minus the cost of
-    pruning each weight, `gain`: what reviving it removes; -inf where a weight has no such move); `counts`: the most
-    kept and pruned weights of any row. A row with fewer than k of either gets no-move slots (infinite delta): it
-    never swaps into them, and other rows go on."""
+def _best_pair(w: Tensor, j_cost: Tensor, j_index: Tensor, i_gain: Tensor, i_index: Tensor, residual: Tensor,
+               g: Tensor, batch: int):
+    """The best swap per row from candidate prunings (`j_cost` [rows, k]: what pruning weight `j_index` adds, +inf
+    where no such move) and revivals (`i_gain`: what reviving `i_index` removes, -inf where none), both in order,
+    best first: every pair exact, its cross term included; with `batch` > 1 also the best prefix of several."""
     rows = w.shape[0]
-    k_keep, k_pruned = min(k, counts[0]), min(k, counts[1])
-    if k_keep == 0 or k_pruned == 0:
-        empty = torch.zeros(rows, dtype=torch.long, device=w.device)
-        return torch.zeros(rows, dtype=w.dtype, device=w.device), empty, empty
-    neg_j_cost, j_index = torch.topk(neg_cost, k_keep, dim=1)
-    j_cost = neg_j_cost.neg_()
-    i_gain, i_index = torch.topk(gain, k_pruned, dim=1)
-    cross = g[i_index.unsqueeze(2), j_index.unsqueeze(1)]  # [rows, k_pruned, k_keep]
-    w_i = torch.gather(w, 1, i_index).unsqueeze(2)
-    w_j = torch.gather(w, 1, j_index).unsqueeze(1)
-    delta = j_cost.unsqueeze(1) - i_gain.unsqueeze(2) - 2 * w_i * w_j * cross
+    k_keep = j_index.shape[1]
+    cross = _entries(g, i_index.unsqueeze(2), j_index.unsqueeze(1))  # G[i, j]: [rows, k_pruned, k_keep]
+    cross.mul_(torch.gather(w, 1, j_index).unsqueeze(1))
+    # c_j - g_i - 2 w_i w_j G_ij
+    delta = torch.sub(j_cost.unsqueeze(1), i_gain.unsqueeze(2)).addcmul_(torch.gather(w, 1, i_index).unsqueeze(2), cross, value=-2)
     best = delta.reshape(rows, -1).argmin(1)
     flat_delta = delta.reshape(rows, -1).gather(1, best.unsqueeze(1)).squeeze(1)
     revive = i_index.gather(1, (best // k_keep).unsqueeze(1)).squeeze(1)
     prune = j_index.gather(1, (best % k_keep).unsqueeze(1)).squeeze(1)
-    count = min(batch, k_keep, k_pruned)
+    count = min(batch, k_keep, i_index.shape[1])
     if count <= 1:
         return flat_delta, revive, prune
     # several at once: the t best revivals paired in order with the t cheapest prunings

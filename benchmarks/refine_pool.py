@@ -1,0 +1,88 @@
+"""The refine's candidate pool: how much of the exact search's error reduction it keeps, and its time.
+
+    .venv/bin/python benchmarks/refine_pool.py real      # real layers of both models, cached Grams
+    .venv/bin/python benchmarks/refine_pool.py shapes    # random matrices at Llama-3.1-8B's shapes, time
+
+The refine's search scores every weight of a row only every `REFRESH` steps and keeps the best `POOL` of each side;
+the steps between score the pool alone, with the current residual (every accepted swap still lowers the error by its
+exact amount). `REFRESH` = 1 is the exact search of every step. `real`: Wanda masks at 50% and 70% on two layers of
+SmolLM2 and of Qwen2.5-Coder-1.5B (the second-order entries validate.py caches, HYBRIDPRUNE_VALIDATE_CACHE, default
+/tmp/hpcache/validate), Gram shrunk to 0.25 off the diagonal, 50 steps of 4 swaps (the product's settings): the
+refined error / unrefined error under each setting, and the time. `shapes`: 50 steps on a 16384 x 4096 chunk of
+the 8B gate/up matrix and on its 4096 x 14336 down_proj, 2 threads, the time of each setting.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from hybridprune.calibration.second_order import damped_gram
+from hybridprune.masks import _keep_all_but_lowest
+from hybridprune.methods import refine
+from hybridprune.methods.refine import reconstruction_error, shrink_offdiagonal
+from hybridprune.models import load_model
+
+CACHE = Path(os.environ.get("HYBRIDPRUNE_VALIDATE_CACHE", "/tmp/hpcache/validate"))
+MODELS = {"smollm2": (None, "smollm2-wiki-vital-code-hessians-32x512-s0.safetensors", (3, 15)),
+          "qwen": ("/work/models/qwen-coder-1.5b", "qwen-wiki-vital-code-hessians-16x256-s0.safetensors", (4, 20))}
+GROUPS = {"attn_in": ("self_attn", ["q_proj", "k_proj", "v_proj"]), "o_in": ("self_attn", ["o_proj"]),
+          "mlp_in": ("mlp", ["gate_proj", "up_proj"]), "down_in": ("mlp", ["down_proj"])}
+SETTINGS = [(1, 16), (4, 64), (4, 32), (2, 64)]  # (REFRESH, POOL); (1, 16) is the exact search (16 candidates)
+
+
+def run(weight, keep, gram, refresh, pool, threads):
+    refine.REFRESH, refine.POOL, refine.POOL_FROM_INPUTS = refresh, pool, 0  # the pool at every width
+    torch.set_num_threads(threads)
+    started = time.perf_counter()
+    refined = refine.refine_swaps(weight, keep, gram, steps=50, batch=4)
+    return refined, time.perf_counter() - started
+
+
+def real() -> None:
+    for name, (spec, file, layers) in MODELS.items():
+        model = load_model(spec, dtype="float32").model
+        with safe_open(str(CACHE / file), "pt") as grams:
+            for layer in layers:
+                block = model.model.layers[layer]
+                for group, (part, names) in GROUPS.items():
+                    gram, _ = damped_gram(grams.get_tensor(f"layer.{layer}.{group}.gram_diag"),
+                                          grams.get_tensor(f"layer.{layer}.{group}.gram_corr"))
+                    gram = shrink_offdiagonal(gram, 0.25).float()
+                    weight = torch.cat([getattr(getattr(block, part), n).weight.detach().float() for n in names])
+                    for sparsity in (0.5, 0.7):
+                        pruned = torch.full((weight.shape[0],), int(weight.shape[1] * sparsity))
+                        keep = _keep_all_but_lowest(weight.abs() * gram.diagonal().sqrt(), pruned)
+                        before = float(reconstruction_error(weight, keep, gram).sum())
+                        line, exact = f"{name} L{layer} {group} {tuple(weight.shape)} {sparsity:.0%}:", None
+                        for refresh, pool in SETTINGS:
+                            refined, seconds = run(weight, keep, gram, refresh, pool, 1)
+                            after = float(reconstruction_error(weight, refined, gram).sum())
+                            exact = exact if exact is not None else refined
+                            line += (f" | R{refresh}/P{pool} {after / before:.5f} {seconds:.1f}s"
+                                     f" ({int((refined != exact).sum())} differ)")
+                        print(line, flush=True)
+
+
+def shapes() -> None:
+    torch.manual_seed(0)
+    for rows, columns in ((16384, 4096), (4096, 14336)):
+        x = torch.randn(columns, 2048)
+        gram = shrink_offdiagonal(x @ x.T / 2048 + 0.01 * torch.eye(columns), 0.25)
+        weight = torch.randn(rows, columns)
+        keep = _keep_all_but_lowest(weight.abs() * gram.diagonal().sqrt(), torch.full((rows,), columns // 2))
+        before = float(reconstruction_error(weight, keep, gram).sum())
+        line = f"{rows} x {columns}:"
+        for refresh, pool in SETTINGS:
+            refined, seconds = run(weight, keep, gram, refresh, pool, 2)
+            line += f" | R{refresh}/P{pool} {seconds:.1f}s error {float(reconstruction_error(weight, refined, gram).sum()) / before:.5f}"
+        print(line, flush=True)
+
+
+if __name__ == "__main__":
+    {"real": real, "shapes": shapes}[sys.argv[1]]()
