@@ -33,11 +33,11 @@ MODELS = {"smollm2": (None, "smollm2-wiki-vital-code-hessians-32x512-s0.safetens
           "qwen": ("/work/models/qwen-coder-1.5b", "qwen-wiki-vital-code-hessians-16x256-s0.safetensors", (4, 20))}
 GROUPS = {"attn_in": ("self_attn", ["q_proj", "k_proj", "v_proj"]), "o_in": ("self_attn", ["o_proj"]),
           "mlp_in": ("mlp", ["gate_proj", "up_proj"]), "down_in": ("mlp", ["down_proj"])}
-SETTINGS = [(1, 16), (4, 64), (4, 32), (2, 64)]  # (REFRESH, POOL); (1, 16) is the exact search (16 candidates)
+SETTINGS = [(1, 16), (4, 64), (8, 64), (4, 32), (8, 128)]  # (REFRESH, POOL); (1, 16) is the exact search (16 candidates)
 
 
 def run(weight, keep, gram, refresh, pool, threads):
-    refine.REFRESH, refine.POOL, refine.POOL_FROM_INPUTS = refresh, pool, 0  # the pool at every width
+    refine.REFRESH, refine.POOL = refresh, pool
     torch.set_num_threads(threads)
     started = time.perf_counter()
     refined = refine.refine_swaps(weight, keep, gram, steps=50, batch=4)

@@ -12,11 +12,10 @@ from hybridprune.methods.refine import reconstruction_error, refine_swaps, shrin
 
 
 def use_pool(monkeypatch, pooled: bool) -> None:
-    """The candidate pool of wide rows at these narrow ones: 16 of each side (the candidates), rescored every 3 searches."""
-    if pooled:
-        monkeypatch.setattr(refine, "POOL_FROM_INPUTS", 0)
-        monkeypatch.setattr(refine, "POOL", 16)
-        monkeypatch.setattr(refine, "REFRESH", 3)
+    """Pooled: a pool of 16 of each side (the candidates: smaller than a side of these rows), rescored every 3 steps;
+    else the exact search of every step."""
+    monkeypatch.setattr(refine, "POOL", 16)
+    monkeypatch.setattr(refine, "REFRESH", 3 if pooled else 1)
 
 
 @pytest.mark.parametrize("batch", [1, 8])
@@ -172,6 +171,7 @@ def test_the_pool_rescores_every_weight_at_its_first_search_and_then_finds_the_p
     gram = inputs.T @ inputs
     weight = torch.randn(16, 48, generator=torch.Generator().manual_seed(21), dtype=torch.float64)
     keep = mask_unstructured(weight.abs() * gram.diagonal().sqrt(), 0.5)
+    use_pool(monkeypatch, False)
     exact = [refine_swaps(weight, keep, gram, steps=steps, batch=batch) for steps in (1, 12)]
     use_pool(monkeypatch, True)
     pooled = [refine_swaps(weight, keep, gram, steps=steps, batch=batch) for steps in (1, 12)]

@@ -80,13 +80,22 @@ def refine_swaps(
         torch.matmul(scratch, g, out=residual)
 
     resync()
-    for step in range(steps):
-        if step and step % RESYNC == 0:
+    step, synced = 0, 0
+    while step < steps:
+        if step - synced >= RESYNC:
             resync()
-        delta, revive, prune = search.best(w, residual, g, batch)
+            synced = step
+        full = search.full(step)
+        delta, revive, prune = search.best(w, residual, g, batch, full)
         accept = delta < -tolerance
         if not bool(accept.any()):
-            break
+            if full:
+                break
+            # no row has an improving swap in its pool: each one idles until the next full search (nothing in it
+            # changes before), so the steps up to it are skipped, for every row alike
+            step = search.next_full(step)
+            continue
+        step += 1
         r = torch.nonzero(accept).squeeze(1)
         if revive.dim() == 1:
             revive, prune = revive.unsqueeze(1), prune.unsqueeze(1)
@@ -99,10 +108,11 @@ def refine_swaps(
         keep_now[local, j[used]] = False
         search.swapped(local, i[used], j[used])
         _add_rows_of_g(residual, g, w, r, i, j, used)
-        # a row without an improving swap has none later either (nothing in it changes): the rows still refining
-        # are gathered into smaller tensors once an eighth have stopped, not at every step one stops (each
-        # gathering copies the whole search state; at 2:4 that took 6% of a run)
-        if len(r) * 8 <= 7 * len(rows_left):
+        # a row without an improving swap in a full search has none later either (nothing in it changes; after a
+        # pooled search it may have one outside the pool, so it stays): the rows still refining are gathered into
+        # smaller tensors once an eighth have stopped, not at every step one stops (each gathering copies the
+        # whole search state; at 2:4 that took 6% of a run)
+        if full and len(r) * 8 <= 7 * len(rows_left):
             done = torch.nonzero(~accept).squeeze(1)
             keep_all[rows_left[done]] = keep_now[done]
             rows_left, residual, keep_now = rows_left[r], residual[r], keep_now[r]  # one copy each, then reused
@@ -114,14 +124,13 @@ def refine_swaps(
 
 REFRESH = 4
 POOL = 64
-POOL_FROM_INPUTS = 1024
-"""The candidate pool of wide rows: from POOL_FROM_INPUTS inputs, every weight of a row is scored only every REFRESH
-searches, which keep the best POOL of each side (kept, pruned); the searches between score the pool alone with the
-current residual (every accepted swap still lowers the error by its exact amount). Scoring every weight (two
-[rows, columns] products and two topk) is most of a search: measured in `python benchmarks/refine_pool.py`
-(docs/results.md, "The refine's candidate pool"). Narrower rows are searched in full at every step: their 50 steps
-of 4 swaps move a third of a row's weights, and a pool refreshed every 4 steps lost up to 13% of the exact search's
-error reduction on SmolLM2's 576-input layers."""
+"""The unstructured search's candidate pool: every weight of a row is scored only every REFRESH steps, in a full
+search that keeps the best POOL of each side (kept, pruned); the searches between score the pool alone with the
+current residual (every accepted swap still lowers the error by its exact amount), and a row whose pool has no
+improving swap waits for the next full search (only a full search that finds none ends a row). Scoring every
+weight (two [rows, columns] products and two topk) is most of a step. On real layers of both models at 50% and 70%
+the refined error is the exact search's to 1e-4 (`python benchmarks/refine_pool.py real`); a pool refreshed every
+8 steps, or of 32, ran dry on Qwen's down_proj (0.5% of its error left unrefined). REFRESH = 1 is the exact search."""
 RESYNC = 100
 """Steps between recomputations of the residual G delta (each a [rows, columns] x [columns, columns] product: for
 Qwen2.5-1.5B's down_proj 1.9 s in float32 on one thread, 3.0 s in float64, against 0.3 s for a whole step). Its
@@ -151,23 +160,29 @@ class _Search:
         self.kept = keep.count_nonzero(1)
         self.pruned = keep.shape[1] - self.kept
         self.buffers = (torch.empty_like(w), torch.empty_like(w))
-        # wide rows: every weight scored every REFRESH searches, the pool of the best POOL of each side in between
-        self.refresh = REFRESH if w.shape[1] >= POOL_FROM_INPUTS else 1
-        self.pool_size = min(max(POOL, candidates) if self.refresh > 1 else candidates, w.shape[1])
-        self.searches = 0
+        # every weight scored every REFRESH steps, the pool of the best POOL of each side in between
+        self.refresh = REFRESH
+        self.pool_size = min(max(POOL, candidates) if REFRESH > 1 else candidates, w.shape[1])
         self.pool: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
 
     def scratch(self, rows: int) -> Tensor:
         """A [rows, columns] buffer free between searches (the residual's recomputation uses it)."""
         return self.buffers[0][:rows]
 
-    def best(self, w, residual, g, batch):
+    def full(self, step: int) -> bool:
+        """Whether the search at `step` scores every weight (the others score the pool it keeps)."""
+        return step % self.refresh == 0
+
+    def next_full(self, step: int) -> int:
+        return (step // self.refresh + 1) * self.refresh
+
+    def best(self, w, residual, g, batch, full=True):
         counts = (int(self.kept.max()), int(self.pruned.max()))
         k_keep, k_pruned = min(self.candidates, counts[0]), min(self.candidates, counts[1])
         if k_keep == 0 or k_pruned == 0:
             empty = torch.zeros(w.shape[0], dtype=torch.long, device=w.device)
             return torch.zeros(w.shape[0], dtype=w.dtype, device=w.device), empty, empty
-        if self.searches % self.refresh == 0:  # every weight scored; the best of each side kept for the next steps
+        if full:  # every weight scored; the best of each side kept for the next steps
             rows = w.shape[0]
             neg_cost = torch.addcmul(self.neg_base_cost, self.twice_w, residual, value=-1, out=self.buffers[0][:rows])
             gain = torch.addcmul(self.base_gain, self.twice_w, residual, out=self.buffers[1][:rows])
@@ -182,7 +197,6 @@ class _Search:
                                      residual.gather(1, pool_keep), value=-1).masked_fill_(no_keep, -torch.inf)
             gain_pool = torch.addcmul(self.base_gain.gather(1, pool_pruned), self.twice_w.gather(1, pool_pruned),
                                       residual.gather(1, pool_pruned)).masked_fill_(no_pruned, -torch.inf)
-        self.searches += 1
         neg_j_cost, j_at = torch.topk(neg_pool, k_keep, dim=1)
         i_gain, i_at = torch.topk(gain_pool, k_pruned, dim=1)
         return _best_pair(w, neg_j_cost.neg_(), pool_keep.gather(1, j_at), i_gain, pool_pruned.gather(1, i_at),
@@ -252,7 +266,13 @@ class _NMSearch:
                  - 2 * w_pruned.unsqueeze(-1) * w_kept.unsqueeze(-2) * cross)
         return 2 * w_kept, 2 * w_pruned, const
 
-    def best(self, w, residual, g, batch):
+    def full(self, step: int) -> bool:
+        return True  # every group is searched at every step
+
+    def next_full(self, step: int) -> int:
+        return step + 1
+
+    def best(self, w, residual, g, batch, full=True):
         rows, columns = w.shape
         n, m = self.n, self.m
         groups = columns // m
