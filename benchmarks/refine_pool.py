@@ -1,7 +1,7 @@
 """The refine's candidate pool: how much of the exact search's error reduction it keeps, and its time.
 
     .venv/bin/python benchmarks/refine_pool.py real      # real layers of both models, cached Grams
-    .venv/bin/python benchmarks/refine_pool.py shapes    # random matrices at Llama-3.1-8B's shapes, time
+    .venv/bin/python benchmarks/refine_pool.py shapes [REV]   # random matrices at Llama-3.1-8B's shapes, time
 
 The refine's search scores every weight of a row only every `REFRESH` steps and keeps the best `POOL` of each side;
 the steps between score the pool alone, with the current residual (every accepted swap still lowers the error by its
@@ -9,7 +9,8 @@ exact amount). `REFRESH` = 1 is the exact search of every step. `real`: Wanda ma
 SmolLM2 and of Qwen2.5-Coder-1.5B (the second-order entries validate.py caches, HYBRIDPRUNE_VALIDATE_CACHE, default
 /tmp/hpcache/validate), Gram shrunk to 0.25 off the diagonal, 50 steps of 4 swaps (the product's settings): the
 refined error / unrefined error under each setting, and the time. `shapes`: 50 steps on a 16384 x 4096 chunk of
-the 8B gate/up matrix and on its 4096 x 14336 down_proj, 2 threads, the time of each setting.
+the 8B gate/up matrix and on its 4096 x 14336 down_proj, 2 threads, the time of each setting (and of the refine at
+git revision REV, when given: the code before a change).
 """
 
 from __future__ import annotations
@@ -69,20 +70,35 @@ def real() -> None:
                         print(line, flush=True)
 
 
-def shapes() -> None:
+def shapes(rev: str | None = None) -> None:
+    before = None
+    if rev:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from common import module_at
+
+        before = module_at(rev, "hybridprune/methods/refine.py")
     torch.manual_seed(0)
     for rows, columns in ((16384, 4096), (4096, 14336)):
         x = torch.randn(columns, 2048)
         gram = shrink_offdiagonal(x @ x.T / 2048 + 0.01 * torch.eye(columns), 0.25)
         weight = torch.randn(rows, columns)
         keep = _keep_all_but_lowest(weight.abs() * gram.diagonal().sqrt(), torch.full((rows,), columns // 2))
-        before = float(reconstruction_error(weight, keep, gram).sum())
+        before_error = float(reconstruction_error(weight, keep, gram).sum())
         line = f"{rows} x {columns}:"
+        if before is not None:
+            torch.set_num_threads(2)
+            started = time.perf_counter()
+            refined = before.refine_swaps(weight, keep, gram, steps=50, batch=4)
+            line += (f" | {rev} {time.perf_counter() - started:.1f}s error "
+                     f"{float(reconstruction_error(weight, refined, gram).sum()) / before_error:.5f}")
         for refresh, pool in SETTINGS:
             refined, seconds = run(weight, keep, gram, refresh, pool, 2)
-            line += f" | R{refresh}/P{pool} {seconds:.1f}s error {float(reconstruction_error(weight, refined, gram).sum()) / before:.5f}"
+            line += f" | R{refresh}/P{pool} {seconds:.1f}s error {float(reconstruction_error(weight, refined, gram).sum()) / before_error:.5f}"
         print(line, flush=True)
 
 
 if __name__ == "__main__":
-    {"real": real, "shapes": shapes}[sys.argv[1]]()
+    if sys.argv[1] == "shapes":
+        shapes(sys.argv[2] if len(sys.argv) > 2 else None)
+    else:
+        real()
