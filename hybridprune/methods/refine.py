@@ -52,7 +52,8 @@ def refine_swaps(
     Every row keeps its count (and, with `nm`, every group of M its N:M count: swaps stay inside a group).
     At most `steps` swaps per row; each accepted swap lowers the row's error by its exact amount, so the
     error never increases. Unstructured: the `candidates` best single moves on each side are paired
-    exactly (the cross term included); N:M: every (pruned, kept) pair inside every group is evaluated.
+    exactly (the cross term included), found among every weight every REFRESH steps and among the POOL kept
+    from then in between; N:M: every (pruned, kept) pair inside every group is evaluated at every step.
     `batch` > 1: a step may also make several swaps at once (the best pairs of distinct weights, or of
     distinct N:M groups), taking the prefix of them whose exact joint change, cross terms included, is lowest.
     """
@@ -63,7 +64,7 @@ def refine_swaps(
     dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     g = gram.to(device, dtype).contiguous()  # read through its flat view (_entries)
     keep_all = keep.clone().to(device)
-    # the state of the rows still refining (a row without an improving swap leaves: nothing left to change)
+    # the state of the rows still refining (a row whose full search finds no improving swap leaves: nothing left)
     rows_left = torch.arange(rows, device=device)
     w = weight.detach().to(dtype)
     keep_now = keep_all.clone()
