@@ -129,7 +129,7 @@ POOL = 64
 search that keeps the best POOL of each side (kept, pruned); the searches between score the pool alone with the
 current residual (every accepted swap still lowers the error by its exact amount), and a row whose pool has no
 improving swap waits for the next full search (only a full search that finds none ends a row). Scoring every
-weight (two [rows, columns] products and two topk) is most of a step: the pool takes 0.77x / 0.66x the exact
+weight (two [rows, columns] products and two topk) is most of a step: the pool takes 0.79x / 0.75x the exact
 search's time at Llama-3.1-8B's gate/up and down_proj shapes. On 32 real layer groups of both models at 50% and 70%
 its refined error is the exact search's within 0.00015 of the unrefined error (at most 0.13% of the refine's gain
 lost; `python benchmarks/refine_pool.py real` / `shapes`); refreshed every 8 steps, or a pool of 32, it ran dry on
