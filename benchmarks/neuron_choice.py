@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -70,10 +69,6 @@ OBS_ORDER: dict[tuple[str, int], torch.Tensor] = {}  # (model, layer) -> down_pr
 KNOBS = {"neuronrank": ("balanced", {}), "idf0.25": ("balanced", {"idf_exp": 0.25}), "idf1": ("balanced", {"idf_exp": 1.0}),
          "old1": ("fast", {"idf_exp": 1.0})}
 REFERENCE = "flap"  # the strongest published peer measured here (Wanda-sp is worse than random on Qwen): ratios are against it
-
-
-def commit() -> str:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
 
 def down_input_sums(bench: V.Bench) -> dict[int, torch.Tensor]:
@@ -191,7 +186,7 @@ def load_rows() -> list[dict]:
 def run(model: str, half: str, fractions: list[float], kinds: list[str], compensate: bool, threads: int) -> None:
     MOST_REMOVED[0] = max(fractions)
     bench = V.Bench(model, threads)
-    code = commit()  # once: every row of this run names the same code
+    code = V.commit()  # once: every row of this run names the same code
     windows = V.MODELS[model]["windows"]
     sums = down_input_sums(bench) if "flap" in kinds else None
     have = {(r["model"], r["half"], r["score"], r["fraction"], r["compensate"], r["domain"], r["windows"]) for r in load_rows()}

@@ -400,6 +400,11 @@ def digest(config: PruneConfig | None) -> str:
     return "dense" if config is None else config.digest
 
 
+def commit() -> str:
+    """The short hash of the checked-out commit, recorded with every row."""
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+
 def load_rows() -> list[dict]:
     if not RESULTS.exists():
         return []
@@ -411,9 +416,7 @@ def run(model: str, names: list[str], half: str, domains: list[str], seeds: list
     """Measure each configuration on each domain half not yet measured (with `rerun`, measure again: the new rows come
     later in the file, and the latest row of a digest wins, so the tables follow the code as it is now)."""
     known = configs()
-    # the code a row was measured with (its settings' digest does not change with the code: see --rerun)
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
+    code = commit()  # the code a row was measured with (its settings' digest does not change with the code: --rerun)
     unknown = [n for n in names if n != "dense" and n not in known]
     if unknown:
         raise SystemExit(f"unknown configurations: {unknown}")
@@ -441,7 +444,7 @@ def run(model: str, names: list[str], half: str, domains: list[str], seeds: list
                        "half": half, "windows": MODELS[model]["windows"], "seqlen": MODELS[model]["seqlen"],
                        "ppl": round(ppl, 4), "domain_fingerprint": fingerprint(domain),
                        "prune_s": round(prune_s, 1), "eval_s": round(time.time() - t, 1),
-                       "settings": None if config is None else config.to_dict(), "commit": commit}
+                       "settings": None if config is None else config.to_dict(), "commit": code}
                 with RESULTS.open("a") as f:
                     f.write(json.dumps(row) + "\n")
                 log(f"[{model}] {name:40s} seed {dseed} {domain:7s} {half:10s} ppl {ppl:9.3f}")

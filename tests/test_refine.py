@@ -179,3 +179,17 @@ def test_the_pool_rescores_every_weight_at_its_first_search_and_then_finds_the_p
     assert not torch.equal(pooled[1], exact[1])  # later steps do search another set
     errors = [reconstruction_error(weight, k, gram).sum() for k in (keep, pooled[0], pooled[1])]
     assert errors[2] < errors[1] < errors[0]
+
+
+def test_a_pooled_refine_ends_only_where_a_full_search_finds_no_improving_swap(monkeypatch):
+    """A row whose pool has no improving swap waits for the next full search; it does not stop there (rows that
+    stopped after an empty pool were the pool's whole loss on real layers)."""
+    inputs = correlated_inputs(tokens=1024, features=64, rank=6, seed=30)
+    gram = inputs.T @ inputs
+    weight = torch.randn(24, 64, generator=torch.Generator().manual_seed(31), dtype=torch.float64)
+    keep = mask_unstructured(weight.abs() * gram.diagonal().sqrt(), 0.5)
+    use_pool(monkeypatch, True)
+    refined = refine_swaps(weight, keep, gram, steps=1000, batch=4)
+    use_pool(monkeypatch, False)
+    assert not torch.equal(refined, keep)
+    assert torch.equal(refine_swaps(weight, refined, gram, steps=1, batch=4), refined)  # nothing left to improve

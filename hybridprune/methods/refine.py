@@ -165,7 +165,7 @@ class _Search:
         self.buffers = (torch.empty_like(w), torch.empty_like(w))
         # every weight scored every REFRESH steps, the pool of the best POOL of each side in between
         self.refresh = REFRESH
-        self.pool_size = min(max(POOL, candidates) if REFRESH > 1 else candidates, w.shape[1])
+        self.pool_size = min(max(POOL, candidates) if self.refresh > 1 else candidates, w.shape[1])
         self.pool: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
 
     def scratch(self, rows: int) -> Tensor:
