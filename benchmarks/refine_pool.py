@@ -3,23 +3,25 @@
     .venv/bin/python benchmarks/refine_pool.py real      # real layers of both models, cached Grams
     .venv/bin/python benchmarks/refine_pool.py shapes [REV]   # random matrices at Llama-3.1-8B's shapes, time
 
-The refine's search scores every weight of a row only every `REFRESH` steps and keeps the best `POOL` of each side;
-the steps between score the pool alone, with the current residual (every accepted swap still lowers the error by its
-exact amount). `REFRESH` = 1 is the exact search of every step. `real`: Wanda masks at 50% and 70% on two layers of
-SmolLM2 and of Qwen2.5-Coder-1.5B (the second-order entries validate.py caches, HYBRIDPRUNE_VALIDATE_CACHE, default
-/tmp/hpcache/validate), Gram shrunk to 0.25 off the diagonal, 50 steps of 4 swaps (the product's settings): the
+The refine's search scores every weight of a row only every `REFRESH` steps and keeps a pool of each side's moves:
+the best of each of `POOL` blocks of columns; the steps between score the pool alone, with the current residual (every
+accepted swap still lowers the error by its exact amount). `REFRESH` = 1 is the exact search of every step.
+
+`real`: Wanda masks at 50% and 70% on two layers of SmolLM2 and of Qwen2.5-Coder-1.5B (the second-order entries
+validate.py caches, HYBRIDPRUNE_VALIDATE_CACHE, default /tmp/hpcache/validate), Gram shrunk to 0.25 off the diagonal, 50 steps of 4 swaps (the product's settings): the
 refined error / unrefined error under each setting, and the time. `shapes`: 50 steps on a 16384 x 4096 chunk of
 the 8B gate/up matrix and on its 4096 x 14336 down_proj, 2 threads, the time of each setting (and of the refine at
 git revision REV, when given: the code before a change).
 """
 
-from __future__ import annotations
+from __future__ import annotations  # noqa: I001  (hybridprune.env goes before torch)
 
 import os
 import sys
 import time
 from pathlib import Path
 
+import hybridprune.env  # noqa: F401  (the product's environment, torch's huge-page allocation included)
 import torch
 from safetensors import safe_open
 
@@ -34,7 +36,8 @@ MODELS = {"smollm2": (None, "smollm2-wiki-vital-code-hessians-32x512-s0.safetens
           "qwen": ("/work/models/qwen-coder-1.5b", "qwen-wiki-vital-code-hessians-16x256-s0.safetensors", (4, 20))}
 GROUPS = {"attn_in": ("self_attn", ["q_proj", "k_proj", "v_proj"]), "o_in": ("self_attn", ["o_proj"]),
           "mlp_in": ("mlp", ["gate_proj", "up_proj"]), "down_in": ("mlp", ["down_proj"])}
-SETTINGS = [(1, 16), (4, 64), (8, 64), (4, 32), (8, 128)]  # (REFRESH, POOL); (1, 16) is the exact search (16 candidates)
+# (REFRESH, POOL): (1, 16) is the exact search (16 candidates); the product's is refine.REFRESH, refine.POOL
+SETTINGS = [(1, 16), (4, 128), (4, 64), (8, 128)]
 
 
 def run(weight, keep, gram, refresh, pool, threads):

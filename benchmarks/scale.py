@@ -476,7 +476,8 @@ def machine() -> dict[str, Any]:
                   .splitlines() if line.startswith("Model name")), platform.processor())
     flags = open("/proc/cpuinfo").read()
     return {"cpu": model, "cores": os.cpu_count(), "avx512": "avx512f" in flags, "amx_bf16": "amx_bf16" in flags,
-            "torch": torch.__version__, "python": platform.python_version(), "memory_gb": _total_memory() / GB}
+            "torch": torch.__version__, "python": platform.python_version(), "memory_gb": _total_memory() / GB,
+            "thp_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE", "")}
 
 
 def _total_memory() -> int:
@@ -491,6 +492,10 @@ def commit() -> str:
 
 
 def run_shapes(args: argparse.Namespace) -> None:
+    # the product's environment defaults for every shape's process, as the CLI has them (torch reads
+    # THP_MEM_ALLOC_ENABLE, its huge-page allocation, once, at its first allocation): SparseGPT's phases run under it too
+    import hybridprune.env  # noqa: F401
+
     path = Path(args.json)
     document = json.loads(path.read_text()) if path.exists() else {"shapes": {}}
     for key in args.shapes.split(","):

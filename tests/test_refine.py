@@ -12,8 +12,8 @@ from hybridprune.methods.refine import reconstruction_error, refine_swaps, shrin
 
 
 def use_pool(monkeypatch, pooled: bool) -> None:
-    """Pooled: a pool of 16 of each side (the candidates: smaller than a side of these rows), rescored every 3 steps;
-    else the exact search of every step."""
+    """Pooled: a pool of 16 blocks of each side (the candidates: fewer than a side of these rows), rescored every 3
+    steps; else the exact search of every step."""
     monkeypatch.setattr(refine, "POOL", 16)
     monkeypatch.setattr(refine, "REFRESH", 3 if pooled else 1)
 
@@ -78,7 +78,7 @@ def test_nm_refine_step_finds_the_best_swap_of_every_group(nm):
     keep = mask_n_m(torch.rand(5, 16, generator=torch.Generator().manual_seed(13), dtype=torch.float64), n, m)
     residual = (weight * ~keep) @ gram
     search = _NMSearch(weight, keep, weight * weight * gram.diagonal(), gram, nm)
-    delta, revive, prune = search.best(weight, residual, gram, batch=1)
+    delta, revive, prune = search.best(weight, keep, residual, gram, batch=1)
     for row in range(5):
         best = (float("inf"), -1, -1)
         for start in range(0, 16, m):
@@ -156,17 +156,18 @@ def test_nm_search_state_after_swaps_matches_a_fresh_search(nm):
         j = next(c for c in cols if after[row, c])
         after[row, i], after[row, j] = True, False
         rows.append(row), revived.append(i), pruned.append(j)
-    search.swapped(torch.tensor(rows), torch.tensor(revived), torch.tensor(pruned))
+    search.swapped(weight, torch.tensor(rows), torch.tensor(revived).unsqueeze(1), torch.tensor(pruned).unsqueeze(1))
     residual = (weight * ~after) @ gram
     fresh = _NMSearch(weight, after, squared, gram, nm)
-    for got, want in zip(search.best(weight, residual, gram, 1), fresh.best(weight, residual, gram, 1)):
+    for got, want in zip(search.best(weight, after, residual, gram, 1), fresh.best(weight, after, residual, gram, 1)):
         torch.testing.assert_close(got, want)
 
 
 @pytest.mark.parametrize("batch", [1, 4])
-def test_the_pool_rescores_every_weight_at_its_first_search_and_then_finds_the_pools_best_swap(batch, monkeypatch):
-    """A pooled refine's first step is the exact search's; on later steps its swaps come from the pool, each one
-    lowering the error by its exact amount."""
+def test_a_pool_of_one_weight_per_block_searches_like_the_exact_search_and_the_steps_between_search_the_pool(
+        batch, monkeypatch):
+    """Blocks of one column (POOL >= the columns): a pooled refine's first step is the exact search's. Wider blocks:
+    later steps search the pool, each swap lowering the error by its exact amount."""
     inputs = correlated_inputs(tokens=1024, features=48, rank=6, seed=20)
     gram = inputs.T @ inputs
     weight = torch.randn(16, 48, generator=torch.Generator().manual_seed(21), dtype=torch.float64)
@@ -174,11 +175,46 @@ def test_the_pool_rescores_every_weight_at_its_first_search_and_then_finds_the_p
     use_pool(monkeypatch, False)
     exact = [refine_swaps(weight, keep, gram, steps=steps, batch=batch) for steps in (1, 12)]
     use_pool(monkeypatch, True)
+    monkeypatch.setattr(refine, "POOL", 48)
+    assert torch.equal(refine_swaps(weight, keep, gram, steps=1, batch=batch), exact[0])
+    use_pool(monkeypatch, True)
     pooled = [refine_swaps(weight, keep, gram, steps=steps, batch=batch) for steps in (1, 12)]
-    assert torch.equal(pooled[0], exact[0])
     assert not torch.equal(pooled[1], exact[1])  # later steps do search another set
     errors = [reconstruction_error(weight, k, gram).sum() for k in (keep, pooled[0], pooled[1])]
     assert errors[2] < errors[1] < errors[0]
+
+
+def test_the_pool_is_each_blocks_best_move_and_a_block_without_one_is_none():
+    """The full search's pool: per row and side, the best move of each block of columns (the last block padded),
+    -inf where a block has no weight on that side."""
+    from hybridprune.methods.refine import _Search
+
+    torch.manual_seed(3)
+    weight = torch.randn(3, 10, dtype=torch.float64)
+    keep = torch.rand(3, 10) < 0.5
+    keep[0, :4] = True  # row 0: the first block of 4 has no pruned weight
+    gram = torch.eye(10, dtype=torch.float64) + 0.1
+    residual = (weight * ~keep) @ gram
+    squared = weight * weight * gram.diagonal()
+    refine.POOL, saved = 3, refine.POOL  # blocks of ceil(10 / 3) = 4 columns: [0, 4), [4, 8), [8, 10)
+    try:
+        search = _Search(weight, keep, squared, gram.diagonal(), candidates=2)
+        search.best(weight, keep, residual, gram, 1, full=True)
+    finally:
+        refine.POOL = saved
+    pool_keep, pool_pruned, _, _, base_keep, base_pruned = search.pool
+    cost = squared + 2 * weight * residual  # what pruning a kept weight adds
+    gain = 2 * weight * residual - squared  # what reviving a pruned one removes
+    for row in range(3):
+        for block, (start, stop) in enumerate(((0, 4), (4, 8), (8, 10))):
+            for side, score, members, pool, base in ((0, -cost, keep, pool_keep, base_keep),
+                                                     (1, gain, ~keep, pool_pruned, base_pruned)):
+                columns = [c for c in range(start, stop) if members[row, c]]
+                if not columns:
+                    assert base[row, block] == -torch.inf
+                    continue
+                best = max(columns, key=lambda c: float(score[row, c]))
+                assert int(pool[row, block]) == best, (row, block, side)
 
 
 def test_a_pooled_refine_ends_only_where_a_full_search_finds_no_improving_swap(monkeypatch):
@@ -190,6 +226,6 @@ def test_a_pooled_refine_ends_only_where_a_full_search_finds_no_improving_swap(m
     keep = mask_unstructured(weight.abs() * gram.diagonal().sqrt(), 0.5)
     use_pool(monkeypatch, True)
     refined = refine_swaps(weight, keep, gram, steps=1000, batch=4)
-    use_pool(monkeypatch, False)
     assert not torch.equal(refined, keep)
-    assert torch.equal(refine_swaps(weight, refined, gram, steps=1, batch=4), refined)  # nothing left to improve
+    # a refine's first step is a full search: it finds nothing left to improve
+    assert torch.equal(refine_swaps(weight, refined, gram, steps=1, batch=4), refined)

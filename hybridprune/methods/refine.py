@@ -52,8 +52,8 @@ def refine_swaps(
     Every row keeps its count (and, with `nm`, every group of M its N:M count: swaps stay inside a group).
     At most `steps` swaps per row; each accepted swap lowers the row's error by its exact amount, so the
     error never increases. Unstructured: the `candidates` best single moves on each side are paired
-    exactly (the cross term included), found among every weight every REFRESH steps and among the POOL kept
-    from then in between; N:M: every (pruned, kept) pair inside every group is evaluated at every step.
+    exactly (the cross term included), found among every weight every REFRESH steps and among the pool of
+    block maxima kept from then in between (POOL); N:M: every (pruned, kept) pair inside every group is evaluated at every step.
     `batch` > 1: a step may also make several swaps at once (the best pairs of distinct weights, or of
     distinct N:M groups), taking the prefix of them whose exact joint change, cross terms included, is lowest.
     """
@@ -71,7 +71,8 @@ def refine_swaps(
     squared = w * w * g.diagonal()
     # accept a swap only if it lowers the error by more than rounding could explain
     tolerance = squared.max(1).values * (1e-12 if dtype == torch.float64 else 1e-5)
-    search = _NMSearch(w, keep_now, squared, g, nm) if nm is not None else _Search(w, keep_now, squared, candidates)
+    search = _NMSearch(w, keep_now, squared, g, nm) if nm is not None else _Search(w, keep_now, squared, g.diagonal(), candidates)
+    del squared  # the searches keep what they need of it
 
     residual = torch.empty_like(w)
 
@@ -87,7 +88,7 @@ def refine_swaps(
             resync()
             synced = step
         full = search.full(step)
-        delta, revive, prune = search.best(w, residual, g, batch, full)
+        delta, revive, prune = search.best(w, keep_now, residual, g, batch, full)
         accept = delta < -tolerance
         if not bool(accept.any()):
             if full:
@@ -107,7 +108,7 @@ def refine_swaps(
         local = r.unsqueeze(1).expand_as(i)[used]
         keep_now[local, i[used]] = True
         keep_now[local, j[used]] = False
-        search.swapped(local, i[used], j[used])
+        search.swapped(w, r, i, j)
         _add_rows_of_g(residual, g, w, r, i, j, used)
         # a row without an improving swap in a full search has none later either (nothing in it changes; after a
         # pooled search it may have one outside the pool, so it stays): the rows still refining are gathered into
@@ -124,16 +125,20 @@ def refine_swaps(
 
 
 REFRESH = 4
-POOL = 64
+POOL = 128
 """The unstructured search's candidate pool: every weight of a row is scored only every REFRESH steps, in a full
-search that keeps the best POOL of each side (kept, pruned); the searches between score the pool alone with the
-current residual (every accepted swap still lowers the error by its exact amount), and a row whose pool has no
-improving swap waits for the next full search (only a full search that finds none ends a row). Scoring every
-weight (two [rows, columns] products and two topk) is most of a step: the pool takes 0.79x / 0.75x the exact
-search's time at Llama-3.1-8B's gate/up and down_proj shapes. On 32 real layer groups of both models at 50% and 70%
-its refined error is the exact search's within 0.00015 of the unrefined error (at most 0.13% of the refine's gain
-lost; `python benchmarks/refine_pool.py real` / `shapes`); refreshed every 8 steps, or a pool of 32, it ran dry on
-Qwen's down_proj (8% / 4% of the gain lost). REFRESH = 1 is the exact search."""
+search that keeps a pool of each side's moves (kept, pruned): each row's columns cut into POOL contiguous blocks, the
+best move of each block; the searches between score the pool alone with the current residual (every accepted swap
+still lowers the error by its exact amount), and a row whose pool has no improving swap waits for the next full
+search (only a full search that finds none ends a row). REFRESH = 1 is the exact search (the `candidates` best of
+each side among every weight at every step).
+
+Scoring every weight (two [rows, columns] fused products and the selection) is most of a step. The block maxima
+(one max over [rows, POOL, columns / POOL]) take 74 ms per 16384 x 4096 matrix where the best 64 by topk took 184 ms
+(2 threads, 2026-12-07). On 32 real layer groups of both models at 50% and 70% (`python benchmarks/refine_pool.py
+real`) the pool's refined error is the exact search's within +0.00006 / -0.00007 of the unrefined error (at most
+0.07% of the refine's gain lost); 64 blocks lost up to 0.27%, the best 64 by topk 0.13%; refreshed every 8 steps,
+pools ran dry on Qwen's down_proj (up to 8% lost)."""
 RESYNC = 100
 """Steps between recomputations of the residual G delta (each a [rows, columns] x [columns, columns] product: for
 Qwen2.5-1.5B's down_proj 1.9 s in float32 on one thread, 3.0 s in float64, against 0.3 s for a whole step). Its
@@ -150,27 +155,32 @@ class _Search:
     Both per-weight terms are written into buffers kept across steps: a fresh [rows, columns] result at every step
     made the kernel page-fault its memory in, 0.53 s per 16384 x 4096 float32 addcmul against 0.04 s into a kept
     buffer (2 cores, 2026-12-06: `python benchmarks/refine_step.py`). The cost is kept negated, so that both
-    searches are topk of the largest (0.095 s against 0.108 s for the smallest at that size); the values are the
-    same up to their sign, bit for bit."""
+    searches take the largest (topk: 0.095 s against 0.108 s for the smallest at that size); the values are the
+    same up to their sign, bit for bit. Between full searches the pool keeps its own copies of its weights and base
+    terms ([rows, POOL] each): the steps between gather only the residual there."""
 
-    def __init__(self, w: Tensor, keep: Tensor, squared: Tensor, candidates: int) -> None:
+    def __init__(self, w: Tensor, keep: Tensor, squared: Tensor, diagonal: Tensor, candidates: int) -> None:
         self.candidates = candidates
-        self.twice_w = 2 * w
-        self.squared = squared
+        self.diagonal = diagonal
         self.neg_base_cost = torch.where(keep, -squared, -torch.inf)  # - 2 w r: minus the added error; -inf where pruned
         self.base_gain = torch.where(keep, -torch.inf, -squared)  # + 2 w r: the removed error; -inf where kept
         # per row; a swap changes neither
         self.kept = keep.count_nonzero(1)
         self.pruned = keep.shape[1] - self.kept
-        self.buffers = (torch.empty_like(w), torch.empty_like(w))
-        # every weight scored every REFRESH steps, the pool of the best POOL of each side in between
+        # every weight scored every REFRESH steps, the pool of block maxima in between (REFRESH 1: the exact search)
         self.refresh = REFRESH
-        self.pool_size = min(max(POOL, candidates) if self.refresh > 1 else candidates, w.shape[1])
-        self.pool: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
+        rows, columns = w.shape
+        self.pool_size = min(max(POOL, candidates) if self.refresh > 1 else candidates, columns)
+        # the block width; the buffers' columns padded to whole blocks with no-moves (-inf), which stay
+        self.width = -(-columns // self.pool_size) if self.refresh > 1 else 1
+        padded = self.width * -(-columns // self.width)
+        self.buffers = tuple(torch.full((rows, padded), -torch.inf, dtype=w.dtype, device=w.device) for _ in range(2))
+        # per side (kept, pruned): the pool's columns, their weights and base terms (-inf: no move)
+        self.pool: list[Tensor] | None = None
 
     def scratch(self, rows: int) -> Tensor:
         """A [rows, columns] buffer free between searches (the residual's recomputation uses it)."""
-        return self.buffers[0][:rows]
+        return self.buffers[0][:rows, :self.neg_base_cost.shape[1]]
 
     def full(self, step: int) -> bool:
         """Whether the search at `step` scores every weight (the others score the pool it keeps)."""
@@ -179,44 +189,59 @@ class _Search:
     def next_full(self, step: int) -> int:
         return (step // self.refresh + 1) * self.refresh
 
-    def best(self, w, residual, g, batch, full=True):
+    def best(self, w, keep, residual, g, batch, full=True):
         counts = (int(self.kept.max()), int(self.pruned.max()))
         k_keep, k_pruned = min(self.candidates, counts[0]), min(self.candidates, counts[1])
         if k_keep == 0 or k_pruned == 0:
             empty = torch.zeros(w.shape[0], dtype=torch.long, device=w.device)
             return torch.zeros(w.shape[0], dtype=w.dtype, device=w.device), empty, empty
         if full:  # every weight scored; the best of each side kept for the next steps
-            rows = w.shape[0]
-            neg_cost = torch.addcmul(self.neg_base_cost, self.twice_w, residual, value=-1, out=self.buffers[0][:rows])
-            gain = torch.addcmul(self.base_gain, self.twice_w, residual, out=self.buffers[1][:rows])
-            # the pool's size is not the rows' counts: a row's pool must not depend on the other rows
-            neg_pool, pool_keep = torch.topk(neg_cost, self.pool_size, dim=1)
-            gain_pool, pool_pruned = torch.topk(gain, self.pool_size, dim=1)
+            rows, columns = w.shape
+            neg_cost = torch.addcmul(self.neg_base_cost, w, residual, value=-2, out=self.buffers[0][:rows, :columns])
+            gain = torch.addcmul(self.base_gain, w, residual, value=2, out=self.buffers[1][:rows, :columns])
+            if self.refresh > 1:  # the best move of each block of columns (a block without one gives -inf)
+                neg_pool, pool_keep = self.buffers[0][:rows].view(rows, -1, self.width).max(2)
+                gain_pool, pool_pruned = self.buffers[1][:rows].view(rows, -1, self.width).max(2)
+                offsets = torch.arange(0, neg_pool.shape[1] * self.width, self.width, device=w.device)
+                pool_keep = pool_keep.add_(offsets).clamp_max_(columns - 1)
+                pool_pruned = pool_pruned.add_(offsets).clamp_max_(columns - 1)
+            else:  # the exact search: the best of each side
+                # the pool's size is not the rows' counts: a row's pool must not depend on the other rows
+                neg_pool, pool_keep = torch.topk(neg_cost, self.pool_size, dim=1)
+                gain_pool, pool_pruned = torch.topk(gain, self.pool_size, dim=1)
             # a row with fewer moves than the pool pads it with no-moves, which stay none until the next refresh
-            self.pool = (pool_keep, pool_pruned, torch.isinf(neg_pool), torch.isinf(gain_pool))
-        else:  # only the pool scored, with the current residual (a weight swapped since is -inf in its base term)
-            pool_keep, pool_pruned, no_keep, no_pruned = self.pool
-            neg_pool = torch.addcmul(self.neg_base_cost.gather(1, pool_keep), self.twice_w.gather(1, pool_keep),
-                                     residual.gather(1, pool_keep), value=-1).masked_fill_(no_keep, -torch.inf)
-            gain_pool = torch.addcmul(self.base_gain.gather(1, pool_pruned), self.twice_w.gather(1, pool_pruned),
-                                      residual.gather(1, pool_pruned)).masked_fill_(no_pruned, -torch.inf)
-        neg_j_cost, j_at = torch.topk(neg_pool, k_keep, dim=1)
-        i_gain, i_at = torch.topk(gain_pool, k_pruned, dim=1)
+            w_keep, w_pruned = w.gather(1, pool_keep), w.gather(1, pool_pruned)
+            self.pool = [pool_keep, pool_pruned, w_keep, w_pruned,
+                         self.neg_base_cost.gather(1, pool_keep).masked_fill_(torch.isinf(neg_pool), -torch.inf),
+                         self.base_gain.gather(1, pool_pruned).masked_fill_(torch.isinf(gain_pool), -torch.inf)]
+        else:  # only the pool scored, with the current residual; a weight swapped since is no move (each one is
+            # swapped at most once between full searches: one pruned is not in the pruned pool until the next)
+            pool_keep, pool_pruned, w_keep, w_pruned, base_keep, base_pruned = self.pool
+            neg_pool = torch.addcmul(base_keep, w_keep, residual.gather(1, pool_keep), value=-2)
+            neg_pool.masked_fill_(~keep.gather(1, pool_keep), -torch.inf)
+            gain_pool = torch.addcmul(base_pruned, w_pruned, residual.gather(1, pool_pruned), value=2)
+            gain_pool.masked_fill_(keep.gather(1, pool_pruned), -torch.inf)
+        neg_j_cost, j_at = torch.topk(neg_pool, min(k_keep, neg_pool.shape[1]), dim=1)
+        i_gain, i_at = torch.topk(gain_pool, min(k_pruned, gain_pool.shape[1]), dim=1)
         return _best_pair(w, neg_j_cost.neg_(), pool_keep.gather(1, j_at), i_gain, pool_pruned.gather(1, i_at),
-                          residual, g, batch)
+                          residual, g, batch, w_keep.gather(1, j_at), w_pruned.gather(1, i_at))
 
-    def swapped(self, rows: Tensor, revived: Tensor, pruned: Tensor) -> None:
-        self.neg_base_cost[rows, revived] = -self.squared[rows, revived]
+    def swapped(self, w: Tensor, r: Tensor, revive: Tensor, prune: Tensor) -> None:
+        """A step's swaps (rows `r` local, [len(r), T] columns revived and pruned, -1 = none): the base terms of both
+        weights."""
+        used = revive >= 0
+        rows, revived, pruned = r.unsqueeze(1).expand_as(revive)[used], revive[used], prune[used]
+        w_revived, w_pruned = w[rows, revived], w[rows, pruned]
+        self.neg_base_cost[rows, revived] = -(w_revived * w_revived * self.diagonal[revived])  # as squared is made
         self.base_gain[rows, revived] = -torch.inf
         self.neg_base_cost[rows, pruned] = -torch.inf
-        self.base_gain[rows, pruned] = -self.squared[rows, pruned]
+        self.base_gain[rows, pruned] = -(w_pruned * w_pruned * self.diagonal[pruned])
 
     def keep_rows(self, r: Tensor) -> None:
-        self.twice_w, self.squared = self.twice_w[r], self.squared[r]
         self.neg_base_cost, self.base_gain = self.neg_base_cost[r], self.base_gain[r]
         self.kept, self.pruned = self.kept[r], self.pruned[r]
         if self.pool is not None:
-            self.pool = tuple(part[r] for part in self.pool)
+            self.pool = [part[r] for part in self.pool]
 
 
 class _NMSearch:
@@ -275,7 +300,7 @@ class _NMSearch:
     def next_full(self, step: int) -> int:
         return step + 1
 
-    def best(self, w, residual, g, batch, full=True):
+    def best(self, w, keep, residual, g, batch, full=True):
         rows, columns = w.shape
         n, m = self.n, self.m
         groups = columns // m
@@ -299,8 +324,11 @@ class _NMSearch:
         # several groups at once (distinct groups: distinct weights), best prefix by the exact joint change
         return _choose(group_delta[:, 0], revive[:, 0], prune[:, 0], w, residual, g, revive, prune)
 
-    def swapped(self, rows: Tensor, revived: Tensor, pruned: Tensor) -> None:
-        """A step's swaps (rows local, one per (row, group)): the offsets change places, the group's terms anew."""
+    def swapped(self, w: Tensor, r: Tensor, revive: Tensor, prune: Tensor) -> None:
+        """A step's swaps (rows `r` local, [len(r), T] columns revived and pruned, -1 = none; one per (row, group)):
+        the offsets change places, the group's terms anew."""
+        used = revive >= 0
+        rows, revived, pruned = r.unsqueeze(1).expand_as(revive)[used], revive[used], prune[used]
         group, m = revived // self.m, self.m
         offsets = self.order[rows, group]  # [swaps, m]: the revived offset moves to the kept part and back
         a, b = (revived % m).unsqueeze(1), (pruned % m).unsqueeze(1)
@@ -381,16 +409,17 @@ def _choose(single: Tensor, revive1: Tensor, prune1: Tensor, w, residual, g, rev
 
 
 def _best_pair(w: Tensor, j_cost: Tensor, j_index: Tensor, i_gain: Tensor, i_index: Tensor, residual: Tensor,
-               g: Tensor, batch: int):
+               g: Tensor, batch: int, w_j: Tensor | None = None, w_i: Tensor | None = None):
     """The best swap per row from candidate prunings (`j_cost` [rows, k]: what pruning weight `j_index` adds, +inf
     where no such move) and revivals (`i_gain`: what reviving `i_index` removes, -inf where none), both in order,
     best first: every pair exact, its cross term included; with `batch` > 1 also the best prefix of several."""
     rows = w.shape[0]
     k_keep = j_index.shape[1]
     cross = _entries(g, i_index.unsqueeze(2), j_index.unsqueeze(1))  # G[i, j]: [rows, k_pruned, k_keep]
-    cross.mul_(torch.gather(w, 1, j_index).unsqueeze(1))
+    cross.mul_((torch.gather(w, 1, j_index) if w_j is None else w_j).unsqueeze(1))
     # c_j - g_i - 2 w_i w_j G_ij
-    delta = torch.sub(j_cost.unsqueeze(1), i_gain.unsqueeze(2)).addcmul_(torch.gather(w, 1, i_index).unsqueeze(2), cross, value=-2)
+    w_i = torch.gather(w, 1, i_index) if w_i is None else w_i
+    delta = torch.sub(j_cost.unsqueeze(1), i_gain.unsqueeze(2)).addcmul_(w_i.unsqueeze(2), cross, value=-2)
     best = delta.reshape(rows, -1).argmin(1)
     flat_delta = delta.reshape(rows, -1).gather(1, best.unsqueeze(1)).squeeze(1)
     revive = i_index.gather(1, (best // k_keep).unsqueeze(1)).squeeze(1)
