@@ -144,10 +144,45 @@ def test_selection_equals_a_stable_sort(rows: int, cols: int, seed: int, data: s
     metric = random_metric(rows, cols, seed, with_ties=data.draw(st.booleans()))
     metric[0, 0] = data.draw(st.sampled_from([0.0, -0.0, float("inf"), float("-inf")]))
     counts = prune_counts(torch.full((rows,), cols, dtype=torch.long), row_sparsity)
+    assert torch.equal(mask_rows(metric, row_sparsity), stable_sort_mask(metric, counts))
+
+
+def stable_sort_mask(metric: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     order = torch.argsort(metric, dim=1, stable=True)
-    reference = torch.arange(cols).unsqueeze(0) >= counts.unsqueeze(1)
-    expected = torch.empty_like(reference).scatter_(1, order, reference)
-    assert torch.equal(mask_rows(metric, row_sparsity), expected)
+    reference = torch.arange(metric.shape[1]).unsqueeze(0) >= counts.unsqueeze(1)
+    return torch.empty_like(reference).scatter_(1, order, reference)
+
+
+@FAST
+@given(cols=st.integers(min_value=65, max_value=400), seed=seeds, sparsity=sparsities, data=st.data())
+def test_a_wide_row_bracketed_from_a_sample_equals_a_stable_sort(cols, seed, sparsity, data) -> None:
+    """A matrix as one group (one row wider than WIDE_ROW): the sample's bracket, or the whole row when the bracket
+    misses, gives the stable sort's mask, ties and infinities included."""
+    with pytest.MonkeyPatch.context() as patch:
+        from hybridprune import masks
+
+        patch.setattr(masks, "WIDE_ROW", 64)
+        patch.setattr(masks, "WIDE_SAMPLE", 16)
+        check_wide_row(cols, seed, sparsity, data)
+
+
+def check_wide_row(cols, seed, sparsity, data) -> None:
+    metric = random_metric(1, cols, seed, with_ties=data.draw(st.booleans()))
+    metric[0, 0] = data.draw(st.sampled_from([0.0, float("inf"), float("-inf")]))
+    if data.draw(st.booleans()):  # every sampled entry the smallest value: the bracket misses, the whole row decides
+        metric[0, :: max(1, cols // 16)] = -1.0
+    counts = prune_counts(torch.tensor([cols]), sparsity)
+    assert torch.equal(mask_unstructured(metric, sparsity, group="matrix"), stable_sort_mask(metric, counts))
+
+
+def test_rows_of_many_counts_are_selected_together_and_a_row_of_none_keeps_everything() -> None:
+    metric = random_metric(40, 30, seed=5, with_ties=True)
+    metric[3, 4] = float("-inf")
+    metric[7, 2] = float("inf")
+    counts = torch.arange(40) % 31  # 0 (keep all) to 30 (prune all)
+    from hybridprune.masks import _keep_all_but_lowest
+
+    assert torch.equal(_keep_all_but_lowest(metric, counts), stable_sort_mask(metric, counts))
 
 
 # patterns -------------------------------------------------------------------------------
