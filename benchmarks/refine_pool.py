@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/refine_pool.py real      # real layers of both models, cached Grams
     .venv/bin/python benchmarks/refine_pool.py shapes [REV]   # random matrices at Llama-3.1-8B's shapes, time
+    .venv/bin/python benchmarks/refine_pool.py batches   # real layers: as many swaps in fewer, larger steps
 
 The refine's search scores every weight of a row only every `REFRESH` steps and keeps a pool of each side's moves:
 the best of each of `POOL` blocks of columns; the steps between score the pool alone, with the current residual (every
@@ -11,7 +12,8 @@ accepted swap still lowers the error by its exact amount). `REFRESH` = 1 is the 
 validate.py caches, HYBRIDPRUNE_VALIDATE_CACHE, default /tmp/hpcache/validate), Gram shrunk to 0.25 off the diagonal, 50 steps of 4 swaps (the product's settings): the
 refined error / unrefined error under each setting, and the time. `shapes`: 50 steps on a 16384 x 4096 chunk of
 the 8B gate/up matrix and on its 4096 x 14336 down_proj, 2 threads, the time of each setting (and of the refine at
-git revision REV, when given: the code before a change).
+git revision REV, when given: the code before a change). `batches`: `real`'s cases under the product's pool with
+about as many swaps in fewer, larger steps (STEPS), the refined error / unrefined error of each.
 """
 
 from __future__ import annotations  # noqa: I001  (hybridprune.env goes before torch)
@@ -40,15 +42,21 @@ GROUPS = {"attn_in": ("self_attn", ["q_proj", "k_proj", "v_proj"]), "o_in": ("se
 SETTINGS = [(1, 16), (4, 128), (4, 64), (8, 128)]
 
 
-def run(weight, keep, gram, refresh, pool, threads):
+STEPS = [(50, 4), (25, 8), (34, 6)]  # (steps, swaps per step) of about the same number of swaps; (50, 4) the product's
+
+
+def run(weight, keep, gram, refresh, pool, threads, steps=50, batch=4):
     refine.REFRESH, refine.POOL = refresh, pool
     torch.set_num_threads(threads)
     started = time.perf_counter()
-    refined = refine.refine_swaps(weight, keep, gram, steps=50, batch=4)
+    refined = refine.refine_swaps(weight, keep, gram, steps=steps, batch=batch)
     return refined, time.perf_counter() - started
 
 
-def real() -> None:
+def real(batches: bool = False) -> None:
+    """Each setting's refined error / unrefined error on real layers (`batches`: the product's pool, STEPS)."""
+    pool = (refine.REFRESH, refine.POOL)
+    settings = [(*pool, steps, batch) for steps, batch in STEPS] if batches else [(*s, 50, 4) for s in SETTINGS]
     for name, (spec, file, layers) in MODELS.items():
         model = load_model(spec, dtype="float32").model
         with safe_open(str(CACHE / file), "pt") as grams:
@@ -64,11 +72,12 @@ def real() -> None:
                         keep = _keep_all_but_lowest(weight.abs() * gram.diagonal().sqrt(), pruned)
                         before = float(reconstruction_error(weight, keep, gram).sum())
                         line, exact = f"{name} L{layer} {group} {tuple(weight.shape)} {sparsity:.0%}:", None
-                        for refresh, pool in SETTINGS:
-                            refined, seconds = run(weight, keep, gram, refresh, pool, 1)
+                        for refresh, size, steps, batch in settings:
+                            refined, seconds = run(weight, keep, gram, refresh, size, 1, steps, batch)
                             after = float(reconstruction_error(weight, refined, gram).sum())
                             exact = exact if exact is not None else refined
-                            line += (f" | R{refresh}/P{pool} {after / before:.5f} {seconds:.1f}s"
+                            label = f"S{steps}/B{batch}" if batches else f"R{refresh}/P{size}"
+                            line += (f" | {label} {after / before:.5f} {seconds:.1f}s"
                                      f" ({int((refined != exact).sum())} differ)")
                         print(line, flush=True)
 
@@ -104,4 +113,4 @@ if __name__ == "__main__":
     if sys.argv[1] == "shapes":
         shapes(sys.argv[2] if len(sys.argv) > 2 else None)
     else:
-        real()
+        real(batches=sys.argv[1] == "batches")
