@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/refine_pool.py real      # real layers of both models, cached Grams
     .venv/bin/python benchmarks/refine_pool.py shapes [REV]   # random matrices at Llama-3.1-8B's shapes, time
     .venv/bin/python benchmarks/refine_pool.py batches   # real layers: as many swaps in fewer, larger steps
+    .venv/bin/python benchmarks/refine_pool.py peak [REV]   # peak memory of one 16384 x 4096 chunk's refine
 
 The refine's search scores every weight of a row only every `REFRESH` steps and keeps a pool of each side's moves:
 the best of each of `POOL` blocks of columns; the steps between score the pool alone, with the current residual (every
@@ -13,7 +14,9 @@ validate.py caches, HYBRIDPRUNE_VALIDATE_CACHE, default /tmp/hpcache/validate), 
 refined error / unrefined error under each setting, and the time. `shapes`: 50 steps on a 16384 x 4096 chunk of
 the 8B gate/up matrix and on its 4096 x 14336 down_proj, 2 threads, the time of each setting (and of the refine at
 git revision REV, when given: the code before a change). `batches`: `real`'s cases under the product's pool with
-about as many swaps in fewer, larger steps (STEPS), the refined error / unrefined error of each.
+about as many swaps in fewer, larger steps (STEPS), the refined error / unrefined error of each. `peak`: the
+process's peak RSS (/proc VmHWM, reset before) above its start while one 16384 x 4096 chunk refines 50 steps, in
+[rows, columns] float32 buffers (at revision REV when given).
 """
 
 from __future__ import annotations  # noqa: I001  (hybridprune.env goes before torch)
@@ -109,8 +112,38 @@ def shapes(rev: str | None = None) -> None:
         print(line, flush=True)
 
 
+def peak(rev: str | None = None) -> None:
+    module = refine
+    if rev:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from common import module_at
+
+        module = module_at(rev, "hybridprune/methods/refine.py")
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    rows, columns = 16384, 4096
+    x = torch.randn(columns, 2048)
+    gram = shrink_offdiagonal(x @ x.T / 2048 + 0.01 * torch.eye(columns), 0.25)
+    del x
+    weight = torch.randn(rows, columns)
+    keep = _keep_all_but_lowest(weight.abs() * gram.diagonal().sqrt(), torch.full((rows,), columns // 2))
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM back to the current RSS
+    start = _status("VmRSS")
+    module.refine_swaps(weight, keep, gram, steps=50, batch=4)
+    above = _status("VmHWM") - start
+    print(f"{rev or 'working tree'}: peak {above / 1e9:.2f} GB above the start = {above / (rows * columns * 4):.1f} "
+          f"float32 [{rows}, {columns}] buffers", flush=True)
+
+
+def _status(key: str) -> int:
+    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(key))
+    return int(line.split()[1]) * 1024
+
+
 if __name__ == "__main__":
-    if sys.argv[1] == "shapes":
+    if sys.argv[1] == "peak":
+        peak(sys.argv[2] if len(sys.argv) > 2 else None)
+    elif sys.argv[1] == "shapes":
         shapes(sys.argv[2] if len(sys.argv) > 2 else None)
     else:
         real(batches=sys.argv[1] == "batches")

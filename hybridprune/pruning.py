@@ -59,8 +59,9 @@ REFINE_BATCH_NM = 8  # N:M refinement: up to 8 swaps (in distinct groups) per ro
 REFINE_BATCH = 4
 REFINE_CHUNK_ELEMENTS = 2**26
 """Rows refine independently (the same masks whatever the grouping, tested), so a stacked matrix is refined
-in chunks of at most this many weights: the refine keeps about ten float32 buffers of its rows x inputs
-(5 GB for Llama-3.1-8B's gate/up stacked, 20 GB at 70B: benchmarks/scale.py), a chunk about 2.7 GB."""
+in chunks of at most this many weights: the refine's peak is about eight float32 buffers of its rows x inputs
+(the residual, two base terms, two search buffers, copies while it compacts rows): 8.2-8.4 on a 16384 x 4096
+chunk, 2.2 GB above the start, 9.4-9.5 before 2026-12-07 (`python benchmarks/refine_pool.py peak [REV]`)."""
 
 
 def neuron_scoring(config: PruneConfig) -> NeuronScoring:
