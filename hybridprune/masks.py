@@ -76,7 +76,8 @@ def _keep_all_but_lowest(metric: Tensor, counts: Tensor) -> Tensor:
     block, counts = (metric, counts) if every else (metric[active], counts[active])
     threshold = _thresholds(block, counts)
     pruned = block <= threshold
-    tied = torch.nonzero(pruned.count_nonzero(1) != counts).squeeze(1)  # more entries equal to the threshold than it may prune
+    # the rows with more entries equal to their threshold than they may prune
+    tied = torch.nonzero(pruned.count_nonzero(1) != counts).squeeze(1)
     if len(tied):
         sub, limit = block[tied], threshold[tied]
         below = sub < limit

@@ -53,7 +53,8 @@ def refine_swaps(
     At most `steps` swaps per row; each accepted swap lowers the row's error by its exact amount, so the
     error never increases. Unstructured: the `candidates` best single moves on each side are paired
     exactly (the cross term included), found among every weight every REFRESH steps and among the pool of
-    block maxima kept from then in between (POOL); N:M: every (pruned, kept) pair inside every group is evaluated at every step.
+    block maxima kept from then in between (POOL); N:M: every (pruned, kept) pair inside every group is
+    evaluated at every step.
     `batch` > 1: a step may also make several swaps at once (the best pairs of distinct weights, or of
     distinct N:M groups), taking the prefix of them whose exact joint change, cross terms included, is lowest.
     """
@@ -71,7 +72,8 @@ def refine_swaps(
     squared = w * w * g.diagonal()
     # accept a swap only if it lowers the error by more than rounding could explain
     tolerance = squared.max(1).values * (1e-12 if dtype == torch.float64 else 1e-5)
-    search = _NMSearch(w, keep_now, squared, g, nm) if nm is not None else _Search(w, keep_now, squared, g.diagonal(), candidates)
+    search = (_NMSearch(w, keep_now, squared, g, nm) if nm is not None
+              else _Search(w, keep_now, squared, g.diagonal(), candidates))
     del squared  # the searches keep what they need of it
 
     residual = torch.empty_like(w)
