@@ -85,19 +85,30 @@ def real(batches: bool = False) -> None:
                         print(line, flush=True)
 
 
-def shapes(rev: str | None = None) -> None:
-    before = None
-    if rev:
-        sys.path.insert(0, str(Path(__file__).parent))
-        from common import module_at
+def refine_at(rev: str | None):
+    """methods/refine.py at git revision `rev` (the working tree's when None)."""
+    if not rev:
+        return refine
+    sys.path.insert(0, str(Path(__file__).parent))
+    from common import module_at
 
-        before = module_at(rev, "hybridprune/methods/refine.py")
+    return module_at(rev, "hybridprune/methods/refine.py")
+
+
+def random_layer(rows: int, columns: int):
+    """Weights, their Wanda masks at 50% and a Gram shrunk to 0.25 of random inputs (2048 tokens) at one shape."""
+    x = torch.randn(columns, 2048)
+    gram = shrink_offdiagonal(x @ x.T / 2048 + 0.01 * torch.eye(columns), 0.25)
+    weight = torch.randn(rows, columns)
+    keep = _keep_all_but_lowest(weight.abs() * gram.diagonal().sqrt(), torch.full((rows,), columns // 2))
+    return weight, keep, gram
+
+
+def shapes(rev: str | None = None) -> None:
+    before = refine_at(rev) if rev else None
     torch.manual_seed(0)
     for rows, columns in ((16384, 4096), (4096, 14336)):
-        x = torch.randn(columns, 2048)
-        gram = shrink_offdiagonal(x @ x.T / 2048 + 0.01 * torch.eye(columns), 0.25)
-        weight = torch.randn(rows, columns)
-        keep = _keep_all_but_lowest(weight.abs() * gram.diagonal().sqrt(), torch.full((rows,), columns // 2))
+        weight, keep, gram = random_layer(rows, columns)
         before_error = float(reconstruction_error(weight, keep, gram).sum())
         line = f"{rows} x {columns}:"
         if before is not None:
@@ -113,20 +124,11 @@ def shapes(rev: str | None = None) -> None:
 
 
 def peak(rev: str | None = None) -> None:
-    module = refine
-    if rev:
-        sys.path.insert(0, str(Path(__file__).parent))
-        from common import module_at
-
-        module = module_at(rev, "hybridprune/methods/refine.py")
+    module = refine_at(rev)
     torch.manual_seed(0)
     torch.set_num_threads(2)
     rows, columns = 16384, 4096
-    x = torch.randn(columns, 2048)
-    gram = shrink_offdiagonal(x @ x.T / 2048 + 0.01 * torch.eye(columns), 0.25)
-    del x
-    weight = torch.randn(rows, columns)
-    keep = _keep_all_but_lowest(weight.abs() * gram.diagonal().sqrt(), torch.full((rows,), columns // 2))
+    weight, keep, gram = random_layer(rows, columns)
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM back to the current RSS
     start = _status("VmRSS")
     module.refine_swaps(weight, keep, gram, steps=50, batch=4)
