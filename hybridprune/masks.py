@@ -64,8 +64,8 @@ def _keep_all_but_lowest(metric: Tensor, counts: Tensor) -> Tensor:
     The same mask as a stable sort (equal metrics pruned lower index first), found by a selection of each
     row's threshold (`_thresholds`, 4-7x faster than sorting the rows). Only rows whose threshold value is shared
     by more entries than it may prune go through the tie-breaking, which takes the first of the tied entries by
-    their positions (a cumulative count over the whole row took 2.5 s for an 8B gate_proj pruned as one group,
-    where float32 metrics tie by the thousand).
+    their positions (float32 metrics tie by the thousand in a matrix pruned as one group: with a cumulative count
+    over the row and a one-thread kthvalue, an 8B gate_proj's mask took 2.1-3.3 s, 0.75 s now; 2 threads).
     """
     counts = counts.to(metric.device)
     keep = torch.ones(metric.shape, dtype=torch.bool, device=metric.device)
@@ -118,7 +118,7 @@ WIDE_SAMPLE = 2**18
 from a sample of about WIDE_SAMPLE of its values: the sample's quantiles a few standard errors either side of
 k / n bracket it, two counts check the bracket and a kthvalue over the values inside it finishes (the whole row
 when the bracket misses: the result is exact either way). torch's kthvalue of one row runs on one thread: 2.1 s
-for Llama-3.1-8B's 14336 x 4096 gate_proj as one row, against 0.2 s bracketed (2 threads, 2026-12-07)."""
+for Llama-3.1-8B's 14336 x 4096 gate_proj as one row, against 0.4 s bracketed (2 threads, 2026-12-07)."""
 
 
 def _kth_of_wide_row(values: Tensor, k: int) -> Tensor:
