@@ -15,7 +15,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # torch's CPU allocator backs allocations of 2 MB and more with transparent huge pages when this is set. torch reads
 # it once, at its first allocation: it holds where hybridprune is imported before torch (the CLI; an API user may
 # set it in the shell). The first touch of a fresh 16384 x 4096 float32 buffer took 0.07-0.39 s without it, 0.03 s
-# with it (2 cores, THP "madvise", 2026-12-07); the refine and the OBS sweep allocate several such per chunk.
+# with it; a Llama-3.1-8B layer's `balanced` 65.2 s without, 56.3 s with; Qwen2.5-1.5B's the same either way (2 cores,
+# THP "madvise", 2026-12-07, docs/results.md): the refine allocates several such buffers per chunk.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 

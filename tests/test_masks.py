@@ -175,7 +175,7 @@ def check_wide_row(cols, seed, sparsity, data) -> None:
     assert torch.equal(mask_unstructured(metric, sparsity, group="matrix"), stable_sort_mask(metric, counts))
 
 
-def test_rows_of_many_counts_are_selected_together_and_a_row_of_none_keeps_everything() -> None:
+def test_rows_of_many_counts_each_get_their_own_threshold_and_a_row_of_none_keeps_everything() -> None:
     metric = random_metric(40, 30, seed=5, with_ties=True)
     metric[3, 4] = float("-inf")
     metric[7, 2] = float("inf")
