@@ -68,10 +68,9 @@ def _keep_all_but_lowest(metric: Tensor, counts: Tensor) -> Tensor:
     over the row and a one-thread kthvalue, an 8B gate_proj's mask took 2.1-3.3 s, 0.75 s now; 2 threads).
     """
     counts = counts.to(metric.device)
-    keep = torch.ones(metric.shape, dtype=torch.bool, device=metric.device)
     active = counts > 0
     if not bool(active.any()):
-        return keep
+        return torch.ones(metric.shape, dtype=torch.bool, device=metric.device)
     every = bool(active.all())
     block, counts = (metric, counts) if every else (metric[active], counts[active])
     threshold = _thresholds(block, counts)
@@ -90,6 +89,7 @@ def _keep_all_but_lowest(metric: Tensor, counts: Tensor) -> Tensor:
         pruned[tied] = below
     if every:
         return ~pruned
+    keep = torch.ones(metric.shape, dtype=torch.bool, device=metric.device)
     keep[active] = ~pruned
     return keep
 

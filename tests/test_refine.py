@@ -184,7 +184,7 @@ def test_a_pool_of_one_weight_per_block_searches_like_the_exact_search_and_the_s
     assert errors[2] < errors[1] < errors[0]
 
 
-def test_the_pool_is_each_blocks_best_move_and_a_block_without_one_is_none():
+def test_the_pool_is_each_blocks_best_move_and_a_block_without_one_is_none(monkeypatch):
     """The full search's pool: per row and side, the best move of each block of columns (the last block padded),
     -inf where a block has no weight on that side."""
     from hybridprune.methods.refine import _Search
@@ -196,12 +196,10 @@ def test_the_pool_is_each_blocks_best_move_and_a_block_without_one_is_none():
     gram = torch.eye(10, dtype=torch.float64) + 0.1
     residual = (weight * ~keep) @ gram
     squared = weight * weight * gram.diagonal()
-    refine.POOL, saved = 3, refine.POOL  # blocks of ceil(10 / 3) = 4 columns: [0, 4), [4, 8), [8, 10)
-    try:
-        search = _Search(weight, keep, squared, gram.diagonal(), candidates=2)
-        search.best(weight, keep, residual, gram, 1, full=True)
-    finally:
-        refine.POOL = saved
+    monkeypatch.setattr(refine, "POOL", 3)  # blocks of ceil(10 / 3) = 4 columns: [0, 4), [4, 8), [8, 10)
+    monkeypatch.setattr(refine, "REFRESH", 4)
+    search = _Search(weight, keep, squared, gram.diagonal(), candidates=2)
+    search.best(weight, keep, residual, gram, 1, full=True)
     pool_keep, pool_pruned, _, _, base_keep, base_pruned = search.pool
     cost = squared + 2 * weight * residual  # what pruning a kept weight adds
     gain = 2 * weight * residual - squared  # what reviving a pruned one removes
