@@ -58,6 +58,12 @@ def prune_counts(sizes: Tensor, sparsities: Tensor | float) -> Tensor:
     return counts
 
 
+def row_counts(mask: Tensor) -> Tensor:
+    """Per row, the True entries of a 2-D bool mask (int64). As bytes summed into int32: 62 ms per 28672 x 4096
+    mask against 125 ms for count_nonzero(1) (2 cores, 2026-12-07)."""
+    return mask.view(torch.uint8).sum(1, dtype=torch.int32).long()
+
+
 def _keep_all_but_lowest(metric: Tensor, counts: Tensor) -> Tensor:
     """Keep-mask for a 2-D metric where row r loses its counts[r] lowest entries.
 
@@ -76,11 +82,11 @@ def _keep_all_but_lowest(metric: Tensor, counts: Tensor) -> Tensor:
     threshold = _thresholds(block, counts)
     pruned = block <= threshold
     # the rows with more entries equal to their threshold than they may prune
-    tied = torch.nonzero(pruned.count_nonzero(1) != counts).squeeze(1)
+    tied = torch.nonzero(row_counts(pruned) != counts).squeeze(1)
     if len(tied):
         sub, limit = block[tied], threshold[tied]
         below = sub < limit
-        still_needed = counts[tied] - below.count_nonzero(1)
+        still_needed = counts[tied] - row_counts(below)
         # the tied entries of each row in index order (nonzero is row-major): the first still_needed are pruned
         row, column = torch.nonzero(sub == limit, as_tuple=True)
         first = torch.searchsorted(row, torch.arange(len(tied), device=row.device))

@@ -35,7 +35,6 @@ from hybridprune.methods.reconstruct import (
     least_squares,
     reconstruct_with_factor,
     shrink_update,
-    unit_gram,
 )
 from hybridprune.methods.refine import refine_swaps, shrink_offdiagonal
 from hybridprune.models.adapters import FamilyAdapter
@@ -217,7 +216,7 @@ def prune_layer(
             if (p := permutation(group)) is not None:  # a permuted G is a gather
                 p = p.to(gram.device)
                 gram = gram[p][:, p]
-            return shrink_offdiagonal(gram, plan.gram_offdiag)
+            return shrink_offdiagonal(gram, plan.gram_offdiag, inplace=True)  # a fresh copy: scaled in place
         return once("gram", group, compute)
 
     def factor_of(group: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -245,7 +244,12 @@ def prune_layer(
         if sweep:
             _sweep_layer(linears, adapter, plan, score, factor_of, update_shrink)
             return
-        if hessians is not None and plan.refine > 0 and masks:
+        # the least-squares update runs chunk by chunk right after the refine of the same rows, on the same Gram, from
+        # the refine's final residual (its right-hand side: one n x n product per chunk saved), and writes the group's
+        # weights before the next group starts
+        lsq = hessians is not None and plan.update and plan.update_mask == "lsq"
+        solved: set[str] = set()
+        if hessians is not None and (plan.refine > 0 or lsq) and masks:
             # rows refine independently under their group's Gram: the Linears that read the same inputs (q/k/v,
             # gate/up) are refined as one matrix, the same masks in fewer, larger steps
             for group in dict.fromkeys(adapter.input_group(name) for name in masks):
@@ -255,18 +259,35 @@ def prune_layer(
                 keep = torch.cat([masks[name].to(device) for name in names])
                 gram = gram_of(group).to(device)
                 rows = max(1, REFINE_CHUNK_ELEMENTS // stacked.shape[1])  # the refine's state is ~10 rows x inputs buffers
-                refined = torch.cat([refine_swaps(
-                    stacked[start : start + rows], keep[start : start + rows], gram, steps=plan.refine,
-                    nm=(pattern.n, pattern.m) if pattern.kind == "nm" else None,
-                    batch=REFINE_BATCH_NM if pattern.kind == "nm" else REFINE_BATCH,
-                ) for start in range(0, stacked.shape[0], rows)])
-                del stacked, keep
-                masks.update(zip(names, refined.split([weights[name].shape[0] for name in names])))
+                keeps, updates = [], []
+                for start in range(0, stacked.shape[0], rows):
+                    part, part_keep, target = stacked[start : start + rows], keep[start : start + rows], None
+                    if plan.refine > 0:
+                        refined = refine_swaps(
+                            part, part_keep, gram, steps=plan.refine,
+                            nm=(pattern.n, pattern.m) if pattern.kind == "nm" else None,
+                            batch=REFINE_BATCH_NM if pattern.kind == "nm" else REFINE_BATCH, with_residual=lsq,
+                        )
+                        part_keep, target = refined if lsq else (refined, None)
+                    keeps.append(part_keep)
+                    if lsq:
+                        updates.append(least_squares(part, part_keep, gram, target=target))
+                    del target
+                keep = torch.cat(keeps)
+                masks.update(zip(names, keep.split([weights[name].shape[0] for name in names])))
+                if lsq:
+                    del gram
+                    cached.pop(("gram", group), None)  # each group's Gram freed once its rows are solved
+                    updated = shrink_update(stacked * keep, torch.cat(updates), update_shrink)
+                    for name, rows_of in zip(names, updated.split([weights[name].shape[0] for name in names])):
+                        linears[name].weight.copy_(rows_of)
+                    solved.update(names)
+                del stacked, keep, keeps, updates
         if hessians is None or not plan.update:
             for name, mask in masks.items():
                 linears[name].weight.mul_(mask.to(linears[name].weight.device))
             return
-        for group in dict.fromkeys(adapter.input_group(name) for name in masks):
+        for group in dict.fromkeys(adapter.input_group(name) for name in masks if name not in solved):
             names = [name for name in masks if adapter.input_group(name) == group]
             stacked = [linears[name].weight for name in names]
             device = stacked[0].device
@@ -274,9 +295,6 @@ def prune_layer(
             dense = torch.cat(stacked)
             if plan.update_mask == "admm":
                 updated, keep = _joint_solve(dense, keep, gram_of(group), pattern)
-            elif plan.update_mask == "lsq":
-                gram_of(group)
-                updated = _least_squares(dense, keep, cached.pop(("gram", group)))  # handed over: freed once scaled
             else:
                 updated = reconstruct_with_factor(dense, keep, *factor_of(group))
             updated = shrink_update(dense * keep, updated, update_shrink)
@@ -303,16 +321,6 @@ def _joint_solve(dense: torch.Tensor, keep: torch.Tensor, gram: torch.Tensor, pa
     solved = [admm_prune(dense[start : start + rows], keep[start : start + rows], gram, nm=nm)
               for start in range(0, dense.shape[0], rows)]
     return torch.cat([weights for weights, _, _ in solved]), torch.cat([mask for _, mask, _ in solved])
-
-
-def _least_squares(dense: torch.Tensor, keep: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
-    """--update-mask lsq: the kept weights of a stacked matrix at the least-squares optimum of its masks
-    (methods/reconstruct.py), in chunks of rows as the refine (rows are independent; one unit Gram serves all)."""
-    rows = max(1, REFINE_CHUNK_ELEMENTS // dense.shape[1])
-    unit = unit_gram(gram, dense.device)
-    del gram  # the caller handed it over: only the unit-diagonal copy stays
-    return torch.cat([least_squares(dense[start : start + rows], keep[start : start + rows], unit=unit)
-                      for start in range(0, dense.shape[0], rows)])
 
 
 def _sweep_layer(linears, adapter: FamilyAdapter, plan: LayerPlan, score, factor_of, update_shrink: float = 1.0) -> None:

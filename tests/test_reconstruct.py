@@ -10,7 +10,7 @@ import torch
 from hybridprune.calibration.collect import CollectionOptions, collect_statistics
 from hybridprune.config import PruneConfig
 from hybridprune.masks import mask_unstructured
-from hybridprune.methods.reconstruct import keep_columns, least_squares, reconstruct, resolve_on_support, unit_gram
+from hybridprune.methods.reconstruct import keep_columns, least_squares, reconstruct, resolve_on_support
 from hybridprune.models import load_model
 from hybridprune.passes import prune_model
 from hybridprune.reporting import SilentReporter
@@ -155,12 +155,33 @@ def test_least_squares_is_the_optimum_of_the_mask_and_beats_the_sweep(offdiag: f
     sweep = error(reconstruct(weight, keep, gram, damping=0.0))
     assert bool((error(solved) <= sweep * (1 + 1e-4)).all())  # the optimum, row by row
     assert float(error(solved).sum()) < 0.9 * float(sweep.sum())  # and strictly better than the sequential sweep here
-    # chunks of rows with one unit Gram give the same weights as the whole matrix
-    unit = unit_gram(gram)
-    chunked = torch.cat([least_squares(weight[i : i + 8], keep[i : i + 8], unit=unit, steps=200, tolerance=1e-7, settle=0.0,
+    # chunks of rows give the same weights as the whole matrix
+    chunked = torch.cat([least_squares(weight[i : i + 8], keep[i : i + 8], gram, steps=200, tolerance=1e-7, settle=0.0,
                                        products=None)
                          for i in range(0, 32, 8)])
     torch.testing.assert_close(chunked, solved, rtol=1e-3, atol=1e-4)  # a chunk stops when all its rows have converged
+    # the right-hand side given (as the refine hands it over) gives the same weights as made here
+    given = least_squares(weight, keep, gram, target=(weight * ~keep) @ gram, steps=200, tolerance=1e-7, settle=0.0,
+                          products=None)
+    torch.testing.assert_close(given, solved, rtol=1e-4, atol=1e-5)
+
+
+def test_the_jacobi_preconditioned_iteration_is_plain_conjugate_gradients_on_the_unit_diagonal_gram():
+    """The preconditioner replaces the n x n unit-diagonal copy: the same iterates, step by step."""
+    inputs = correlated_inputs(tokens=128, features=32).double()
+    gram = inputs.T @ inputs
+    gram.diagonal().add_(0.01 * gram.diagonal().mean())
+    gram.diagonal().mul_(torch.logspace(-3, 3, 32, dtype=torch.float64))  # scales far apart: the case it is for
+    weight = torch.randn(5, 32, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    keep = mask_unstructured(weight.abs() * gram.diag().sqrt(), 0.5)
+    scale = gram.diagonal().sqrt()
+    unit = gram / scale.unsqueeze(0) / scale.unsqueeze(1)
+    pruned = weight * ~keep
+    for steps in (1, 2, 4):
+        plain = resolve_on_support(unit, (pruned * scale) @ unit, keep, None, steps=steps, tolerance=0.0)
+        jacobi = resolve_on_support(gram, pruned @ gram, keep, None, steps=steps, tolerance=0.0,
+                                    preconditioner=1 / gram.diagonal())
+        torch.testing.assert_close(jacobi * scale, plain, rtol=1e-9, atol=1e-12)
 
 
 def test_the_products_default_bfloat16_and_early_stop_land_within_a_percent_of_the_optimums_gain():
@@ -197,8 +218,8 @@ def test_least_squares_keeps_unseen_inputs_and_rejects_mismatched_shapes():
     assert torch.allclose(solved[:, 5], weight[:, 5])  # never seen non-zero: nothing to fit, the dense weight stays
     with pytest.raises(ValueError, match="shapes"):
         least_squares(weight, keep[:, :10], gram)
-    with pytest.raises(ValueError, match="needs the Gram"):
-        least_squares(weight, keep)
+    with pytest.raises(ValueError, match="shapes"):
+        least_squares(weight, keep, gram, target=weight[:, :10])
 
 
 def test_keep_columns_is_the_least_squares_optimum_of_a_shared_column_mask_and_beats_the_sweep():

@@ -227,3 +227,23 @@ def test_a_pooled_refine_ends_only_where_a_full_search_finds_no_improving_swap(m
     assert not torch.equal(refined, keep)
     # a refine's first step is a full search: it finds nothing left to improve
     assert torch.equal(refine_swaps(weight, refined, gram, steps=1, batch=4), refined)
+
+
+@pytest.mark.parametrize(("nm", "pooled"), [(None, False), (None, True), ((2, 4), False)])
+def test_the_residual_handed_over_is_that_of_the_refined_masks_for_rows_that_stopped_early_too(nm, pooled, monkeypatch):
+    """with_residual: (w * ~keep) G of the final masks, which the least-squares update takes as its right-hand side;
+    half the rows start at their own converged masks, so they leave at the first full search (the state is gathered)."""
+    use_pool(monkeypatch, pooled)
+    inputs = correlated_inputs(tokens=1024, features=32, rank=6, seed=9)
+    gram = (inputs.T @ inputs).float()
+    weight = torch.randn(64, 32, generator=torch.Generator().manual_seed(3))
+    metric = weight.abs() * gram.diagonal().sqrt()
+    keep = mask_unstructured(metric, 0.5) if nm is None else mask_n_m(metric, *nm)
+    converged = refine_swaps(weight, keep, gram, steps=1000, nm=nm, batch=4)
+    start = torch.cat([converged[:32], keep[32:]])
+    plain = refine_swaps(weight, start, gram, steps=50, nm=nm, batch=4)
+    masks, residual = refine_swaps(weight, start, gram, steps=50, nm=nm, batch=4, with_residual=True)
+    assert torch.equal(masks, plain)
+    assert residual.shape == weight.shape and residual.dtype == torch.float32
+    torch.testing.assert_close(residual, (weight * ~masks) @ gram, rtol=1e-4, atol=1e-3 * float(gram.abs().max()))
+    assert not torch.equal(masks[32:], start[32:])  # the other rows did move

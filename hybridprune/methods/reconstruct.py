@@ -182,54 +182,61 @@ def shrink_update(pruned: Tensor, updated: Tensor, shrink: float) -> Tensor:
     return result.to(updated.dtype)
 
 
-def unit_gram(gram: Tensor, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
-    """(G scaled to unit diagonal, float32; the scale sqrt(diag G), float32): in these coordinates |scaled weight| is
-    Wanda's metric and conjugate gradients converge fast. Scaled in float64 where one n x n float64 matrix fits
-    FLOAT64_BYTES."""
-    width = gram.shape[0]
-    work = gram.to(device or gram.device, torch.float64 if width * width * 8 <= FLOAT64_BYTES else torch.float32)
-    scale = work.diagonal().clamp_min(1e-30).sqrt()
-    unit = work / scale.unsqueeze(0)
-    del work  # at most two n x n buffers of this function at once (a 70B down_proj's is 3.3 GB in float32)
-    unit.div_(scale.unsqueeze(1))
-    return unit.to(torch.float32), scale.to(torch.float32)
-
-
 def resolve_on_support(gram: Tensor, target: Tensor, keep: Tensor, start: Tensor | None, steps: int = CG_STEPS,
-                       tolerance: float = CG_TOLERANCE, settle: float = 0.0, products: torch.dtype | None = None) -> Tensor:
+                       tolerance: float = CG_TOLERANCE, settle: float = 0.0, products: torch.dtype | None = None,
+                       preconditioner: Tensor | None = None) -> Tensor:
     """argmin over v with v = 0 off `keep` of (v - w)^T G (v - w), per row, by conjugate gradients from `start`
     (None: from zero, which saves the first n x n product).
 
     `target` is w G (rows x n, the right-hand side); rows are solved together (one n x n product per step).
     The restricted system is G_SS v_S = (G w)_S; the iteration stays on the support by masking. It stops after
-    `steps`, when every row's residual is below `tolerance` (relative), or when a step lowers the objective (summed
-    over rows) by less than `settle` times what the steps before it removed. `products`: the dtype of the step's
-    n x n product (bfloat16 where that is fast, `fast_low_precision`); the residual and the iterate stay float32."""
+    `steps`, when every row's residual is below `tolerance` (relative, in the preconditioned norm), or when a step
+    lowers the objective (summed over rows) by less than `settle` times what the steps before it removed. `products`:
+    the dtype of the step's n x n product (bfloat16 where that is fast, `fast_low_precision`); the residual and the
+    iterate stay float32. `preconditioner` [n]: 1 / diag G (Jacobi), the same iterates as plain conjugate gradients on
+    the unit-diagonal D^-1/2 G D^-1/2 without that n x n copy; None: plain (G is unit-diagonal already, or small)."""
     mask = keep.to(target.dtype)
-    low = gram.to(products) if products is not None else gram
+    low = _converted(gram, products) if products is not None else gram
     if start is None:
         solution = torch.zeros_like(target)
         residual = target * mask
     else:
         solution = start * mask
         residual = (target - solution @ gram) * mask
-    direction = residual.clone()
-    rr = (residual * residual).sum(1)
-    stop = (tolerance ** 2) * ((target * mask) ** 2).sum(1).clamp_min(1e-30)
+    # every [rows, n] buffer of a step is made once and written in place: a fresh float32 -> bfloat16 copy took
+    # 97 ms per 16384 x 4096 matrix against 14 ms into a kept buffer, (a * b).sum(1) 73 ms against vecdot's 49 ms
+    # (2 cores, 2026-12-07)
+    z = residual if preconditioner is None else residual * preconditioner
+    direction = z.clone()
+    rr = torch.linalg.vecdot(residual, z, dim=1)
+    masked_target = target * mask
+    stop = (tolerance ** 2) * torch.linalg.vecdot(
+        masked_target, masked_target if preconditioner is None else masked_target * preconditioner, dim=1).clamp_min(1e-30)
+    del masked_target
+    product = torch.empty_like(target)
+    if products is not None:
+        low_direction = torch.empty(target.shape, dtype=products, device=target.device)
+        low_product = torch.empty(target.shape, dtype=products, device=target.device)
     removed = 0.0
     for _ in range(steps):
         if bool((rr <= stop).all()):
             break
-        product = (direction.to(products) @ low).to(target.dtype) if products is not None else direction @ gram
+        if products is not None:
+            low_direction.copy_(direction)
+            product.copy_(torch.matmul(low_direction, low, out=low_product))
+        else:
+            torch.matmul(direction, gram, out=product)
         product.mul_(mask)
-        curvature = (direction * product).sum(1)
+        curvature = torch.linalg.vecdot(direction, product, dim=1)
         alpha = torch.where(curvature > 0, rr / curvature.clamp_min(1e-30), torch.zeros_like(rr))
         solution.addcmul_(alpha.unsqueeze(1), direction)
         residual.addcmul_(alpha.unsqueeze(1), product, value=-1)
         decrease = float((alpha * rr).sum())  # what this step took off (v - w)^T G (v - w), over all rows
-        rr_next = (residual * residual).sum(1)
+        if preconditioner is not None:
+            torch.mul(residual, preconditioner, out=z)
+        rr_next = torch.linalg.vecdot(residual, z, dim=1)
         beta = torch.where(rr > 0, rr_next / rr.clamp_min(1e-30), torch.zeros_like(rr))
-        direction.mul_(beta.unsqueeze(1)).add_(residual)
+        direction.mul_(beta.unsqueeze(1)).add_(z)
         rr = rr_next
         if settle and removed > 0 and decrease <= settle * removed:
             break
@@ -237,37 +244,44 @@ def resolve_on_support(gram: Tensor, target: Tensor, keep: Tensor, start: Tensor
     return solution
 
 
-def least_squares(weight: Tensor, keep: Tensor, gram: Tensor | None = None, *, unit: tuple[Tensor, Tensor] | None = None,
-                  steps: int = CG_STEPS, tolerance: float = CG_TOLERANCE, settle: float = CG_SETTLE,
+def _converted(tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    """`tensor` in `dtype`, copied into a new buffer (7x faster than .to() for float32 -> bfloat16 here)."""
+    return torch.empty(tensor.shape, dtype=dtype, device=tensor.device).copy_(tensor)
+
+
+def least_squares(weight: Tensor, keep: Tensor, gram: Tensor, *, target: Tensor | None = None, steps: int = CG_STEPS,
+                  tolerance: float = CG_TOLERANCE, settle: float = CG_SETTLE,
                   products: torch.dtype | None | str = "auto") -> Tensor:
     """The weight [out, in] with pruned entries zero and kept entries at the least-squares optimum of the mask.
 
-    Per row, argmin over v (v = 0 off `keep`) of (v - w)^T G (v - w) for the damped `gram` G [in, in], by conjugate
-    gradients from the masked weights. Give either `gram` or `unit` = `unit_gram(gram)` (computed once by a caller
-    that solves a matrix in chunks of rows). `products` "auto": bfloat16 n x n products where they are fast
-    (`fast_low_precision`; on the probes above the same objective to 4 digits at a third of the time), else float32.
+    Per row, argmin over v (v = 0 off `keep`) of (v - w)^T G (v - w) for the damped `gram` G [in, in] (float32),
+    by conjugate gradients preconditioned by G's diagonal (in the coordinates where G has a unit diagonal, |w| is
+    Wanda's metric and the iteration converges in a few steps), solved for the change d of the kept weights:
+    G_SS d_S = (G p)_S for the pruned part p = w * ~keep, from d = 0. `target`: p G [out, in] where the caller has it
+    (the swap refinement ends with exactly this residual, in float32), which saves the one n x n product that makes
+    it. `products` "auto": bfloat16 n x n products where they are fast (`fast_low_precision`; on the probes in
+    docs/results.md the same objective to 4 digits at a third of the time), else float32.
     Unlike `reconstruct`, inputs never seen non-zero keep their weight where the mask keeps it (G's only entry there
     is its damped diagonal, which pins the weight to its dense value)."""
-    if unit is None:
-        if gram is None:
-            raise ValueError("least_squares needs the Gram or its unit_gram")
-        unit = unit_gram(gram, weight.device)
-    unit_matrix, scale = unit
-    if keep.shape != weight.shape or unit_matrix.shape != (weight.shape[1],) * 2:
-        raise ValueError(f"shapes: weight {tuple(weight.shape)}, keep {tuple(keep.shape)}, gram {tuple(unit_matrix.shape)}")
+    if keep.shape != weight.shape or gram.shape != (weight.shape[1],) * 2:
+        raise ValueError(f"shapes: weight {tuple(weight.shape)}, keep {tuple(keep.shape)}, gram {tuple(gram.shape)}")
     keep = keep.to(weight.device)
-    start = weight.to(torch.float32) * scale
+    gram = gram.to(weight.device, torch.float32)
     if products == "auto":
         products = fast_low_precision(weight.device)
-    # solved for the change d of the kept weights: G_SS d_S = (G p)_S for the pruned part p, from d = 0. One n x n
-    # product for the right-hand side (in `products`' dtype: its rounding moves the objective by about its square,
-    # 1e-5 of the gain) where w G and the start's residual took two in float32, each several of the steps' time
-    # (Llama-3.1-8B's down_proj here: 8.8 s float32 against 1.9 s bfloat16 per product).
-    pruned = start * ~keep
-    if products is not None:
-        target = (pruned.to(products) @ unit_matrix.to(products)).to(torch.float32)
-    else:
-        target = pruned @ unit_matrix
-    del pruned
-    change = resolve_on_support(unit_matrix, target, keep, None, steps, tolerance, settle, products)
-    return (((start + change) / scale) * keep).to(weight.dtype)
+    start = weight.to(torch.float32)
+    if target is None:
+        # one n x n product (in `products`' dtype: its rounding moves the objective by about its square, 1e-5 of the
+        # gain) where w G and the start's residual took two in float32, each several of the steps' time
+        # (Llama-3.1-8B's down_proj here: 8.8 s float32 against 1.9 s bfloat16 per product)
+        pruned = start * ~keep
+        if products is not None:
+            target = (_converted(pruned, products) @ _converted(gram, products)).to(torch.float32)
+        else:
+            target = pruned @ gram
+        del pruned
+    elif target.shape != weight.shape:
+        raise ValueError(f"shapes: weight {tuple(weight.shape)}, target {tuple(target.shape)}")
+    inverse = 1.0 / gram.diagonal().clamp_min(1e-30)
+    change = resolve_on_support(gram, target.to(torch.float32), keep, None, steps, tolerance, settle, products, inverse)
+    return ((start + change) * keep).to(weight.dtype)
