@@ -265,12 +265,17 @@ class RefineMemo:
     def layer(self, key: tuple) -> None:
         self.key, self.calls = key, 0
 
-    def __call__(self, weight: torch.Tensor, keep: torch.Tensor, gram: torch.Tensor, **options) -> torch.Tensor:
+    def __call__(self, weight: torch.Tensor, keep: torch.Tensor, gram: torch.Tensor, *, with_residual: bool = False,
+                 **options):
         key = (*self.key, self.calls)
         self.calls += 1
         if key not in self.masks:
             self.masks[key] = REFINE_SWAPS(weight, keep, gram, **options).cpu()
-        return self.masks[key].to(weight.device)
+        masks = self.masks[key].to(weight.device)
+        if not with_residual:
+            return masks
+        # what the product's refine hands to the least-squares update with its masks: (w * ~keep) G, in float32
+        return masks, (weight.float() * ~masks) @ gram.float()
 
 
 REFINE_SWAPS = pruning.refine_swaps

@@ -1,0 +1,82 @@
+"""How many conjugate-gradient steps the least-squares update takes, and what stopping earlier would leave.
+
+    python benchmarks/lsq_steps.py [SHAPE]      # SHAPE from benchmarks/scale.py (default llama8b)
+
+Builds scale.py's random-initialised layer of the published shape (bfloat16), collects its statistics from 8 x 512
+random tokens, and runs `quality`'s `prune_layer` on it with `resolve_on_support` traced: per solve (one chunk of
+rows), the steps the product's stopping rule took and their seconds, then (untimed) the share of the converged
+objective decrease reached after 1, 2, 3, 4, 6, 8, 12 and 25 steps without early stop.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as the product's CLI sets it (hybridprune/env.py)
+
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import scale  # noqa: E402
+import torch  # noqa: E402
+
+import hybridprune.methods.reconstruct as reconstruct  # noqa: E402
+from hybridprune.calibration.collect import CollectionOptions, collect_statistics  # noqa: E402
+from hybridprune.models.adapters import adapter_for  # noqa: E402
+from hybridprune.presets import get_preset, resolve  # noqa: E402
+from hybridprune.pruning import neuron_scoring, plan_layers, prune_layer  # noqa: E402
+
+TRACE_STEPS = (1, 2, 3, 4, 6, 8, 12, 25)
+
+
+def main() -> None:
+    torch.set_num_threads(2)
+    shape = scale.SHAPES[sys.argv[1] if len(sys.argv) > 1 else "llama8b"]
+    model = scale.build_model(shape, 512)
+    adapter = adapter_for("llama")
+    layer = adapter.layers(model)[0]
+    windows = torch.randint(0, scale.VOCAB_BUILT, (8, 512), generator=torch.Generator().manual_seed(0))
+    stats = collect_statistics(model, adapter, windows, CollectionOptions(), batch_size=4)
+    hessians = collect_statistics(model, adapter, windows, CollectionOptions(), batch_size=4, hessians=True,
+                                  first_order=False)
+    solve = reconstruct.resolve_on_support
+
+    def traced(gram, target, keep, start, steps=reconstruct.CG_STEPS, tolerance=reconstruct.CG_TOLERANCE, settle=0.0,
+               products=None, preconditioner=None):
+        dot, calls = torch.linalg.vecdot, [0]
+
+        def counting(*args, **kwargs):
+            calls[0] += 1
+            return dot(*args, **kwargs)
+
+        torch.linalg.vecdot = counting  # two per solve, two per step
+        started = time.perf_counter()
+        try:
+            result = solve(gram, target, keep, start, steps, tolerance, settle, products, preconditioner)
+        finally:
+            torch.linalg.vecdot = dot
+        seconds = time.perf_counter() - started
+
+        def decrease(change):  # what the change takes off the layer error: 2 c.b - c G c (float32 products)
+            return float(2 * dot(change, target * keep, dim=1).sum() - dot(change, change @ gram, dim=1).sum())
+
+        reached = [decrease(solve(gram, target, keep, start, k, 0.0, 0.0, products, preconditioner)) for k in TRACE_STEPS]
+        shares = " ".join(f"{k}:{value / reached[-1]:.4f}" for k, value in zip(TRACE_STEPS, reached))
+        print(f"{tuple(target.shape)}: {(calls[0] - 2) // 2} steps, {seconds:.2f} s | share of the 25-step decrease "
+              f"after k steps: {shares}", flush=True)
+        return result
+
+    reconstruct.resolve_on_support = traced
+    config = resolve({}, get_preset("quality"))
+    plan = plan_layers(model, adapter, stats, config)[0]
+    with torch.no_grad():
+        prune_layer(layer, 0, adapter, stats, plan, neuron_scoring(config), hessians, config.update_shrink)
+
+
+if __name__ == "__main__":
+    main()
