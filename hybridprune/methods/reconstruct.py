@@ -8,7 +8,7 @@ the layer's output on the calibration inputs moves as little as possible.
   statistic here). Sequential: a kept weight before column j is never revisited, so the result is not the
   optimum of the mask.
 - `least_squares`: the optimum itself, argmin over v (v = 0 off the mask) of (v - w)^T H (v - w) per row,
-  by conjugate gradients on the unit-diagonal H (no factorization). On SmolLM2's cached Grams at 50% it
+  by conjugate gradients preconditioned by H's diagonal (no factorization). On SmolLM2's cached Grams at 50% it
   removes 1.6x (Gram shrunk to 0.25) to 1.5x (unshrunk) the sweep's error reduction, converged in 5-25
   steps (docs/results.md, "The least-squares update"; chosen for `quality`: benchmarks/validation_choices.md, 13).
 - `keep_columns`: that optimum when one column mask serves every row (structured removal of whole neurons or
