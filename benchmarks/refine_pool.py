@@ -4,6 +4,8 @@
     .venv/bin/python benchmarks/refine_pool.py shapes [REV]   # random matrices at Llama-3.1-8B's shapes, time
     .venv/bin/python benchmarks/refine_pool.py batches   # real layers: as many swaps in fewer, larger steps
     .venv/bin/python benchmarks/refine_pool.py peak [REV]   # peak memory of one 16384 x 4096 chunk's refine
+    .venv/bin/python benchmarks/refine_pool.py precision # real layers: the first residual from a bfloat16 product
+    .venv/bin/python benchmarks/refine_pool.py products  # float32 against bfloat16 matrix products on this CPU
 
 The refine's search scores every weight of a row only every `REFRESH` steps and keeps a pool of each side's moves:
 the best of each of `POOL` blocks of columns; the steps between score the pool alone, with the current residual (every
@@ -16,7 +18,12 @@ the 8B gate/up matrix and on its 4096 x 14336 down_proj, 2 threads, the time of 
 git revision REV, when given: the code before a change). `batches`: `real`'s cases under the product's pool with
 about as many swaps in fewer, larger steps (STEPS), the refined error / unrefined error of each. `peak`: the
 process's peak RSS (/proc VmHWM, reset before) above its start while one 16384 x 4096 chunk refines 50 steps, in
-[rows, columns] float32 buffers (at revision REV when given).
+[rows, columns] float32 buffers (at revision REV when given). `precision`: `real`'s cases with the weights in bfloat16
+(as the product prunes a bfloat16 model), at 50% and 70% under the unstructured default Gram (0.25 off the diagonal)
+and at 2:4 under N:M's (0.5), the product's pool: the refined error / unrefined error (float64, under the float32 G)
+when the refine's first residual comes from the float32 product and from G in bfloat16 (`low_gram`), and the error of
+the least-squares update that follows each (the update from the refine's residual, as `quality` runs it).
+`products`: seconds and GFLOPS of a [2048, 4096] x [4096, 4096] product in float32 and bfloat16, 1 and 2 threads.
 """
 
 from __future__ import annotations  # noqa: I001  (hybridprune.env goes before torch)
@@ -85,6 +92,72 @@ def real(batches: bool = False) -> None:
                         print(line, flush=True)
 
 
+def precision() -> None:
+    """The refine (and the update after it) with the first residual from the float32 and from the bfloat16 product."""
+    from hybridprune.config import GRAM_OFFDIAG
+    from hybridprune.masks import mask_n_m
+    from hybridprune.methods.reconstruct import least_squares
+
+    torch.set_num_threads(2)
+    totals: dict[str, list[float]] = {}
+    for name, (spec, file, layers) in MODELS.items():
+        if not (CACHE / file).exists():
+            print(f"{name}: no cached second-order entry at {CACHE / file} (benchmarks/validate.py makes it)", flush=True)
+            continue
+        model = load_model(spec, dtype="float32").model
+        with safe_open(str(CACHE / file), "pt") as grams:
+            for layer in layers:
+                block = model.model.layers[layer]
+                for group, (part, names) in GROUPS.items():
+                    full, _ = damped_gram(grams.get_tensor(f"layer.{layer}.{group}.gram_diag"),
+                                          grams.get_tensor(f"layer.{layer}.{group}.gram_corr"))
+                    weight = torch.cat([getattr(getattr(block, part), n).weight.detach() for n in names]).bfloat16()
+                    line = f"{name} L{layer} {group} {tuple(weight.shape)}:"
+                    for point in ("50%", "70%", "2:4"):
+                        kind = "nm" if point == "2:4" else "unstructured"
+                        gram = shrink_offdiagonal(full.clone(), GRAM_OFFDIAG[kind]).float()
+                        metric = weight.float().abs() * gram.diagonal().sqrt()
+                        if kind == "nm":
+                            keep, nm = mask_n_m(metric, 2, 4), (2, 4)
+                        else:
+                            keep, nm = _keep_all_but_lowest(metric, torch.full((weight.shape[0],), int(weight.shape[1] * float(point[:2]) / 100))), None
+                        before = float(reconstruction_error(weight, keep, gram).sum())
+                        results = []
+                        for low in (None, gram.bfloat16()):
+                            started = time.perf_counter()
+                            masks, target = refine.refine_swaps(weight, keep, gram, steps=50, nm=nm, batch=8 if nm else 4,
+                                                                with_residual=True, low_gram=low)
+                            seconds = time.perf_counter() - started
+                            updated = least_squares(weight, masks, gram, target=target).float()
+                            change = (updated - weight.float()).double()
+                            lsq = float((change @ gram.double() * change).sum())
+                            results.append((float(reconstruction_error(weight, masks, gram).sum()) / before, lsq / before, seconds))
+                        (r32, u32, t32), (r16, u16, t16) = results
+                        totals.setdefault(point, []).append((r16 - 1) / (r32 - 1) if r32 < 1 else 1.0)
+                        line += (f" | {point} refine {r32:.5f} / {r16:.5f} ({t32:.1f} / {t16:.1f} s)"
+                                 f" update {u32:.5f} / {u16:.5f}")
+                    print(line, flush=True)
+    for point, shares in totals.items():
+        print(f"{point}: the bfloat16 product keeps {min(shares):.4f}-{max(shares):.4f} of the float32 product's refine gain "
+              f"(mean {sum(shares) / len(shares):.4f}, {len(shares)} groups)", flush=True)
+
+
+def products() -> None:
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        for dtype in (torch.float32, torch.bfloat16):
+            a, b = torch.randn(2048, 4096).to(dtype), torch.randn(4096, 4096).to(dtype)
+            out = torch.empty(2048, 4096, dtype=dtype)
+            torch.matmul(a, b, out=out)
+            runs = []
+            for _ in range(3):
+                started = time.perf_counter()
+                torch.matmul(a, b, out=out)
+                runs.append(time.perf_counter() - started)
+            seconds = sorted(runs)[1]
+            print(f"{threads} threads, {dtype}: {seconds:.3f} s, {2 * 2048 * 4096 * 4096 / seconds / 1e9:.0f} GFLOPS", flush=True)
+
+
 def refine_at(rev: str | None):
     """methods/refine.py at git revision `rev` (the working tree's when None)."""
     if not rev:
@@ -145,6 +218,10 @@ def _status(key: str) -> int:
 if __name__ == "__main__":
     if sys.argv[1] == "peak":
         peak(sys.argv[2] if len(sys.argv) > 2 else None)
+    elif sys.argv[1] == "precision":
+        precision()
+    elif sys.argv[1] == "products":
+        products()
     elif sys.argv[1] == "shapes":
         shapes(sys.argv[2] if len(sys.argv) > 2 else None)
     else:

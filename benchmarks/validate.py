@@ -274,8 +274,14 @@ class RefineMemo:
         masks = self.masks[key].to(weight.device)
         if not with_residual:
             return masks
-        # what the product's refine hands to the least-squares update with its masks: (w * ~keep) G, in float32
-        return masks, (weight.float() * ~masks) @ gram.float()
+        # what the product's refine hands to the least-squares update with its masks: (w * ~keep) G, in float32, plus,
+        # where its first residual came from G in bfloat16 (low_gram), that product's error, fixed from the start
+        residual = (weight.float() * ~masks) @ gram.float()
+        low = options.get("low_gram")
+        if low is not None:
+            start = weight.float() * ~keep
+            residual += (start.to(low.dtype) @ low).float() - start @ gram.float()
+        return masks, residual
 
 
 REFINE_SWAPS = pruning.refine_swaps

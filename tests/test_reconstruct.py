@@ -10,7 +10,13 @@ import torch
 from hybridprune.calibration.collect import CollectionOptions, collect_statistics
 from hybridprune.config import PruneConfig
 from hybridprune.masks import mask_unstructured
-from hybridprune.methods.reconstruct import keep_columns, least_squares, reconstruct, resolve_on_support
+from hybridprune.methods.reconstruct import (
+    fast_low_precision,
+    keep_columns,
+    least_squares,
+    reconstruct,
+    resolve_on_support,
+)
 from hybridprune.models import load_model
 from hybridprune.passes import prune_model
 from hybridprune.reporting import SilentReporter
@@ -202,6 +208,28 @@ def test_the_products_default_bfloat16_and_early_stop_land_within_a_percent_of_t
     for products in ("auto", torch.bfloat16, None):
         fast = error(least_squares(weight, keep, gram, products=products))
         assert fast - optimum <= 0.01 * (masked - optimum), (products, fast, optimum, masked)
+
+
+@pytest.mark.parametrize(("amx", "avx512_bf16", "expected"), [(True, False, torch.bfloat16), (False, True, torch.bfloat16),
+                                                            (False, False, None)])
+def test_bfloat16_products_where_the_cpu_has_amx_tiles_or_avx512_bf16(amx, avx512_bf16, expected, monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    assert fast_low_precision(torch.device("cpu")) is expected
+
+
+def test_a_bfloat16_gram_handed_over_solves_as_the_one_converted_inside():
+    inputs = correlated_inputs(tokens=512, features=64, rank=16)
+    gram = inputs.T @ inputs
+    gram.diagonal().add_(0.01 * gram.diagonal().mean())
+    weight = torch.randn(16, 64, generator=torch.Generator().manual_seed(6))
+    keep = mask_unstructured(weight.abs() * gram.diag().sqrt(), 0.5)
+    inside = least_squares(weight, keep, gram, products=torch.bfloat16)
+    torch.testing.assert_close(least_squares(weight, keep, gram, products=torch.bfloat16, low_gram=gram.bfloat16()), inside,
+                               rtol=0, atol=0)
+    # a Gram in another dtype than the products' is not used
+    torch.testing.assert_close(least_squares(weight, keep, gram, products=None, low_gram=gram.bfloat16()),
+                               least_squares(weight, keep, gram, products=None), rtol=0, atol=0)
 
 
 def test_least_squares_keeps_unseen_inputs_and_rejects_mismatched_shapes():

@@ -51,6 +51,7 @@ def refine_swaps(
     candidates: int = 16,
     batch: int = 1,
     with_residual: bool = False,
+    low_gram: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Improve a keep-mask row by row under the Gram matrix G: swap one kept and one pruned weight of a row
     when that lowers the row's error (w - w*keep)^T G (w - w*keep) (SparseSwaps-like, mask only).
@@ -65,6 +66,11 @@ def refine_swaps(
     distinct N:M groups), taking the prefix of them whose exact joint change, cross terms included, is lowest.
     `with_residual`: also return (w * ~keep) G for the refined masks ([rows, columns], float32 or float64 as the
     refine runs), kept up to date by the refine anyway: the least-squares update's right-hand side.
+    `low_gram`: G in bfloat16, given where bfloat16 products are fast (`reconstruct.fast_low_precision`) and the
+    weights are bfloat16 already (w * ~keep exact in it): the first residual (w * ~keep) G is made in it, in about
+    half the time; G's rounding and the product's (each at most 2^-9 of an entry) add a fixed linear term to the
+    objective the swaps see, every step after is exact, and so are the recomputations every RESYNC steps (`python
+    benchmarks/refine_pool.py precision`: on SmolLM2's real layers 0.997-1.001 of the float32 product's refine gain).
     """
     rows, columns = weight.shape
     device = weight.device
@@ -80,18 +86,22 @@ def refine_swaps(
     squared = w * w * g.diagonal()
     # accept a swap only if it lowers the error by more than rounding could explain
     tolerance = squared.max(1).values * (1e-12 if dtype == torch.float64 else 1e-5)
+    residual = torch.empty_like(w)
+    if low_gram is not None:  # made before the search's buffers exist: its two bfloat16 temporaries add no peak
+        low_delta = torch.mul(w, ~keep_now, out=torch.empty(w.shape, dtype=low_gram.dtype, device=device))
+        residual.copy_(low_delta @ low_gram.to(device))
+        del low_delta
     search = (_NMSearch(w, keep_now, squared, g, nm) if nm is not None
               else _Search(w, keep_now, squared, g.diagonal(), candidates))
     del squared  # the searches keep what they need of it
-
-    residual = torch.empty_like(w)
 
     def resync() -> None:  # r = G delta per row (G symmetric), in the refine's dtype, into the residual's memory
         scratch = search.scratch(residual.shape[0])
         torch.mul(w, ~keep_now, out=scratch)
         torch.matmul(scratch, g, out=residual)
 
-    resync()
+    if low_gram is None:
+        resync()
     # with_residual: every row's residual, written back as rows leave (a row that leaves changes no more)
     residual_all = residual if with_residual else None
     step, synced = 0, 0
