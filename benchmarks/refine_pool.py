@@ -6,6 +6,7 @@
     .venv/bin/python benchmarks/refine_pool.py peak [REV]   # peak memory of one 16384 x 4096 chunk's refine
     .venv/bin/python benchmarks/refine_pool.py precision # real layers: the first residual from a bfloat16 product
     .venv/bin/python benchmarks/refine_pool.py products  # float32 against bfloat16 matrix products on this CPU
+    .venv/bin/python benchmarks/refine_pool.py candidates  # real layers: fewer moves per side paired exactly
 
 The refine's search scores every weight of a row only every `REFRESH` steps and keeps a pool of each side's moves:
 the best of each of `POOL` blocks of columns; the steps between score the pool alone, with the current residual (every
@@ -55,18 +56,27 @@ SETTINGS = [(1, 16), (4, 128), (4, 64), (8, 128)]
 STEPS = [(50, 4), (25, 8), (34, 6)]  # (steps, swaps per step) of about the same number of swaps; (50, 4) the product's
 
 
-def run(weight, keep, gram, refresh, pool, threads, steps=50, batch=4):
+CANDIDATES = [16, 12, 8]  # `candidates`: the moves of each side paired exactly per row and step (16 the product's)
+
+
+def run(weight, keep, gram, refresh, pool, threads, steps=50, batch=4, candidates=16):
     refine.REFRESH, refine.POOL = refresh, pool
     torch.set_num_threads(threads)
     started = time.perf_counter()
-    refined = refine.refine_swaps(weight, keep, gram, steps=steps, batch=batch)
+    refined = refine.refine_swaps(weight, keep, gram, steps=steps, batch=batch, candidates=candidates)
     return refined, time.perf_counter() - started
 
 
-def real(batches: bool = False) -> None:
-    """Each setting's refined error / unrefined error on real layers (`batches`: the product's pool, STEPS)."""
+def real(batches: bool = False, candidates: bool = False) -> None:
+    """Each setting's refined error / unrefined error on real layers (`batches`: the product's pool, STEPS;
+    `candidates`: the product's pool and steps, CANDIDATES paired per side)."""
     pool = (refine.REFRESH, refine.POOL)
-    settings = [(*pool, steps, batch) for steps, batch in STEPS] if batches else [(*s, 50, 4) for s in SETTINGS]
+    if candidates:
+        settings = [(*pool, 50, 4, count) for count in CANDIDATES]
+    elif batches:
+        settings = [(*pool, steps, batch, 16) for steps, batch in STEPS]
+    else:
+        settings = [(*s, 50, 4, 16) for s in SETTINGS]
     for name, (spec, file, layers) in MODELS.items():
         model = load_model(spec, dtype="float32").model
         with safe_open(str(CACHE / file), "pt") as grams:
@@ -82,11 +92,11 @@ def real(batches: bool = False) -> None:
                         keep = _keep_all_but_lowest(weight.abs() * gram.diagonal().sqrt(), pruned)
                         before = float(reconstruction_error(weight, keep, gram).sum())
                         line, exact = f"{name} L{layer} {group} {tuple(weight.shape)} {sparsity:.0%}:", None
-                        for refresh, size, steps, batch in settings:
-                            refined, seconds = run(weight, keep, gram, refresh, size, 1, steps, batch)
+                        for refresh, size, steps, batch, count in settings:
+                            refined, seconds = run(weight, keep, gram, refresh, size, 1, steps, batch, count)
                             after = float(reconstruction_error(weight, refined, gram).sum())
                             exact = exact if exact is not None else refined
-                            label = f"S{steps}/B{batch}" if batches else f"R{refresh}/P{size}"
+                            label = f"C{count}" if candidates else f"S{steps}/B{batch}" if batches else f"R{refresh}/P{size}"
                             line += (f" | {label} {after / before:.5f} {seconds:.1f}s"
                                      f" ({int((refined != exact).sum())} differ)")
                         print(line, flush=True)
@@ -225,4 +235,4 @@ if __name__ == "__main__":
     elif sys.argv[1] == "shapes":
         shapes(sys.argv[2] if len(sys.argv) > 2 else None)
     else:
-        real(batches=sys.argv[1] == "batches")
+        real(batches=sys.argv[1] == "batches", candidates=sys.argv[1] == "candidates")
