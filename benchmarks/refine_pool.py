@@ -22,7 +22,7 @@ process's peak RSS (/proc VmHWM, reset before) above its start while one 16384 x
 [rows, columns] float32 buffers (at revision REV when given). `precision`: `real`'s cases with the weights in bfloat16
 (as the product prunes a bfloat16 model), at 50% and 70% under the unstructured default Gram (0.25 off the diagonal)
 and at 2:4 under N:M's (0.5), the product's pool: the refined error / unrefined error (float64, under the float32 G)
-when the refine's first residual comes from the float32 product and from G in bfloat16 (`low_gram`), and the error of
+when the refine's first residual comes from the float32 product and from G in bfloat16 (`products`), and the error of
 the least-squares update that follows each (the update from the refine's residual, as `quality` runs it).
 `products`: seconds and GFLOPS of a [2048, 4096] x [4096, 4096] product in float32 and bfloat16, 1 and 2 threads.
 """
@@ -133,10 +133,10 @@ def precision() -> None:
                             keep, nm = _keep_all_but_lowest(metric, torch.full((weight.shape[0],), int(weight.shape[1] * float(point[:2]) / 100))), None
                         before = float(reconstruction_error(weight, keep, gram).sum())
                         results = []
-                        for low in (None, gram.bfloat16()):
+                        for low in (None, torch.bfloat16):
                             started = time.perf_counter()
                             masks, target = refine.refine_swaps(weight, keep, gram, steps=50, nm=nm, batch=8 if nm else 4,
-                                                                with_residual=True, low_gram=low)
+                                                                with_residual=True, products=low)
                             seconds = time.perf_counter() - started
                             updated = least_squares(weight, masks, gram, target=target).float()
                             change = (updated - weight.float()).double()

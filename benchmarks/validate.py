@@ -275,12 +275,12 @@ class RefineMemo:
         if not with_residual:
             return masks
         # what the product's refine hands to the least-squares update with its masks: (w * ~keep) G, in float32, plus,
-        # where its first residual came from G in bfloat16 (low_gram), that product's error, fixed from the start
+        # where its first residual came from a bfloat16 product (`products`), that product's error, fixed from the start
         residual = (weight.float() * ~masks) @ gram.float()
-        low = options.get("low_gram")
+        low = options.get("products")
         if low is not None:
             start = weight.float() * ~keep
-            residual += (start.to(low.dtype) @ low).float() - start @ gram.float()
+            residual += (start.to(low) @ gram.to(low)).float() - start @ gram.float()
         return masks, residual
 
 

@@ -30,7 +30,6 @@ from hybridprune.methods.hybrid import (
 from hybridprune.methods.obs import spread_order, sweep_counts, sweep_prune
 from hybridprune.methods.reconstruct import (
     aim_at_dense,
-    converted,
     fast_low_precision,
     inverse_factor,
     keep_columns,
@@ -260,9 +259,9 @@ def prune_layer(
                 stacked = torch.cat([weights[name] for name in names])
                 keep = torch.cat([masks[name].to(device) for name in names])
                 gram = gram_of(group).to(device)
-                # G in bfloat16 where its products are fast, for the refine's first residual and the update's steps
+                # the refine's first residual in bfloat16 where that is fast and the weights are bfloat16 already
                 low = fast_low_precision(device)
-                low_gram = converted(gram, low) if low is not None and (lsq or stacked.dtype == low) else None
+                products = low if low is not None and stacked.dtype == low else None
                 rows = max(1, REFINE_CHUNK_ELEMENTS // stacked.shape[1])  # the refine's state is ~10 rows x inputs buffers
                 keeps, updates = [], []
                 for start in range(0, stacked.shape[0], rows):
@@ -272,16 +271,15 @@ def prune_layer(
                             part, part_keep, gram, steps=plan.refine,
                             nm=(pattern.n, pattern.m) if pattern.kind == "nm" else None,
                             batch=REFINE_BATCH_NM if pattern.kind == "nm" else REFINE_BATCH, with_residual=lsq,
-                            low_gram=low_gram if stacked.dtype == torch.bfloat16 else None,
+                            products=products,
                         )
                         part_keep, target = refined if lsq else (refined, None)
                     keeps.append(part_keep)
                     if lsq:
-                        updates.append(least_squares(part, part_keep, gram, target=target, low_gram=low_gram))
+                        updates.append(least_squares(part, part_keep, gram, target=target))
                     del target
                 keep = torch.cat(keeps)
                 masks.update(zip(names, keep.split([weights[name].shape[0] for name in names])))
-                del low_gram
                 if lsq:
                     del gram
                     cached.pop(("gram", group), None)  # each group's Gram freed once its rows are solved

@@ -218,20 +218,6 @@ def test_bfloat16_products_where_the_cpu_has_amx_tiles_or_avx512_bf16(amx, avx51
     assert fast_low_precision(torch.device("cpu")) is expected
 
 
-def test_a_bfloat16_gram_handed_over_solves_as_the_one_converted_inside():
-    inputs = correlated_inputs(tokens=512, features=64, rank=16)
-    gram = inputs.T @ inputs
-    gram.diagonal().add_(0.01 * gram.diagonal().mean())
-    weight = torch.randn(16, 64, generator=torch.Generator().manual_seed(6))
-    keep = mask_unstructured(weight.abs() * gram.diag().sqrt(), 0.5)
-    inside = least_squares(weight, keep, gram, products=torch.bfloat16)
-    torch.testing.assert_close(least_squares(weight, keep, gram, products=torch.bfloat16, low_gram=gram.bfloat16()), inside,
-                               rtol=0, atol=0)
-    # a Gram in another dtype than the products' is not used
-    torch.testing.assert_close(least_squares(weight, keep, gram, products=None, low_gram=gram.bfloat16()),
-                               least_squares(weight, keep, gram, products=None), rtol=0, atol=0)
-
-
 def test_least_squares_keeps_unseen_inputs_and_rejects_mismatched_shapes():
     inputs = correlated_inputs()
     inputs[:, 5] = 0.0

@@ -251,7 +251,7 @@ def test_the_residual_handed_over_is_that_of_the_refined_masks_for_rows_that_sto
 
 @pytest.mark.parametrize("nm", [None, (2, 4)])
 def test_a_bfloat16_first_residual_refines_as_far_as_float32_and_the_recomputations_are_exact(nm, monkeypatch):
-    """low_gram: the first residual (w * ~keep) G from G in bfloat16 (bfloat16 weights: w * ~keep exact in it); the
+    """products bfloat16: the first residual (w * ~keep) G from G in bfloat16 (bfloat16 weights: w * ~keep exact in it); the
     refine gets as far as with the float32 product, its residual is within bfloat16 rounding of the exact one, and a
     recomputation every RESYNC steps (float32) makes it exact again."""
     use_pool(monkeypatch, False)
@@ -263,7 +263,7 @@ def test_a_bfloat16_first_residual_refines_as_far_as_float32_and_the_recomputati
     before = float(reconstruction_error(weight, keep, gram).sum())
     exact = refine_swaps(weight, keep, gram, steps=50, nm=nm, batch=4)
     masks, residual = refine_swaps(weight, keep, gram, steps=50, nm=nm, batch=4, with_residual=True,
-                                   low_gram=gram.bfloat16())
+                                   products=torch.bfloat16)
     assert torch.equal(masks.sum(1), keep.sum(1))
     gain = before - float(reconstruction_error(weight, masks, gram).sum())
     assert gain >= 0.98 * (before - float(reconstruction_error(weight, exact, gram).sum())) > 0
@@ -276,5 +276,5 @@ def test_a_bfloat16_first_residual_refines_as_far_as_float32_and_the_recomputati
     assert float((residual - truth).abs().max()) > 1e-6 * scale  # the bfloat16 product's rounding is there
     monkeypatch.setattr(refine, "RESYNC", 1)
     masks, residual = refine_swaps(weight, keep, gram, steps=50, nm=nm, batch=4, with_residual=True,
-                                   low_gram=gram.bfloat16())
+                                   products=torch.bfloat16)
     torch.testing.assert_close(residual, (weight.float() * ~masks) @ gram, rtol=1e-4, atol=1e-5 * scale)

@@ -187,7 +187,7 @@ def shrink_update(pruned: Tensor, updated: Tensor, shrink: float) -> Tensor:
 
 def resolve_on_support(gram: Tensor, target: Tensor, keep: Tensor, start: Tensor | None, steps: int = CG_STEPS,
                        tolerance: float = CG_TOLERANCE, settle: float = 0.0, products: torch.dtype | None = None,
-                       preconditioner: Tensor | None = None, low: Tensor | None = None) -> Tensor:
+                       preconditioner: Tensor | None = None) -> Tensor:
     """argmin over v with v = 0 off `keep` of (v - w)^T G (v - w), per row, by conjugate gradients from `start`
     (None: from zero, which saves the first n x n product).
 
@@ -197,12 +197,8 @@ def resolve_on_support(gram: Tensor, target: Tensor, keep: Tensor, start: Tensor
     lowers the objective (summed over rows) by less than `settle` times what the steps before it removed. `products`:
     the dtype of the step's n x n product (bfloat16 where that is fast, `fast_low_precision`); the residual and the
     iterate stay float32. `preconditioner` [n]: 1 / diag G (Jacobi), the same iterates as plain conjugate gradients on
-    the unit-diagonal D^-1/2 G D^-1/2 without that n x n copy; None: plain (G is unit-diagonal already, or small).
-    `low`: G in `products`' dtype where the caller has it (else converted here)."""
-    if products is None:
-        low = gram
-    elif low is None:
-        low = converted(gram, products)
+    the unit-diagonal D^-1/2 G D^-1/2 without that n x n copy; None: plain (G is unit-diagonal already, or small)."""
+    low = _converted(gram, products) if products is not None else gram
     # off the support the residual is left as it comes (never read): z = residual * scaling is zero there, and so
     # are the directions and the solution, so the n x n product needs no masking
     scaling = keep.to(target.dtype)
@@ -250,14 +246,14 @@ def resolve_on_support(gram: Tensor, target: Tensor, keep: Tensor, start: Tensor
     return solution
 
 
-def converted(tensor: Tensor, dtype: torch.dtype) -> Tensor:
+def _converted(tensor: Tensor, dtype: torch.dtype) -> Tensor:
     """`tensor` in `dtype`, copied into a new buffer (7x faster than .to() for float32 -> bfloat16 here)."""
     return torch.empty(tensor.shape, dtype=dtype, device=tensor.device).copy_(tensor)
 
 
 def least_squares(weight: Tensor, keep: Tensor, gram: Tensor, *, target: Tensor | None = None, steps: int = CG_STEPS,
                   tolerance: float = CG_TOLERANCE, settle: float = CG_SETTLE,
-                  products: torch.dtype | None | str = "auto", low_gram: Tensor | None = None) -> Tensor:
+                  products: torch.dtype | None | str = "auto") -> Tensor:
     """The weight [out, in] with pruned entries zero and kept entries at the least-squares optimum of the mask.
 
     Per row, argmin over v (v = 0 off `keep`) of (v - w)^T G (v - w) for the damped `gram` G [in, in] (float32),
@@ -266,8 +262,7 @@ def least_squares(weight: Tensor, keep: Tensor, gram: Tensor, *, target: Tensor 
     G_SS d_S = (G p)_S for the pruned part p = w * ~keep, from d = 0. `target`: p G [out, in] where the caller has it
     (the swap refinement ends with exactly this residual, in float32), which saves the one n x n product that makes
     it. `products` "auto": bfloat16 n x n products where they are fast (`fast_low_precision`; on the probes in
-    docs/results.md the same objective to 4 digits at a third of the time), else float32. `low_gram`: G already in
-    that dtype (prune_layer converts it once per input group, not once per chunk of rows).
+    docs/results.md the same objective to 4 digits at a third of the time), else float32.
     Unlike `reconstruct`, inputs never seen non-zero keep their weight where the mask keeps it (G's only entry there
     is its damped diagonal, which pins the weight to its dense value)."""
     if keep.shape != weight.shape or gram.shape != (weight.shape[1],) * 2:
@@ -276,8 +271,6 @@ def least_squares(weight: Tensor, keep: Tensor, gram: Tensor, *, target: Tensor 
     gram = gram.to(weight.device, torch.float32)
     if products == "auto":
         products = fast_low_precision(weight.device)
-    if low_gram is not None and low_gram.dtype != products:
-        low_gram = None
     start = weight.to(torch.float32)
     if target is None:
         # one n x n product (in `products`' dtype: its rounding moves the objective by about its square, 1e-5 of the
@@ -285,14 +278,12 @@ def least_squares(weight: Tensor, keep: Tensor, gram: Tensor, *, target: Tensor 
         # (Llama-3.1-8B's down_proj here: 8.8 s float32 against 1.9 s bfloat16 per product)
         pruned = start * ~keep
         if products is not None:
-            low_gram = converted(gram, products) if low_gram is None else low_gram
-            target = (converted(pruned, products) @ low_gram).to(torch.float32)
+            target = (_converted(pruned, products) @ _converted(gram, products)).to(torch.float32)
         else:
             target = pruned @ gram
         del pruned
     elif target.shape != weight.shape:
         raise ValueError(f"shapes: weight {tuple(weight.shape)}, target {tuple(target.shape)}")
     inverse = 1.0 / gram.diagonal().clamp_min(1e-30)
-    change = resolve_on_support(gram, target.to(torch.float32), keep, None, steps, tolerance, settle, products, inverse,
-                                low_gram)
+    change = resolve_on_support(gram, target.to(torch.float32), keep, None, steps, tolerance, settle, products, inverse)
     return ((start + change) * keep).to(weight.dtype)
