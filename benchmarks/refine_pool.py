@@ -19,7 +19,8 @@ the 8B gate/up matrix and on its 4096 x 14336 down_proj, 2 threads, the time of 
 git revision REV, when given: the code before a change). `batches`: `real`'s cases under the product's pool with
 about as many swaps in fewer, larger steps (STEPS), the refined error / unrefined error of each. `peak`: the
 process's peak RSS (/proc VmHWM, reset before) above its start while one 16384 x 4096 chunk refines 50 steps, in
-[rows, columns] float32 buffers (at revision REV when given). `precision`: `real`'s cases with the weights in bfloat16
+[rows, columns] float32 buffers, bfloat16 weights, with the first residual from the float32 and from the bfloat16
+product (at revision REV when given: float32 only). `precision`: `real`'s cases with the weights in bfloat16
 (as the product prunes a bfloat16 model), at 50% and 70% under the unstructured default Gram (0.25 off the diagonal)
 and at 2:4 under N:M's (0.5), the product's pool: the refined error / unrefined error (float64, under the float32 G)
 when the refine's first residual comes from the float32 product and from G in bfloat16 (`products`), and the error of
@@ -212,12 +213,15 @@ def peak(rev: str | None = None) -> None:
     torch.set_num_threads(2)
     rows, columns = 16384, 4096
     weight, keep, gram = random_layer(rows, columns)
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM back to the current RSS
-    start = _status("VmRSS")
-    module.refine_swaps(weight, keep, gram, steps=50, batch=4)
-    above = _status("VmHWM") - start
-    print(f"{rev or 'working tree'}: peak {above / 1e9:.2f} GB above the start = {above / (rows * columns * 4):.1f} "
-          f"float32 [{rows}, {columns}] buffers", flush=True)
+    weight = weight.bfloat16()  # as the product prunes a bfloat16 model
+    for products in (None, torch.bfloat16) if rev is None else (None,):
+        options = {"products": products} if products is not None else {}
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM back to the current RSS
+        start = _status("VmRSS")
+        module.refine_swaps(weight, keep, gram, steps=50, batch=4, **options)
+        above = _status("VmHWM") - start
+        print(f"{rev or 'working tree'}, first residual {products or 'float32'}: peak {above / 1e9:.2f} GB above the start"
+              f" = {above / (rows * columns * 4):.1f} float32 [{rows}, {columns}] buffers", flush=True)
 
 
 def _status(key: str) -> int:
