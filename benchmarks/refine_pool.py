@@ -68,6 +68,24 @@ def run(weight, keep, gram, refresh, pool, threads, steps=50, batch=4, candidate
     return refined, time.perf_counter() - started
 
 
+def real_groups():
+    """(model, layer, input group, its stacked float32 weight, its damped Gram) of every case in MODELS, from the cache
+    validate.py makes (a model without its entry there is skipped, with a line saying so)."""
+    for name, (spec, file, layers) in MODELS.items():
+        if not (CACHE / file).exists():
+            print(f"{name}: no cached second-order entry at {CACHE / file} (benchmarks/validate.py makes it)", flush=True)
+            continue
+        model = load_model(spec, dtype="float32").model
+        with safe_open(str(CACHE / file), "pt") as grams:
+            for layer in layers:
+                block = model.model.layers[layer]
+                for group, (part, names) in GROUPS.items():
+                    gram, _ = damped_gram(grams.get_tensor(f"layer.{layer}.{group}.gram_diag"),
+                                          grams.get_tensor(f"layer.{layer}.{group}.gram_corr"))
+                    yield name, layer, group, torch.cat([getattr(getattr(block, part), n).weight.detach().float()
+                                                         for n in names]), gram
+
+
 def real(batches: bool = False, candidates: bool = False) -> None:
     """Each setting's refined error / unrefined error on real layers (`batches`: the product's pool, STEPS;
     `candidates`: the product's pool and steps, CANDIDATES paired per side)."""
@@ -78,29 +96,21 @@ def real(batches: bool = False, candidates: bool = False) -> None:
         settings = [(*pool, steps, batch, 16) for steps, batch in STEPS]
     else:
         settings = [(*s, 50, 4, 16) for s in SETTINGS]
-    for name, (spec, file, layers) in MODELS.items():
-        model = load_model(spec, dtype="float32").model
-        with safe_open(str(CACHE / file), "pt") as grams:
-            for layer in layers:
-                block = model.model.layers[layer]
-                for group, (part, names) in GROUPS.items():
-                    gram, _ = damped_gram(grams.get_tensor(f"layer.{layer}.{group}.gram_diag"),
-                                          grams.get_tensor(f"layer.{layer}.{group}.gram_corr"))
-                    gram = shrink_offdiagonal(gram, 0.25).float()
-                    weight = torch.cat([getattr(getattr(block, part), n).weight.detach().float() for n in names])
-                    for sparsity in (0.5, 0.7):
-                        pruned = torch.full((weight.shape[0],), int(weight.shape[1] * sparsity))
-                        keep = _keep_all_but_lowest(weight.abs() * gram.diagonal().sqrt(), pruned)
-                        before = float(reconstruction_error(weight, keep, gram).sum())
-                        line, exact = f"{name} L{layer} {group} {tuple(weight.shape)} {sparsity:.0%}:", None
-                        for refresh, size, steps, batch, count in settings:
-                            refined, seconds = run(weight, keep, gram, refresh, size, 1, steps, batch, count)
-                            after = float(reconstruction_error(weight, refined, gram).sum())
-                            exact = exact if exact is not None else refined
-                            label = f"C{count}" if candidates else f"S{steps}/B{batch}" if batches else f"R{refresh}/P{size}"
-                            line += (f" | {label} {after / before:.5f} {seconds:.1f}s"
-                                     f" ({int((refined != exact).sum())} differ)")
-                        print(line, flush=True)
+    for name, layer, group, weight, gram in real_groups():
+        gram = shrink_offdiagonal(gram, 0.25).float()
+        for sparsity in (0.5, 0.7):
+            pruned = torch.full((weight.shape[0],), int(weight.shape[1] * sparsity))
+            keep = _keep_all_but_lowest(weight.abs() * gram.diagonal().sqrt(), pruned)
+            before = float(reconstruction_error(weight, keep, gram).sum())
+            line, exact = f"{name} L{layer} {group} {tuple(weight.shape)} {sparsity:.0%}:", None
+            for refresh, size, steps, batch, count in settings:
+                refined, seconds = run(weight, keep, gram, refresh, size, 1, steps, batch, count)
+                after = float(reconstruction_error(weight, refined, gram).sum())
+                exact = exact if exact is not None else refined
+                label = f"C{count}" if candidates else f"S{steps}/B{batch}" if batches else f"R{refresh}/P{size}"
+                line += (f" | {label} {after / before:.5f} {seconds:.1f}s"
+                         f" ({int((refined != exact).sum())} differ)")
+            print(line, flush=True)
 
 
 def precision() -> None:
@@ -111,43 +121,33 @@ def precision() -> None:
 
     torch.set_num_threads(2)
     totals: dict[str, list[float]] = {}
-    for name, (spec, file, layers) in MODELS.items():
-        if not (CACHE / file).exists():
-            print(f"{name}: no cached second-order entry at {CACHE / file} (benchmarks/validate.py makes it)", flush=True)
-            continue
-        model = load_model(spec, dtype="float32").model
-        with safe_open(str(CACHE / file), "pt") as grams:
-            for layer in layers:
-                block = model.model.layers[layer]
-                for group, (part, names) in GROUPS.items():
-                    full, _ = damped_gram(grams.get_tensor(f"layer.{layer}.{group}.gram_diag"),
-                                          grams.get_tensor(f"layer.{layer}.{group}.gram_corr"))
-                    weight = torch.cat([getattr(getattr(block, part), n).weight.detach() for n in names]).bfloat16()
-                    line = f"{name} L{layer} {group} {tuple(weight.shape)}:"
-                    for point in ("50%", "70%", "2:4"):
-                        kind = "nm" if point == "2:4" else "unstructured"
-                        gram = shrink_offdiagonal(full.clone(), GRAM_OFFDIAG[kind]).float()
-                        metric = weight.float().abs() * gram.diagonal().sqrt()
-                        if kind == "nm":
-                            keep, nm = mask_n_m(metric, 2, 4), (2, 4)
-                        else:
-                            keep, nm = _keep_all_but_lowest(metric, torch.full((weight.shape[0],), int(weight.shape[1] * float(point[:2]) / 100))), None
-                        before = float(reconstruction_error(weight, keep, gram).sum())
-                        results = []
-                        for low in (None, torch.bfloat16):
-                            started = time.perf_counter()
-                            masks, target = refine.refine_swaps(weight, keep, gram, steps=50, nm=nm, batch=8 if nm else 4,
-                                                                with_residual=True, products=low)
-                            seconds = time.perf_counter() - started
-                            updated = least_squares(weight, masks, gram, target=target).float()
-                            change = (updated - weight.float()).double()
-                            lsq = float((change @ gram.double() * change).sum())
-                            results.append((float(reconstruction_error(weight, masks, gram).sum()) / before, lsq / before, seconds))
-                        (r32, u32, t32), (r16, u16, t16) = results
-                        totals.setdefault(point, []).append((r16 - 1) / (r32 - 1) if r32 < 1 else 1.0)
-                        line += (f" | {point} refine {r32:.5f} / {r16:.5f} ({t32:.1f} / {t16:.1f} s)"
-                                 f" update {u32:.5f} / {u16:.5f}")
-                    print(line, flush=True)
+    for name, layer, group, weight, full in real_groups():
+        weight = weight.bfloat16()
+        line = f"{name} L{layer} {group} {tuple(weight.shape)}:"
+        for point in ("50%", "70%", "2:4"):
+            kind = "nm" if point == "2:4" else "unstructured"
+            gram = shrink_offdiagonal(full.clone(), GRAM_OFFDIAG[kind]).float()
+            metric = weight.float().abs() * gram.diagonal().sqrt()
+            if kind == "nm":
+                keep, nm = mask_n_m(metric, 2, 4), (2, 4)
+            else:
+                keep, nm = _keep_all_but_lowest(metric, torch.full((weight.shape[0],), int(weight.shape[1] * float(point[:2]) / 100))), None
+            before = float(reconstruction_error(weight, keep, gram).sum())
+            results = []
+            for low in (None, torch.bfloat16):
+                started = time.perf_counter()
+                masks, target = refine.refine_swaps(weight, keep, gram, steps=50, nm=nm, batch=8 if nm else 4,
+                                                    with_residual=True, products=low)
+                seconds = time.perf_counter() - started
+                updated = least_squares(weight, masks, gram, target=target).float()
+                change = (updated - weight.float()).double()
+                lsq = float((change @ gram.double() * change).sum())
+                results.append((float(reconstruction_error(weight, masks, gram).sum()) / before, lsq / before, seconds))
+            (r32, u32, t32), (r16, u16, t16) = results
+            totals.setdefault(point, []).append((r16 - 1) / (r32 - 1) if r32 < 1 else 1.0)
+            line += (f" | {point} refine {r32:.5f} / {r16:.5f} ({t32:.1f} / {t16:.1f} s)"
+                     f" update {u32:.5f} / {u16:.5f}")
+        print(line, flush=True)
     for point, shares in totals.items():
         print(f"{point}: the bfloat16 product keeps {min(shares):.4f}-{max(shares):.4f} of the float32 product's refine gain "
               f"(mean {sum(shares) / len(shares):.4f}, {len(shares)} groups)", flush=True)
