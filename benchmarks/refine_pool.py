@@ -4,7 +4,6 @@
     .venv/bin/python benchmarks/refine_pool.py shapes [REV]   # random matrices at Llama-3.1-8B's shapes, time
     .venv/bin/python benchmarks/refine_pool.py batches   # real layers: as many swaps in fewer, larger steps
     .venv/bin/python benchmarks/refine_pool.py peak [REV]   # peak memory of one 16384 x 4096 chunk's refine
-    .venv/bin/python benchmarks/refine_pool.py precision # real layers: the first residual from a bfloat16 product
     .venv/bin/python benchmarks/refine_pool.py products  # float32 against bfloat16 matrix products on this CPU
     .venv/bin/python benchmarks/refine_pool.py candidates  # real layers: fewer moves per side paired exactly
 
@@ -19,12 +18,8 @@ the 8B gate/up matrix and on its 4096 x 14336 down_proj, 2 threads, the time of 
 git revision REV, when given: the code before a change). `batches`: `real`'s cases under the product's pool with
 about as many swaps in fewer, larger steps (STEPS), the refined error / unrefined error of each. `peak`: the
 process's peak RSS (/proc VmHWM, reset before) above its start while one 16384 x 4096 chunk refines 50 steps, in
-[rows, columns] float32 buffers, bfloat16 weights, with the first residual from the float32 and from the bfloat16
-product (at revision REV when given: float32 only). `precision`: `real`'s cases with the weights in bfloat16
-(as the product prunes a bfloat16 model), at 50% and 70% under the unstructured default Gram (0.25 off the diagonal)
-and at 2:4 under N:M's (0.5), the product's pool: the refined error / unrefined error (float64, under the float32 G)
-when the refine's first residual comes from the float32 product and from G in bfloat16 (`products`), and the error of
-the least-squares update that follows each (the update from the refine's residual, as `quality` runs it).
+[rows, columns] float32 buffers (at revision REV when given). The first residual from G in bfloat16 (measured at
+e733f68 with a `precision` mode and a bfloat16 `peak`, not adopted: docs/results.md) is no longer in the refine.
 `products`: seconds and GFLOPS of a [2048, 4096] x [4096, 4096] product in float32 and bfloat16, 1 and 2 threads.
 """
 
@@ -113,46 +108,6 @@ def real(batches: bool = False, candidates: bool = False) -> None:
             print(line, flush=True)
 
 
-def precision() -> None:
-    """The refine (and the update after it) with the first residual from the float32 and from the bfloat16 product."""
-    from hybridprune.config import GRAM_OFFDIAG
-    from hybridprune.masks import mask_n_m
-    from hybridprune.methods.reconstruct import least_squares
-
-    torch.set_num_threads(2)
-    totals: dict[str, list[float]] = {}
-    for name, layer, group, weight, full in real_groups():
-        weight = weight.bfloat16()
-        line = f"{name} L{layer} {group} {tuple(weight.shape)}:"
-        for point in ("50%", "70%", "2:4"):
-            kind = "nm" if point == "2:4" else "unstructured"
-            gram = shrink_offdiagonal(full.clone(), GRAM_OFFDIAG[kind]).float()
-            metric = weight.float().abs() * gram.diagonal().sqrt()
-            if kind == "nm":
-                keep, nm = mask_n_m(metric, 2, 4), (2, 4)
-            else:
-                keep, nm = _keep_all_but_lowest(metric, torch.full((weight.shape[0],), int(weight.shape[1] * float(point[:2]) / 100))), None
-            before = float(reconstruction_error(weight, keep, gram).sum())
-            results = []
-            for low in (None, torch.bfloat16):
-                started = time.perf_counter()
-                masks, target = refine.refine_swaps(weight, keep, gram, steps=50, nm=nm, batch=8 if nm else 4,
-                                                    with_residual=True, products=low)
-                seconds = time.perf_counter() - started
-                updated = least_squares(weight, masks, gram, target=target).float()
-                change = (updated - weight.float()).double()
-                lsq = float((change @ gram.double() * change).sum())
-                results.append((float(reconstruction_error(weight, masks, gram).sum()) / before, lsq / before, seconds))
-            (r32, u32, t32), (r16, u16, t16) = results
-            totals.setdefault(point, []).append((r16 - 1) / (r32 - 1) if r32 < 1 else 1.0)
-            line += (f" | {point} refine {r32:.5f} / {r16:.5f} ({t32:.1f} / {t16:.1f} s)"
-                     f" update {u32:.5f} / {u16:.5f}")
-        print(line, flush=True)
-    for point, shares in totals.items():
-        print(f"{point}: the bfloat16 product keeps {min(shares):.4f}-{max(shares):.4f} of the float32 product's refine gain "
-              f"(mean {sum(shares) / len(shares):.4f}, {len(shares)} groups)", flush=True)
-
-
 def products() -> None:
     for threads in (1, 2):
         torch.set_num_threads(threads)
@@ -213,15 +168,12 @@ def peak(rev: str | None = None) -> None:
     torch.set_num_threads(2)
     rows, columns = 16384, 4096
     weight, keep, gram = random_layer(rows, columns)
-    weight = weight.bfloat16()  # as the product prunes a bfloat16 model
-    for products in (None, torch.bfloat16) if rev is None else (None,):
-        options = {"products": products} if products is not None else {}
-        Path("/proc/self/clear_refs").write_text("5")  # VmHWM back to the current RSS
-        start = _status("VmRSS")
-        module.refine_swaps(weight, keep, gram, steps=50, batch=4, **options)
-        above = _status("VmHWM") - start
-        print(f"{rev or 'working tree'}, first residual {products or 'float32'}: peak {above / 1e9:.2f} GB above the start"
-              f" = {above / (rows * columns * 4):.1f} float32 [{rows}, {columns}] buffers", flush=True)
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM back to the current RSS
+    start = _status("VmRSS")
+    module.refine_swaps(weight, keep, gram, steps=50, batch=4)
+    above = _status("VmHWM") - start
+    print(f"{rev or 'working tree'}: peak {above / 1e9:.2f} GB above the start = {above / (rows * columns * 4):.1f} "
+          f"float32 [{rows}, {columns}] buffers", flush=True)
 
 
 def _status(key: str) -> int:
@@ -232,8 +184,6 @@ def _status(key: str) -> int:
 if __name__ == "__main__":
     if sys.argv[1] == "peak":
         peak(sys.argv[2] if len(sys.argv) > 2 else None)
-    elif sys.argv[1] == "precision":
-        precision()
     elif sys.argv[1] == "products":
         products()
     elif sys.argv[1] == "shapes":

@@ -274,14 +274,8 @@ class RefineMemo:
         masks = self.masks[key].to(weight.device)
         if not with_residual:
             return masks
-        # what the product's refine hands to the least-squares update with its masks: (w * ~keep) G, in float32, plus,
-        # where its first residual came from a bfloat16 product (`products`), that product's error, fixed from the start
-        residual = (weight.float() * ~masks) @ gram.float()
-        low = options.get("products")
-        if low is not None:
-            start = weight.float() * ~keep
-            residual += (start.to(low) @ gram.to(low)).float() - start @ gram.float()
-        return masks, residual
+        # what the product's refine hands to the least-squares update with its masks: (w * ~keep) G, in float32
+        return masks, (weight.float() * ~masks) @ gram.float()
 
 
 REFINE_SWAPS = pruning.refine_swaps

@@ -30,7 +30,6 @@ from hybridprune.methods.hybrid import (
 from hybridprune.methods.obs import spread_order, sweep_counts, sweep_prune
 from hybridprune.methods.reconstruct import (
     aim_at_dense,
-    fast_low_precision,
     inverse_factor,
     keep_columns,
     least_squares,
@@ -259,9 +258,6 @@ def prune_layer(
                 stacked = torch.cat([weights[name] for name in names])
                 keep = torch.cat([masks[name].to(device) for name in names])
                 gram = gram_of(group).to(device)
-                # the refine's first residual in bfloat16 where that is fast and the weights are bfloat16 already
-                low = fast_low_precision(device)
-                products = low if low is not None and stacked.dtype == low else None
                 rows = max(1, REFINE_CHUNK_ELEMENTS // stacked.shape[1])  # the refine's state is ~10 rows x inputs buffers
                 keeps, updates = [], []
                 for start in range(0, stacked.shape[0], rows):
@@ -271,7 +267,6 @@ def prune_layer(
                             part, part_keep, gram, steps=plan.refine,
                             nm=(pattern.n, pattern.m) if pattern.kind == "nm" else None,
                             batch=REFINE_BATCH_NM if pattern.kind == "nm" else REFINE_BATCH, with_residual=lsq,
-                            products=products,
                         )
                         part_keep, target = refined if lsq else (refined, None)
                     keeps.append(part_keep)

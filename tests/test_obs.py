@@ -179,34 +179,6 @@ def test_every_update_and_refine_mode_hits_the_target(tiny_llama_folder: Path, t
                 assert bool(((linear.weight == 0).reshape(linear.weight.shape[0], -1, 4).sum(2) >= 2).all())
 
 
-@pytest.mark.parametrize("fields", [dict(refine=20), dict(refine=5, update=True, update_mask="lsq"),
-                                    dict(refine=5, update=True, update_mask="lsq", pattern="2:4")])
-def test_a_bfloat16_model_refines_from_a_bfloat16_gram_where_its_products_are_fast(
-        tiny_llama_folder: Path, tiny_cache_dir: Path, fields: dict, monkeypatch):
-    """Where bfloat16 products are fast (forced here) a bfloat16 model's refine takes its first residual from G in
-    bfloat16; the run still hits its target with finite weights."""
-    from hybridprune import pruning
-
-    monkeypatch.setattr(pruning, "fast_low_precision", lambda device: torch.bfloat16)
-    seen = []
-    real = pruning.refine_swaps
-
-    def spy(*args, **options):
-        seen.append(options.get("products"))
-        return real(*args, **options)
-
-    monkeypatch.setattr(pruning, "refine_swaps", spy)
-    loaded = load_model(str(tiny_llama_folder), cache_dir=tiny_cache_dir, dtype="bfloat16")
-    windows = torch.randint(0, loaded.model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
-    stats = collect_statistics(loaded.model, loaded.adapter, windows, CollectionOptions(topics=4), batch_size=2)
-    hessians = collect_statistics(loaded.model, loaded.adapter, windows, CollectionOptions(), batch_size=2, hessians=True)
-    prune_model(loaded, stats, PruneConfig(**fields).validate(), SilentReporter(), hessians)
-    assert seen and all(products == torch.bfloat16 for products in seen)
-    report = sparsity_report(loaded.model, loaded.adapter)
-    assert report.total.sparsity == pytest.approx(0.5, abs=1e-3)
-    assert all(torch.isfinite(p).all() for p in loaded.model.parameters())
-
-
 def test_update_under_the_diagonal_gram_changes_no_kept_weight(tiny_llama_folder: Path, tiny_cache_dir: Path):
     """--gram-offdiag 0: no input channel co-varies with another, so the update has nothing to move."""
     updated, _ = _tiny_run(tiny_llama_folder, tiny_cache_dir, update=True, update_shrink=1.0, gram_offdiag=0.0)

@@ -51,7 +51,6 @@ def refine_swaps(
     candidates: int = 16,
     batch: int = 1,
     with_residual: bool = False,
-    products: torch.dtype | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Improve a keep-mask row by row under the Gram matrix G: swap one kept and one pruned weight of a row
     when that lowers the row's error (w - w*keep)^T G (w - w*keep) (SparseSwaps-like, mask only).
@@ -66,11 +65,6 @@ def refine_swaps(
     distinct N:M groups), taking the prefix of them whose exact joint change, cross terms included, is lowest.
     `with_residual`: also return (w * ~keep) G for the refined masks ([rows, columns], float32 or float64 as the
     refine runs), kept up to date by the refine anyway: the least-squares update's right-hand side.
-    `products`: bfloat16 where its products are fast (`reconstruct.fast_low_precision`) and the weights are bfloat16
-    already (w * ~keep exact in it): the first residual (w * ~keep) G is made from G in bfloat16 (`_low_residual`),
-    in about half the time; G's rounding and the product's (each at most 2^-9 of an entry) add a fixed linear term to
-    the objective the swaps see, every step after is exact, and so are the recomputations every RESYNC steps (`python
-    benchmarks/refine_pool.py precision`: on 16 real layer groups of both models at 50%, 70% and 2:4, 0.997-1.001 of the float32 product's refine gain).
     """
     rows, columns = weight.shape
     device = weight.device
@@ -86,20 +80,18 @@ def refine_swaps(
     squared = w * w * g.diagonal()
     # accept a swap only if it lowers the error by more than rounding could explain
     tolerance = squared.max(1).values * (1e-12 if dtype == torch.float64 else 1e-5)
-    residual = torch.empty_like(w)
-    if products is not None:  # made before the search's buffers exist: its temporaries add nothing to the peak
-        _low_residual(w, keep_now, g, products, residual)
     search = (_NMSearch(w, keep_now, squared, g, nm) if nm is not None
               else _Search(w, keep_now, squared, g.diagonal(), candidates))
     del squared  # the searches keep what they need of it
+
+    residual = torch.empty_like(w)
 
     def resync() -> None:  # r = G delta per row (G symmetric), in the refine's dtype, into the residual's memory
         scratch = search.scratch(residual.shape[0])
         torch.mul(w, ~keep_now, out=scratch)
         torch.matmul(scratch, g, out=residual)
 
-    if products is None:
-        resync()
+    resync()
     # with_residual: every row's residual, written back as rows leave (a row that leaves changes no more)
     residual_all = residual if with_residual else None
     step, synced = 0, 0
@@ -366,20 +358,6 @@ class _NMSearch:
     def keep_rows(self, r: Tensor) -> None:
         self.order, self.w3, self.sq3 = self.order[r], self.w3[r], self.sq3[r]
         self.twice_w_kept, self.twice_w_pruned, self.const = self.twice_w_kept[r], self.twice_w_pruned[r], self.const[r]
-
-
-LOW_BLOCK = 4096
-"""Columns of G converted to the low precision at a time for the refine's first residual: a whole bfloat16 copy of
-G would be 0.4 GB at Llama-3.1-8B's down_proj, 1.6 GB at 70B's, held next to the float32 G. At 8B's down_proj
-(4096 x 14336) blocks of 4096 took 1.05x the whole product's time, blocks of 2048 1.11x (2 cores, one other job)."""
-
-
-def _low_residual(w: Tensor, keep: Tensor, g: Tensor, dtype: torch.dtype, out: Tensor) -> None:
-    """out = (w * ~keep) G from `dtype` copies of w * ~keep and of G (G symmetric), G's columns LOW_BLOCK at a time."""
-    delta = torch.mul(w, ~keep, out=torch.empty(w.shape, dtype=dtype, device=w.device))
-    for start in range(0, g.shape[1], LOW_BLOCK):
-        columns = slice(start, start + LOW_BLOCK)
-        out[:, columns] = delta @ g[:, columns].to(dtype)
 
 
 def _add_rows_of_g(residual: Tensor, g: Tensor, w: Tensor, r: Tensor, revive: Tensor, prune: Tensor, used: Tensor) -> None:
