@@ -8,8 +8,14 @@ with NSAMPLES windows of 512 tokens: 2 (1024 tokens, 0.67 per down_proj input, Q
 2.7), 32 (16384, 10.7: the protocol's own rows). Rows go to calibration_size-N.jsonl; `table` prints each
 configuration's loss ratio against Wanda at the same calibration size (mean / worst over the five domains).
 
+`--model qwen` runs Qwen2.5-Coder-1.5B at the product's own calibration size, 32 x 512 (16384 tokens, 1.8 per
+down_proj input), evaluated as its protocol does (16 x 256-token windows per half); each configuration is pruned
+once and evaluated on both halves (validation for choosing, test for reporting). Rows go to
+calibration_size-qwen-32.jsonl; its table sets them beside the protocol's own 16 x 256 rows.
+
     PYTHONPATH=. python benchmarks/calibration_size.py run NSAMPLES [CONFIGS]
-    PYTHONPATH=. python benchmarks/calibration_size.py table
+    PYTHONPATH=. python benchmarks/calibration_size.py run --model qwen 32 [CONFIGS]
+    PYTHONPATH=. python benchmarks/calibration_size.py table [--model qwen]
 """
 from __future__ import annotations
 
@@ -21,13 +27,43 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import validate
 
+QWEN_CONFIGS = ["dense", "wanda", "wanda+update", "balanced", "quality", "wanda@2:4", "wanda+update@2:4", "balanced@2:4",
+                "quality@2:4"]
 CONFIGS = ["dense", "wanda", "balanced:refine0", "balanced:off0.1", "balanced:off0.25", "balanced:off0.5",
            "balanced:off1.0", "quality:off0.1", "quality:off0.25", "quality:off0.5", "quality:off1.0"]
 SIZES = (2, 8, 32)
 
 
-def results(nsamples: int) -> Path:
-    return HERE / f"calibration_size-{nsamples}.jsonl"
+def results(nsamples: int, model: str = "smollm2") -> Path:
+    return HERE / (f"calibration_size-{nsamples}.jsonl" if model == "smollm2" else f"calibration_size-{model}-{nsamples}.jsonl")
+
+
+def run_qwen(nsamples: int, names: list[str]) -> None:
+    """Qwen calibrated on NSAMPLES x 512 tokens (the product's window length), evaluated on its protocol's windows."""
+    validate.MODELS["qwen"].update(nsamples=nsamples, calibration_seqlen=512)
+    validate.RESULTS = results(nsamples, "qwen")
+    validate.run("qwen", names, "validation,test", list(validate.DOMAINS), [0], 2)
+
+
+def table_qwen(nsamples: int) -> None:
+    """Each configuration's loss ratio against Wanda at the same calibration size, per half: the protocol's 16 x 256
+    rows (validate.py's file) beside NSAMPLES x 512."""
+    names = validate.configs()
+    print(f"| configuration | half | 16 x 256 (protocol, 4096 tokens) | {nsamples} x 512 ({nsamples * 512} tokens) |")
+    print("|---|---|---|---|")
+    for half in ("validation", "test"):
+        columns = []
+        for path in (validate.RESULTS, results(nsamples, "qwen")):
+            ppl: dict[tuple[str, str], float] = {}
+            for line in path.read_text().splitlines() if path.exists() else []:
+                row = json.loads(line)
+                if (row["model"] == "qwen" and row["half"] == half and row["seed"] == 0 and row["windows"] == 16
+                        and (validate.calibration_of(row) == validate.CALIBRATION or row["config"] == "dense")):
+                    ppl[(row["digest"], row["domain"])] = row["ppl"]  # the latest row of a digest wins
+            columns.append(ppl)
+        for name in QWEN_CONFIGS[1:]:
+            reference = "wanda@2:4" if name.endswith("@2:4") else "wanda"
+            print(f"| {name} | {half} | " + " | ".join(cell(c, names, name, reference) for c in columns) + " |")
 
 
 def run(nsamples: int, names: list[str]) -> None:
@@ -42,14 +78,14 @@ def run(nsamples: int, names: list[str]) -> None:
     validate.run("smollm2", names, "validation", list(validate.DOMAINS), [0], 1)
 
 
-def cell(ppl: dict[tuple[str, str], float], names: dict, name: str) -> str:
+def cell(ppl: dict[tuple[str, str], float], names: dict, name: str, reference: str = "wanda") -> str:
     """Mean / worst loss ratio against Wanda over the domains, '-' if a row is missing."""
     def of(config: str, domain: str) -> float | None:
         return ppl.get((validate.digest(None if config == "dense" else names[config]), domain))
 
     ratios = []
     for domain in validate.DOMAINS:
-        dense, wanda, value = (of(c, domain) for c in ("dense", "wanda", name))
+        dense, wanda, value = (of(c, domain) for c in ("dense", reference, name))
         if dense is None or wanda is None or value is None:
             return "-"
         ratios.append((value - dense) / (wanda - dense))
@@ -74,7 +110,15 @@ def table() -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "run":
-        run(int(sys.argv[2]), sys.argv[3].split(",") if len(sys.argv) > 3 else CONFIGS)
+    args = sys.argv[1:]
+    qwen = args[1:3] == ["--model", "qwen"]
+    if qwen:
+        del args[1:3]
+    if args[0] == "run" and qwen:
+        run_qwen(int(args[1]), args[2].split(",") if len(args) > 2 else QWEN_CONFIGS)
+    elif args[0] == "run":
+        run(int(args[1]), args[2].split(",") if len(args) > 2 else CONFIGS)
+    elif qwen:
+        table_qwen(32)
     else:
         table()

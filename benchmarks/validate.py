@@ -56,6 +56,12 @@ MODELS = {
     "qwen": {"spec": "/work/models/qwen-coder-1.5b", "dtype": "bfloat16", "nsamples": 16, "seqlen": 256,
              "windows": 16, "batch": 4},  # 16 windows since 6c89776, 2026-12-01 (4 before: rows kept, docs/research/2026-12-earlier-results.md)
 }
+# A model's calibration windows may be longer than its evaluation windows ("calibration_seqlen", default "seqlen"):
+# benchmarks/calibration_size.py runs Qwen at the product's own 32 x 512 this way, evaluated as the protocol does.
+
+
+def calibration_shape(spec: dict) -> tuple[int, int]:
+    return spec["nsamples"], spec.get("calibration_seqlen", spec["seqlen"])
 TOPICS, Q_ACTIVE = 128, 0.9
 # The calibration text (--calibration): every row records it; rows without the field used wiki-vital.
 CALIBRATION = os.environ.get("HYBRIDPRUNE_VALIDATE_CALIBRATION", DEFAULT_CALIBRATION_DATA)
@@ -298,13 +304,13 @@ class Bench:
         self._hessians: dict[int, CalibrationStats] = {}  # per calibration seed, like the statistics
 
     def _file(self, what: str, seed: int) -> Path:
-        s = self.spec
+        nsamples, seqlen = calibration_shape(self.spec)
         text = "" if CALIBRATION == "wiki-vital" else CALIBRATION.replace("+", "-") + "-"
-        return CACHE / f"{self.name}-{text}{what}-{s['nsamples']}x{s['seqlen']}-s{seed}.safetensors"
+        return CACHE / f"{self.name}-{text}{what}-{nsamples}x{seqlen}-s{seed}.safetensors"
 
     def calibration_windows(self, seed: int) -> torch.Tensor:
         ids = tokenize(load_text(CALIBRATION, "calibration"), self.loaded.tokenizer, CACHE)
-        return sample_windows(ids, self.spec["nsamples"], self.spec["seqlen"], seed)
+        return sample_windows(ids, *calibration_shape(self.spec), seed)
 
     def stats(self, seed: int = 0) -> CalibrationStats:
         from safetensors.torch import load_file, save_file
@@ -419,12 +425,14 @@ def load_rows() -> list[dict]:
 def run(model: str, names: list[str], half: str, domains: list[str], seeds: list[int], threads: int,
         rerun: bool = False) -> None:
     """Measure each configuration on each domain half not yet measured (with `rerun`, measure again: the new rows come
-    later in the file, and the latest row of a digest wins, so the tables follow the code as it is now)."""
+    later in the file, and the latest row of a digest wins, so the tables follow the code as it is now). `half` may
+    name both halves ("validation,test"): each configuration is then pruned once and evaluated on both."""
     known = configs()
     code = commit()  # the code a row was measured with (its settings' digest does not change with the code: --rerun)
     unknown = [n for n in names if n != "dense" and n not in known]
     if unknown:
         raise SystemExit(f"unknown configurations: {unknown}")
+    halves = half.split(",")
     bench: Bench | None = None
     for seed in seeds:
         for name in names:
@@ -433,26 +441,28 @@ def run(model: str, names: list[str], half: str, domains: list[str], seeds: list
             have = {(r["model"], r["digest"], r["seed"], r["domain"], r["half"], r["windows"]) for r in rows
                     if calibration_of(r) == CALIBRATION or r["config"] == "dense"}
             dseed = 0 if config is None else seed
-            todo = [d for d in domains if (rerun and config is not None)
-                    or (model, digest(config), dseed, d, half, MODELS[model]["windows"]) not in have]
+            todo = [(h, d) for h in halves for d in domains if (rerun and config is not None)
+                    or (model, digest(config), dseed, d, h, MODELS[model]["windows"]) not in have]
             if not todo:
                 continue
             bench = bench or Bench(model, threads)
             t = time.time()
             bench.apply(config, dseed)
             prune_s = time.time() - t
-            for domain in todo:
+            for h, domain in todo:
                 t = time.time()
-                ppl = bench.ppl(domain, half)
+                ppl = bench.ppl(domain, h)
                 row = {"model": model, "config": name, "digest": digest(config), "seed": dseed, "domain": domain,
                        "calibration": CALIBRATION,
-                       "half": half, "windows": MODELS[model]["windows"], "seqlen": MODELS[model]["seqlen"],
+                       "half": h, "windows": MODELS[model]["windows"], "seqlen": MODELS[model]["seqlen"],
                        "ppl": round(ppl, 4), "domain_fingerprint": fingerprint(domain),
                        "prune_s": round(prune_s, 1), "eval_s": round(time.time() - t, 1),
                        "settings": None if config is None else config.to_dict(), "commit": code}
+                if "calibration_seqlen" in MODELS[model]:
+                    row["calibration_shape"] = list(calibration_shape(MODELS[model]))
                 with RESULTS.open("a") as f:
                     f.write(json.dumps(row) + "\n")
-                log(f"[{model}] {name:40s} seed {dseed} {domain:7s} {half:10s} ppl {ppl:9.3f}")
+                log(f"[{model}] {name:40s} seed {dseed} {domain:7s} {h:10s} ppl {ppl:9.3f}")
 
 
 # ---------------------------------------------------------------- reporting
@@ -638,7 +648,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", nargs="?", default="all", choices=("all", "run", "report"))
     parser.add_argument("--model", default="smollm2", choices=tuple(MODELS))
-    parser.add_argument("--half", default="test", choices=("validation", "test"))
+    parser.add_argument("--half", default="test", choices=("validation", "test", "validation,test"),
+                        help="validation,test: each configuration pruned once, evaluated on both halves")
     parser.add_argument("--configs", default="dense," + ",".join(HEADLINE))
     parser.add_argument("--domains", default=",".join(DOMAINS))
     parser.add_argument("--seeds", default="0")
