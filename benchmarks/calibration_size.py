@@ -10,11 +10,12 @@ configuration's loss ratio against Wanda at the same calibration size (mean / wo
 
 `--model qwen` runs Qwen2.5-Coder-1.5B at the product's own calibration size, 32 x 512 (16384 tokens, 1.8 per
 down_proj input), evaluated as its protocol does (16 x 256-token windows per half); each configuration is pruned
-once and evaluated on both halves (validation for choosing, test for reporting). Rows go to
+once and evaluated on the halves `--half` names (default test, for reporting; "validation,test" for choosing too:
+an evaluation of Qwen's five domains takes about 3 min on 2 cores). Rows go to
 calibration_size-qwen-32.jsonl; its table sets them beside the protocol's own 16 x 256 rows.
 
     PYTHONPATH=. python benchmarks/calibration_size.py run NSAMPLES [CONFIGS]
-    PYTHONPATH=. python benchmarks/calibration_size.py run --model qwen 32 [CONFIGS]
+    PYTHONPATH=. python benchmarks/calibration_size.py run --model qwen 32 [CONFIGS] [--half validation,test]
     PYTHONPATH=. python benchmarks/calibration_size.py table [--model qwen]
 """
 from __future__ import annotations
@@ -38,11 +39,11 @@ def results(nsamples: int, model: str = "smollm2") -> Path:
     return HERE / (f"calibration_size-{nsamples}.jsonl" if model == "smollm2" else f"calibration_size-{model}-{nsamples}.jsonl")
 
 
-def run_qwen(nsamples: int, names: list[str]) -> None:
+def run_qwen(nsamples: int, names: list[str], halves: str = "test") -> None:
     """Qwen calibrated on NSAMPLES x 512 tokens (the product's window length), evaluated on its protocol's windows."""
     validate.MODELS["qwen"].update(nsamples=nsamples, calibration_seqlen=512)
     validate.RESULTS = results(nsamples, "qwen")
-    validate.run("qwen", names, "validation,test", list(validate.DOMAINS), [0], 2)
+    validate.run("qwen", names, halves, list(validate.DOMAINS), [0], 2)
 
 
 def table_qwen(nsamples: int) -> None:
@@ -111,11 +112,16 @@ def table() -> None:
 
 if __name__ == "__main__":
     args = sys.argv[1:]
+    halves = "test"
+    if "--half" in args:
+        at = args.index("--half")
+        halves = args[at + 1]
+        del args[at : at + 2]
     qwen = args[1:3] == ["--model", "qwen"]
     if qwen:
         del args[1:3]
     if args[0] == "run" and qwen:
-        run_qwen(int(args[1]), args[2].split(",") if len(args) > 2 else QWEN_CONFIGS)
+        run_qwen(int(args[1]), args[2].split(",") if len(args) > 2 else QWEN_CONFIGS, halves)
     elif args[0] == "run":
         run(int(args[1]), args[2].split(",") if len(args) > 2 else CONFIGS)
     elif qwen:
