@@ -8,14 +8,15 @@ with NSAMPLES windows of 512 tokens: 2 (1024 tokens, 0.67 per down_proj input, Q
 2.7), 32 (16384, 10.7: the protocol's own rows). Rows go to calibration_size-N.jsonl; `table` prints each
 configuration's loss ratio against Wanda at the same calibration size (mean / worst over the five domains).
 
-`--model qwen` runs Qwen2.5-Coder-1.5B at the product's own calibration size, 32 x 512 (16384 tokens, 1.8 per
-down_proj input), evaluated as its protocol does (16 x 256-token windows per half); each configuration is pruned
-once and evaluated on the halves `--half` names (default test, for reporting; "validation,test" for choosing too:
-an evaluation of Qwen's five domains takes about 3 min on 2 cores). Rows go to
-calibration_size-qwen-32.jsonl; its table sets them beside the protocol's own 16 x 256 rows.
+`--model qwen` runs Qwen2.5-Coder-1.5B with more calibration tokens than its protocol's 16 x 256 (4096 tokens, 0.46
+per down_proj input), evaluated as its protocol does (16 x 256-token windows per half): NxL windows of L tokens, 32x512
+(the product's own default: 16384 tokens, 1.8 per down_proj input) and 64x256 (as many tokens in the evaluation's
+window length). Each configuration is pruned once and evaluated on the halves `--half` names (default test, for
+reporting; "validation,test" for choosing too: an evaluation of Qwen's five domains takes about 3 min on 2 cores).
+Rows go to calibration_size-qwen-NxL.jsonl; its table sets them beside the protocol's own 16 x 256 rows.
 
     PYTHONPATH=. python benchmarks/calibration_size.py run NSAMPLES [CONFIGS]
-    PYTHONPATH=. python benchmarks/calibration_size.py run --model qwen 32 [CONFIGS] [--half validation,test]
+    PYTHONPATH=. python benchmarks/calibration_size.py run --model qwen 32x512 [CONFIGS] [--half validation,test]
     PYTHONPATH=. python benchmarks/calibration_size.py table [--model qwen]
 """
 from __future__ import annotations
@@ -28,33 +29,39 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import validate
 
-QWEN_CONFIGS = ["dense", "wanda", "wanda+update", "balanced", "quality", "wanda@2:4", "wanda+update@2:4", "balanced@2:4",
-                "quality@2:4"]
+QWEN_CONFIGS = ["dense", "wanda", "wanda+update", "balanced", "quality", "balanced:now-off0.5", "quality:now-off0.5", "wanda@2:4",
+                "wanda+update@2:4", "balanced@2:4", "quality@2:4"]
 CONFIGS = ["dense", "wanda", "balanced:refine0", "balanced:off0.1", "balanced:off0.25", "balanced:off0.5",
            "balanced:off1.0", "quality:off0.1", "quality:off0.25", "quality:off0.5", "quality:off1.0"]
 SIZES = (2, 8, 32)
 
 
-def results(nsamples: int, model: str = "smollm2") -> Path:
+def results(nsamples: int | str, model: str = "smollm2") -> Path:
     return HERE / (f"calibration_size-{nsamples}.jsonl" if model == "smollm2" else f"calibration_size-{model}-{nsamples}.jsonl")
 
 
-def run_qwen(nsamples: int, names: list[str], halves: str = "test") -> None:
-    """Qwen calibrated on NSAMPLES x 512 tokens (the product's window length), evaluated on its protocol's windows."""
-    validate.MODELS["qwen"].update(nsamples=nsamples, calibration_seqlen=512)
-    validate.RESULTS = results(nsamples, "qwen")
+QWEN_SHAPES = ("64x256", "32x512")
+
+
+def run_qwen(shape: str, names: list[str], halves: str = "test") -> None:
+    """Qwen calibrated on N windows of L tokens (shape "NxL"), evaluated on its protocol's windows."""
+    nsamples, seqlen = (int(v) for v in shape.split("x"))
+    validate.MODELS["qwen"].update(nsamples=nsamples, calibration_seqlen=seqlen)
+    validate.RESULTS = results(shape, "qwen")
     validate.run("qwen", names, halves, list(validate.DOMAINS), [0], 2)
 
 
-def table_qwen(nsamples: int) -> None:
-    """Each configuration's loss ratio against Wanda at the same calibration size, per half: the protocol's 16 x 256
-    rows (validate.py's file) beside NSAMPLES x 512."""
+def table_qwen() -> None:
+    """Each configuration's loss ratio against Wanda at the same calibration, per half: the protocol's 16 x 256 rows
+    (validate.py's file) beside each larger calibration measured."""
     names = validate.configs()
-    print(f"| configuration | half | 16 x 256 (protocol, 4096 tokens) | {nsamples} x 512 ({nsamples * 512} tokens) |")
-    print("|---|---|---|---|")
+    paths = [validate.RESULTS, *(results(shape, "qwen") for shape in QWEN_SHAPES)]
+    print("| configuration | half | 16 x 256 (protocol, 4096 tokens) | "
+          + " | ".join(f"{s.replace('x', ' x ')} ({int(s.split('x')[0]) * int(s.split('x')[1])} tokens)" for s in QWEN_SHAPES) + " |")
+    print("|---|---|" + "---|" * len(paths))
     for half in ("validation", "test"):
         columns = []
-        for path in (validate.RESULTS, results(nsamples, "qwen")):
+        for path in paths:
             ppl: dict[tuple[str, str], float] = {}
             for line in path.read_text().splitlines() if path.exists() else []:
                 row = json.loads(line)
@@ -64,7 +71,9 @@ def table_qwen(nsamples: int) -> None:
             columns.append(ppl)
         for name in QWEN_CONFIGS[1:]:
             reference = "wanda@2:4" if name.endswith("@2:4") else "wanda"
-            print(f"| {name} | {half} | " + " | ".join(cell(c, names, name, reference) for c in columns) + " |")
+            cells = [cell(c, names, name, reference) for c in columns]
+            if any(c != "-" for c in cells[1:]):
+                print(f"| {name} | {half} | " + " | ".join(cells) + " |")
 
 
 def run(nsamples: int, names: list[str]) -> None:
@@ -121,10 +130,10 @@ if __name__ == "__main__":
     if qwen:
         del args[1:3]
     if args[0] == "run" and qwen:
-        run_qwen(int(args[1]), args[2].split(",") if len(args) > 2 else QWEN_CONFIGS, halves)
+        run_qwen(args[1], args[2].split(",") if len(args) > 2 else QWEN_CONFIGS, halves)
     elif args[0] == "run":
         run(int(args[1]), args[2].split(",") if len(args) > 2 else CONFIGS)
     elif qwen:
-        table_qwen(32)
+        table_qwen()
     else:
         table()
