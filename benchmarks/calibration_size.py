@@ -29,7 +29,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import validate
 
-QWEN_CONFIGS = ["dense", "wanda", "wanda+update", "balanced", "quality", "balanced:now-off0.5", "quality:now-off0.5", "wanda@2:4",
+# what moves the refined 2:4 masks at 32 x 512 (test halves: a diagnosis, not a choice)
+QWEN_DIAGNOSTICS = ["balanced@2:4:refine0", "quality@2:4:refine0", "balanced@2:4:now-off0.25", "quality@2:4:now-off0.25"]
+QWEN_CONFIGS = ["dense", "wanda", "wanda+update", "balanced", "quality", "wanda@2:4",
                 "wanda+update@2:4", "balanced@2:4", "quality@2:4"]
 CONFIGS = ["dense", "wanda", "balanced:refine0", "balanced:off0.1", "balanced:off0.25", "balanced:off0.5",
            "balanced:off1.0", "quality:off0.1", "quality:off0.25", "quality:off0.5", "quality:off1.0"]
@@ -69,7 +71,7 @@ def table_qwen() -> None:
                         and (validate.calibration_of(row) == validate.CALIBRATION or row["config"] == "dense")):
                     ppl[(row["digest"], row["domain"])] = row["ppl"]  # the latest row of a digest wins
             columns.append(ppl)
-        for name in QWEN_CONFIGS[1:]:
+        for name in QWEN_CONFIGS[1:] + QWEN_DIAGNOSTICS:
             reference = "wanda@2:4" if name.endswith("@2:4") else "wanda"
             cells = [cell(c, names, name, reference) for c in columns]
             if any(c != "-" for c in cells[1:]):
