@@ -17,6 +17,8 @@ Rows go to calibration_size-qwen-NxL.jsonl; its table sets them beside the proto
 
     PYTHONPATH=. python benchmarks/calibration_size.py run NSAMPLES [CONFIGS]
     PYTHONPATH=. python benchmarks/calibration_size.py run --model qwen 32x512 [CONFIGS] [--half validation,test]
+    PYTHONPATH=. python benchmarks/calibration_size.py run --model qwen 32x512 \
+        balanced@2:4:refine0,quality@2:4:refine0,balanced@2:4:off0.25,quality@2:4:lsq-off0.25   # the 2:4 diagnoses
     PYTHONPATH=. python benchmarks/calibration_size.py table [--model qwen]
 """
 from __future__ import annotations
@@ -30,7 +32,7 @@ sys.path.insert(0, str(HERE))
 import validate
 
 # what moves the refined 2:4 masks at 32 x 512 (test halves: a diagnosis, not a choice)
-QWEN_DIAGNOSTICS = ["balanced@2:4:refine0", "quality@2:4:refine0", "balanced@2:4:now-off0.25", "quality@2:4:now-off0.25"]
+QWEN_DIAGNOSTICS = ["balanced@2:4:refine0", "quality@2:4:refine0", "balanced@2:4:off0.25", "quality@2:4:lsq-off0.25"]
 QWEN_CONFIGS = ["dense", "wanda", "wanda+update", "balanced", "quality", "wanda@2:4",
                 "wanda+update@2:4", "balanced@2:4", "quality@2:4"]
 CONFIGS = ["dense", "wanda", "balanced:refine0", "balanced:off0.1", "balanced:off0.25", "balanced:off0.5",
@@ -57,9 +59,10 @@ def table_qwen() -> None:
     """Each configuration's loss ratio against Wanda at the same calibration, per half: the protocol's 16 x 256 rows
     (validate.py's file) beside each larger calibration measured."""
     names = validate.configs()
-    paths = [validate.RESULTS, *(results(shape, "qwen") for shape in QWEN_SHAPES)]
+    shapes = [shape for shape in QWEN_SHAPES if results(shape, "qwen").exists()]  # the sizes measured
+    paths = [validate.RESULTS, *(results(shape, "qwen") for shape in shapes)]
     print("| configuration | half | 16 x 256 (protocol, 4096 tokens) | "
-          + " | ".join(f"{s.replace('x', ' x ')} ({int(s.split('x')[0]) * int(s.split('x')[1])} tokens)" for s in QWEN_SHAPES) + " |")
+          + " | ".join(f"{s.replace('x', ' x ')} ({int(s.split('x')[0]) * int(s.split('x')[1])} tokens)" for s in shapes) + " |")
     print("|---|---|" + "---|" * len(paths))
     for half in ("validation", "test"):
         columns = []
@@ -72,7 +75,7 @@ def table_qwen() -> None:
                     ppl[(row["digest"], row["domain"])] = row["ppl"]  # the latest row of a digest wins
             columns.append(ppl)
         for name in QWEN_CONFIGS[1:] + QWEN_DIAGNOSTICS:
-            reference = "wanda@2:4" if name.endswith("@2:4") else "wanda"
+            reference = "wanda@2:4" if "@2:4" in name else "wanda"
             cells = [cell(c, names, name, reference) for c in columns]
             if any(c != "-" for c in cells[1:]):
                 print(f"| {name} | {half} | " + " | ".join(cells) + " |")

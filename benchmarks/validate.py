@@ -152,9 +152,6 @@ def configs() -> dict[str, PruneConfig]:
         for a in (0.1, 0.25, 0.5, 1.0):
             c[f"{name}:off{a}"] = preset(name, gram_offdiag=a, **was)
     c["wanda+update:off0.5"] = preset("wanda", update=True, gram_offdiag=0.5, update_mask="fixed")  # the update before 84ecbf2
-    # the presets as they are now with another off-diagonal weight (Qwen at 32 x 512, 2026-12-07: calibration_size.py)
-    for name in ("balanced", "quality"):
-        c[f"{name}@2:4:now-off0.25"] = preset(name, current=True, pattern="2:4", gram_offdiag=0.25)
     c["balanced@2:4:off0.25"] = preset("balanced", pattern="2:4", gram_offdiag=0.25)
     c["quality@2:4:off0.25"] = preset("quality", pattern="2:4", gram_offdiag=0.25, update_mask="fixed")
     c["balanced@2:4:off0.5"] = preset("balanced", pattern="2:4", gram_offdiag=0.5)
