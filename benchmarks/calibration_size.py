@@ -56,29 +56,21 @@ def run_qwen(shape: str, names: list[str], halves: str = "test") -> None:
 
 
 def table_qwen() -> None:
-    """Each configuration's loss ratio against Wanda at the same calibration, per half: the protocol's 16 x 256 rows
-    (validate.py's file) beside each larger calibration measured."""
-    names = validate.configs()
+    """Each configuration's loss ratio against Wanda at the same calibration and pattern (validate.py's own table and
+    ratios), per half: the protocol's 16 x 256 rows (validate.py's file) beside each larger calibration measured."""
     shapes = [shape for shape in QWEN_SHAPES if results(shape, "qwen").exists()]  # the sizes measured
     paths = [validate.RESULTS, *(results(shape, "qwen") for shape in shapes)]
+    files = [[json.loads(line) for line in path.read_text().splitlines() if line.strip()] for path in paths]
     print("| configuration | half | 16 x 256 (protocol, 4096 tokens) | "
           + " | ".join(f"{s.replace('x', ' x ')} ({int(s.split('x')[0]) * int(s.split('x')[1])} tokens)" for s in shapes) + " |")
     print("|---|---|" + "---|" * len(paths))
     for half in ("validation", "test"):
-        columns = []
-        for path in paths:
-            ppl: dict[tuple[str, str], float] = {}
-            for line in path.read_text().splitlines() if path.exists() else []:
-                row = json.loads(line)
-                if (row["model"] == "qwen" and row["half"] == half and row["seed"] == 0 and row["windows"] == 16
-                        and (validate.calibration_of(row) == validate.CALIBRATION or row["config"] == "dense")):
-                    ppl[(row["digest"], row["domain"])] = row["ppl"]  # the latest row of a digest wins
-            columns.append(ppl)
+        tables = [validate.table(rows, "qwen", half) for rows in files]
         for name in QWEN_CONFIGS[1:] + QWEN_DIAGNOSTICS:
-            reference = "wanda@2:4" if "@2:4" in name else "wanda"
-            cells = [cell(c, names, name, reference) for c in columns]
-            if any(c != "-" for c in cells[1:]):
-                print(f"| {name} | {half} | " + " | ".join(cells) + " |")
+            measured = [validate.ratios(t, name, list(validate.DOMAINS)) for t in tables]
+            if any(measured[1:]):
+                print(f"| {name} | {half} | " + " | ".join(
+                    "-" if r is None else f"{sum(r.values()) / len(r):.3f} / {max(r.values()):.3f}" for r in measured) + " |")
 
 
 def run(nsamples: int, names: list[str]) -> None:
@@ -93,14 +85,14 @@ def run(nsamples: int, names: list[str]) -> None:
     validate.run("smollm2", names, "validation", list(validate.DOMAINS), [0], 1)
 
 
-def cell(ppl: dict[tuple[str, str], float], names: dict, name: str, reference: str = "wanda") -> str:
+def cell(ppl: dict[tuple[str, str], float], names: dict, name: str) -> str:
     """Mean / worst loss ratio against Wanda over the domains, '-' if a row is missing."""
     def of(config: str, domain: str) -> float | None:
         return ppl.get((validate.digest(None if config == "dense" else names[config]), domain))
 
     ratios = []
     for domain in validate.DOMAINS:
-        dense, wanda, value = (of(c, domain) for c in ("dense", reference, name))
+        dense, wanda, value = (of(c, domain) for c in ("dense", "wanda", name))
         if dense is None or wanda is None or value is None:
             return "-"
         ratios.append((value - dense) / (wanda - dense))

@@ -62,6 +62,8 @@ MODELS = {
 
 def calibration_shape(spec: dict) -> tuple[int, int]:
     return spec["nsamples"], spec.get("calibration_seqlen", spec["seqlen"])
+
+
 TOPICS, Q_ACTIVE = 128, 0.9
 # The calibration text (--calibration): every row records it; rows without the field used wiki-vital.
 CALIBRATION = os.environ.get("HYBRIDPRUNE_VALIDATE_CALIBRATION", DEFAULT_CALIBRATION_DATA)
