@@ -247,6 +247,11 @@ def configs() -> dict[str, PruneConfig]:
     for point in ("@2:4", "@4:8"):
         c[f"quality{point}:lsq-off0.25"] = preset("quality", gram_offdiag=0.25, **_point(point))
         c[f"wanda+update{point}:lsq-off0.25"] = preset("wanda", update=True, gram_offdiag=0.25, **_point(point))
+    # masks refined under the off-diagonal weight the mask alone chose (0.25, item 12) and the update under N:M's 0.5
+    # (--refine-offdiag, 2026-12-07)
+    for point in ("@2:4", "@4:8"):
+        c[f"quality{point}:refine-off0.25"] = preset("quality", refine_offdiag=0.25, **_point(point))
+    c["balanced@4:8:off0.25"] = preset("balanced", pattern="4:8", gram_offdiag=0.25)
     # ablations
     c["abl:nr-constant-score"] = P(idf_exp=0.0, tf_exp=0.0)  # gate/up matrix groups, every s_i equal
     for mode in ("doc", "topic"):
@@ -384,8 +389,10 @@ class Bench:
         hessians = self.hessians(seed) if config.needs_second_order else None
         plans = plan_layers(self.model, self.adapter, stats, config)
         scoring = neuron_scoring(config)
-        # the masks' own knobs: without --update neither the step nor the solver (--update-mask) changes them
-        masks_of = PruneConfig(**{**config.to_dict(), "update": False, "update_shrink": 1.0, "update_mask": "fixed"}).digest
+        # the masks' own knobs: without --update neither the step, the solver (--update-mask) nor the update's Gram
+        # weight changes them
+        masks_of = PruneConfig(**{**config.to_dict(), "update": False, "update_shrink": 1.0, "update_mask": "fixed",
+                                  "gram_offdiag": config.refine_weight, "refine_offdiag": None}).digest
         for index, layer in enumerate(self.layers):
             if index in plans:
                 self.memo.layer((masks_of, seed, index))

@@ -135,6 +135,7 @@ class PruneConfig:
     nr_row_bound: float = 0.05  # gate/up: each neuron's row sparsity kept within target +- this (1 = unbounded)
     update_shrink: float = 1.0  # --update: step toward the updated weights (1 = full update, 0 = none)
     gram_offdiag: float | None = None  # --refine / --update: weight of X^T X's off-diagonal (1 = as calibrated, 0 = diagonal only); None: GRAM_OFFDIAG
+    refine_offdiag: float | None = None  # --refine: the off-diagonal's weight for the masks alone; None: --gram-offdiag if given, else REFINE_OFFDIAG
     dense_targets: bool = False  # --sequential: o_proj / down_proj rescaled per input toward the dense model's outputs (reconstruct.aim_at_dense)
 
     def validate(self, num_layers: int | None = None) -> PruneConfig:
@@ -211,31 +212,51 @@ class PruneConfig:
         _choice("--nm-order", self.nm_order, NM_ORDERS)
         if self.gram_offdiag is not None and not 0.0 <= self.gram_offdiag <= 1.0:
             raise UserError(f"--gram-offdiag must be in [0, 1] (1 = the calibration Gram as it is), got {self.gram_offdiag}")
+        if self.refine_offdiag is not None and not 0.0 <= self.refine_offdiag <= 1.0:
+            raise UserError(f"--refine-offdiag must be in [0, 1] (1 = the calibration Gram as it is), got {self.refine_offdiag}")
         if not 0 <= self.refine <= 100_000:
             raise UserError(f"--refine must be a number of swap steps per row in [0, 100000], got {self.refine}")
         if self.refine and self.refine_conflict():
             raise UserError(REFINE_CONFLICTS[self.refine_conflict()])
         return self
 
+    def _pattern_kind(self) -> str:
+        try:
+            return parse_pattern(self.pattern).kind
+        except ValueError:  # a bad pattern is validate's to report
+            return "unstructured"
+
     @property
     def gram_weight(self) -> float:
-        """--gram-offdiag as given, else the default of the pattern's kind (GRAM_OFFDIAG)."""
+        """The update's off-diagonal weight: --gram-offdiag as given, else the pattern kind's default (GRAM_OFFDIAG)."""
         if self.gram_offdiag is not None:
             return self.gram_offdiag
-        try:
-            kind = parse_pattern(self.pattern).kind
-        except ValueError:  # a bad pattern is validate's to report
-            kind = "unstructured"
-        return GRAM_OFFDIAG[kind]
+        return GRAM_OFFDIAG[self._pattern_kind()]
+
+    @property
+    def refine_weight(self) -> float:
+        """The refine's off-diagonal weight: --refine-offdiag, else --gram-offdiag as given, else REFINE_OFFDIAG."""
+        if self.refine_offdiag is not None:
+            return self.refine_offdiag
+        if self.gram_offdiag is not None:
+            return self.gram_offdiag
+        return REFINE_OFFDIAG[self._pattern_kind()]
 
     def gram_note(self, tokens: int, inputs: int) -> str:
         """A warning when an off-diagonal weight above 0.5 meets a calibration with fewer than
         GRAM_TOKENS_PER_INPUT tokens per MLP input channel ('' when there is nothing to say)."""
-        weight = self.gram_weight
-        if not self.needs_second_order or weight <= 0.5 or tokens >= GRAM_TOKENS_PER_INPUT * inputs:
+        used = ([("--refine-offdiag", self.refine_weight, "refine_offdiag")] if self.refine else []) + (
+            [("--gram-offdiag", self.gram_weight, "gram_offdiag")] if self.update else [])
+        if not used or tokens >= GRAM_TOKENS_PER_INPUT * inputs:
             return ""
-        default = dataclasses.replace(self, gram_offdiag=None).gram_weight  # this pattern's default
-        return (f"[yellow]note:[/] --gram-offdiag {weight:g} with {tokens} calibration tokens for {inputs} MLP inputs "
+        flag, weight, field = max(used, key=lambda item: item[1])
+        if weight <= 0.5:
+            return ""
+        if flag == "--refine-offdiag" and self.refine_offdiag is None:
+            flag = "--gram-offdiag"  # the refine's weight came from there
+        default = dataclasses.replace(self, gram_offdiag=None, refine_offdiag=None)  # this pattern's defaults
+        default = getattr(default, "refine_weight" if field == "refine_offdiag" else "gram_weight")
+        return (f"[yellow]note:[/] {flag} {weight:g} with {tokens} calibration tokens for {inputs} MLP inputs "
                 f"({tokens / inputs:.1f} per input): with fewer than {GRAM_TOKENS_PER_INPUT} per input the off-diagonal fits "
                 "the calibration text (on SmolLM2 it lost up to 1.8x Wanda's loss on other text); the default "
                 f"{default:g} is the measured choice, or calibrate with more --nsamples")
@@ -302,7 +323,9 @@ class PruneConfig:
     def to_dict(self) -> dict[str, Any]:
         """The fields, defaults resolved (the digest names what runs: an explicit --gram-offdiag equal to the
         pattern's default is the same configuration)."""
-        fields = {**dataclasses.asdict(self), "gram_offdiag": self.gram_weight}
+        fields = {**dataclasses.asdict(self), "gram_offdiag": self.gram_weight, "refine_offdiag": self.refine_weight}
+        if self.refine_weight == self.gram_weight:  # added later: one weight for both leaves earlier digests as they were
+            del fields["refine_offdiag"]
         if not self.dense_targets:  # added later: off, it leaves the digests of every configuration before it as they were
             del fields["dense_targets"]
         return fields
@@ -318,6 +341,8 @@ class PruneConfig:
 # (--pattern structured --update): 0.5, better than 1 at 25% of the neurons on SmolLM2's validation halves, worse at
 # 50% (benchmarks/structured_update.py; docs/results.md, "Structured removal's compensation").
 GRAM_OFFDIAG = {"unstructured": 0.25, "nm": 0.5, "structured": 0.5}
+# --refine-offdiag when neither it nor --gram-offdiag is given: the weight under which the refine chooses masks.
+REFINE_OFFDIAG = dict(GRAM_OFFDIAG)
 # Below about this many calibration tokens per MLP input channel an off-diagonal weight above 0.5 fits the
 # calibration text: on SmolLM2's validation halves the full Gram lost up to 1.18x (refine) and 1.80x (update)
 # Wanda's loss at 0.67 tokens per down_proj input, 1.01x / 1.12x at 2.7, 0.93x / 0.98x at 10.7, where 0.5 is

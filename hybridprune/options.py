@@ -34,6 +34,7 @@ from hybridprune.config import (
     DEFAULT_SEQLEN,
     GRAM_OFFDIAG,
     NM_ORDERS,
+    REFINE_OFFDIAG,
     SECOND_ORDER_MODES,
     UPDATE_MASKS,
     default_of,
@@ -140,6 +141,9 @@ PRUNE_KNOBS = (
     opt("gram_offdiag", type=float | None, help="With --refine / --update: weight of the calibration Gram's off-diagonal "
         "(1 = X^T X as calibrated, 0 = its diagonal only, Wanda's objective; default "
         f"{GRAM_OFFDIAG['unstructured']}, {GRAM_OFFDIAG['nm']} under N:M). Below 1 the fit depends less on the calibration text."),
+    opt("refine_offdiag", type=float | None, help="With --refine: the off-diagonal's weight for choosing the masks alone "
+        "(the update keeps --gram-offdiag's; default: --gram-offdiag's when given, else "
+        f"{REFINE_OFFDIAG['unstructured']}, {REFINE_OFFDIAG['nm']} under N:M)."),
     opt("heads_sparsity", type=float | None, help="With --pattern structured: remove this share of the query heads in every layer."),
     opt("drop_layers", type=int | None,
         help="With --pattern structured: remove this many whole decoder layers (lowest block influence)."),

@@ -36,7 +36,7 @@ from hybridprune.methods.reconstruct import (
     reconstruct_with_factor,
     shrink_update,
 )
-from hybridprune.methods.refine import refine_swaps, shrink_offdiagonal
+from hybridprune.methods.refine import refine_swaps, scale_offdiagonal, shrink_offdiagonal
 from hybridprune.models.adapters import FamilyAdapter
 from hybridprune.models.loading import LoadedModel
 from hybridprune.models.streaming import (
@@ -136,6 +136,7 @@ def layer_plan(config: PruneConfig, target: float) -> LayerPlan:
         nm_order=config.nm_order,
         refine=config.refine,
         gram_offdiag=config.gram_weight,
+        refine_offdiag=config.refine_weight,
         dense_targets=config.dense_targets,
     )
 
@@ -208,16 +209,28 @@ def prune_layer(
             return None
         return order
 
-    def gram_of(group: str) -> torch.Tensor:
-        """The damped X^T X (float32, from the layer's second-order entry), shrunk toward its diagonal by plan.gram_offdiag."""
-        def compute() -> torch.Tensor:
-            assert hessians is not None
-            gram = hessians.gram(index, group)[0].to(device)  # unpacked on the CPU, then worked on where the layer is
-            if (p := permutation(group)) is not None:  # a permuted G is a gather
-                p = p.to(gram.device)
-                gram = gram[p][:, p]
-            return shrink_offdiagonal(gram, plan.gram_offdiag, inplace=True)  # a fresh copy: scaled in place
-        return once("gram", group, compute)
+    def gram_of(group: str, weight: float | None = None) -> torch.Tensor:
+        """The damped X^T X (float32, from the layer's second-order entry), its off-diagonal weighted `weight` (None:
+        plan.gram_offdiag, the update's; the refine asks for plan.refine_weight). One per group is held: asked for
+        another weight, the held Gram is reweighted in place (one pass over it) rather than unpacked again."""
+        weight = plan.gram_offdiag if weight is None else weight
+        held = cached.get(("gram", group))
+        if held is not None:
+            have, gram = held
+            if have == weight:
+                return gram
+            if have > 0:  # diag + b/a (G_a - diag) = G_b
+                cached[("gram", group)] = (weight, scale_offdiagonal(gram, weight / have, inplace=True))
+                return gram
+            del cached[("gram", group)], gram, held  # the diagonal alone: nothing to scale back
+        assert hessians is not None
+        gram = hessians.gram(index, group)[0].to(device)  # unpacked on the CPU, then worked on where the layer is
+        if (p := permutation(group)) is not None:  # a permuted G is a gather
+            p = p.to(gram.device)
+            gram = gram[p][:, p]
+        gram = shrink_offdiagonal(gram, weight, inplace=True)  # a fresh copy: scaled in place
+        cached[("gram", group)] = (weight, gram)
+        return gram
 
     def factor_of(group: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The upper factor of G^-1 (G shrunk as gram_of says; permuted inputs: of the permuted G) and the dead channels."""
@@ -227,7 +240,7 @@ def prune_layer(
             p = permutation(group)
             gram_of(group)
             # handed over, not kept: the Gram's n x n buffer can go before the factorization makes its own
-            factor = inverse_factor(cached.pop(("gram", group)))
+            factor = inverse_factor(cached.pop(("gram", group))[1])
             return factor, (dead if p is None else dead[p.to(dead.device)])
         return once("factor", group, compute)
 
@@ -248,6 +261,9 @@ def prune_layer(
         # the refine's final residual (its right-hand side: one n x n product per chunk saved), and writes the group's
         # weights before the next group starts
         lsq = hessians is not None and plan.update and plan.update_mask == "lsq"
+        # masks refined under one Gram weight and weights solved under another: every chunk refined first, then the
+        # held Gram reweighted once and the update solved from scratch (one more n x n product per chunk)
+        apart = lsq and plan.refine > 0 and plan.refine_weight != plan.gram_offdiag
         solved: set[str] = set()
         if hessians is not None and (plan.refine > 0 or lsq) and masks:
             # rows refine independently under their group's Gram: the Linears that read the same inputs (q/k/v,
@@ -257,23 +273,28 @@ def prune_layer(
                 device = weights[names[0]].device
                 stacked = torch.cat([weights[name] for name in names])
                 keep = torch.cat([masks[name].to(device) for name in names])
-                gram = gram_of(group).to(device)
+                gram = gram_of(group, plan.refine_weight if plan.refine > 0 else None).to(device)
                 rows = max(1, REFINE_CHUNK_ELEMENTS // stacked.shape[1])  # the refine's state is ~10 rows x inputs buffers
                 keeps, updates = [], []
+                together = lsq and not apart  # the update of each chunk right after its refine, from its residual
                 for start in range(0, stacked.shape[0], rows):
                     part, part_keep, target = stacked[start : start + rows], keep[start : start + rows], None
                     if plan.refine > 0:
                         refined = refine_swaps(
                             part, part_keep, gram, steps=plan.refine,
                             nm=(pattern.n, pattern.m) if pattern.kind == "nm" else None,
-                            batch=REFINE_BATCH_NM if pattern.kind == "nm" else REFINE_BATCH, with_residual=lsq,
+                            batch=REFINE_BATCH_NM if pattern.kind == "nm" else REFINE_BATCH, with_residual=together,
                         )
-                        part_keep, target = refined if lsq else (refined, None)
+                        part_keep, target = refined if together else (refined, None)
                     keeps.append(part_keep)
-                    if lsq:
+                    if together:
                         updates.append(least_squares(part, part_keep, gram, target=target))
                     del target
                 keep = torch.cat(keeps)
+                if apart:
+                    gram = gram_of(group).to(device)
+                    updates = [least_squares(stacked[start : start + rows], keep[start : start + rows], gram)
+                               for start in range(0, stacked.shape[0], rows)]
                 masks.update(zip(names, keep.split([weights[name].shape[0] for name in names])))
                 if lsq:
                     del gram

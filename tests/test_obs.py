@@ -227,6 +227,49 @@ def test_gram_offdiag_defaults_by_pattern_and_an_explicit_default_is_the_same_co
     assert PruneConfig(refine=10).to_dict()["gram_offdiag"] == 0.25  # the run record names what ran
 
 
+def test_the_refine_weight_follows_gram_offdiag_unless_given_and_only_a_second_weight_changes_the_digest():
+    from hybridprune.config import REFINE_OFFDIAG
+    from hybridprune.errors import UserError
+
+    assert PruneConfig(refine=10).refine_weight == REFINE_OFFDIAG["unstructured"]
+    assert PruneConfig(refine=10, pattern="2:4").refine_weight == REFINE_OFFDIAG["nm"]
+    assert PruneConfig(refine=10, pattern="2:4", gram_offdiag=0.8).refine_weight == 0.8  # one flag sets both
+    both = PruneConfig(refine=10, update=True, pattern="2:4", gram_offdiag=0.5, refine_offdiag=0.25)
+    assert (both.refine_weight, both.gram_weight) == (0.25, 0.5)
+    assert both.to_dict()["refine_offdiag"] == 0.25 and both.digest != PruneConfig(**{**both.to_dict(), "refine_offdiag": 0.5}).digest
+    same = PruneConfig(refine=10, gram_offdiag=0.5, refine_offdiag=0.5)
+    assert "refine_offdiag" not in same.to_dict() and same.digest == PruneConfig(refine=10, gram_offdiag=0.5).digest
+    with pytest.raises(UserError, match="--refine-offdiag"):
+        PruneConfig(refine=10, refine_offdiag=-0.1).validate()
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_masks_refined_under_one_weight_get_the_least_squares_weights_under_the_other(
+        tiny_llama_folder: Path, tiny_cache_dir: Path, pattern: str):
+    """--refine-offdiag 0.25 with --gram-offdiag 0.5: the masks of the refine alone under 0.25, the kept weights
+    the least-squares optimum of those masks under 0.5 (checked on layer 0's q/k/v, computed here from scratch)."""
+    from hybridprune.methods.reconstruct import least_squares
+    from hybridprune.methods.refine import shrink_offdiagonal
+
+    common = dict(refine=5, pattern=pattern, nm_order="none")
+    both, _ = _tiny_run(tiny_llama_folder, tiny_cache_dir, update=True, refine_offdiag=0.25, gram_offdiag=0.5, **common)
+    masks, _ = _tiny_run(tiny_llama_folder, tiny_cache_dir, gram_offdiag=0.25, **common)
+    one, _ = _tiny_run(tiny_llama_folder, tiny_cache_dir, update=True, gram_offdiag=0.5, **common)
+    for layer_b, layer_m in zip(both.adapter.layers(both.model), masks.adapter.layers(masks.model)):
+        for name, linear in both.adapter.linears(layer_b).items():
+            assert torch.equal(linear.weight == 0, masks.adapter.linears(layer_m)[name].weight == 0)
+    dense = load_model(str(tiny_llama_folder), cache_dir=tiny_cache_dir)
+    windows = torch.randint(0, dense.model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    hessians = collect_statistics(dense.model, dense.adapter, windows, CollectionOptions(), batch_size=2, hessians=True)
+    names = [name for name in dense.adapter.attention_names if dense.adapter.input_group(name) == dense.adapter.input_group(
+        dense.adapter.attention_names[0])]
+    stack = lambda run: torch.cat([run.adapter.linears(run.adapter.layers(run.model)[0])[n].weight.detach() for n in names])  # noqa: E731
+    gram = shrink_offdiagonal(hessians.gram(0, dense.adapter.input_group(names[0]))[0].float(), 0.5)
+    solved = stack(both)
+    torch.testing.assert_close(solved, least_squares(stack(dense), solved != 0, gram), rtol=1e-4, atol=1e-5)
+    assert not torch.equal(solved, stack(one))  # the masks refined under 0.5 are other masks (or other weights)
+
+
 @pytest.mark.parametrize(
     ("fields", "conflict"),
     [
@@ -263,3 +306,6 @@ def test_a_full_gram_on_few_calibration_tokens_gets_a_note():
     assert PruneConfig(gram_offdiag=1.0).gram_note(few, inputs) == ""  # no refine, no update: no Gram used
     assert "the default 0.5 " in PruneConfig(refine=50, pattern="2:4", gram_offdiag=1.0).gram_note(few, inputs)
     assert "the default 0.25 " in note
+    refine_note = PruneConfig(refine=50, update=True, refine_offdiag=1.0).gram_note(few, inputs)
+    assert "--refine-offdiag 1 " in refine_note and "the default 0.25 " in refine_note
+    assert PruneConfig(update=True, refine_offdiag=1.0).gram_note(few, inputs) == ""  # no refine: its weight unused

@@ -8,7 +8,7 @@ import torch
 from helpers import correlated_inputs
 from hybridprune.masks import mask_n_m, mask_unstructured
 from hybridprune.methods import refine
-from hybridprune.methods.refine import reconstruction_error, refine_swaps, shrink_offdiagonal
+from hybridprune.methods.refine import reconstruction_error, refine_swaps, scale_offdiagonal, shrink_offdiagonal
 
 
 def use_pool(monkeypatch, pooled: bool) -> None:
@@ -52,6 +52,17 @@ def test_shrink_offdiagonal_keeps_the_diagonal_and_scales_the_rest():
     assert torch.count_nonzero(shrink_offdiagonal(gram, 0.0)[off]) == 0
     with pytest.raises(ValueError, match="offdiag"):
         shrink_offdiagonal(gram, 1.5)
+
+
+def test_a_shrunk_gram_reweighted_in_place_is_the_gram_shrunk_to_the_new_weight():
+    gram = correlated_inputs(features=16).T @ correlated_inputs(features=16)
+    for have, want in ((0.25, 0.5), (0.5, 0.25), (0.5, 1.0)):
+        held = shrink_offdiagonal(gram.clone(), have)
+        reweighted = scale_offdiagonal(held, want / have, inplace=True)
+        assert reweighted.data_ptr() == held.data_ptr()
+        torch.testing.assert_close(reweighted, shrink_offdiagonal(gram, want))
+    with pytest.raises(ValueError, match="factor"):
+        scale_offdiagonal(gram, -1.0)
 
 
 def test_refinement_under_the_diagonal_gram_reaches_wandas_per_row_mask():

@@ -78,9 +78,14 @@ class LayerPlan:
     sweep_group: str = "matrix"  # in the sweep, Wanda-pruned matrices compare per row ("row") or over a block of the matrix ("matrix")
     nm_order: str = "none"  # spread: N:M hybrid permutes MLP neurons so down_proj's groups mix scores
     refine: int = 0  # swap-refinement steps per row of every mask (0 = off; needs the second-order entry)
-    gram_offdiag: float = 1.0  # weight of X^T X's off-diagonal in refine and the update (1 = as calibrated)
+    gram_offdiag: float = 1.0  # weight of X^T X's off-diagonal in the update (1 = as calibrated), and in refine unless:
+    refine_offdiag: float | None = None  # the off-diagonal's weight when the refine chooses masks (None: gram_offdiag)
     dense_targets: bool = False  # o_proj / down_proj aimed at the dense outputs first (the sequential pass's sums)
     row_bound: float = 1.0  # gate/up: each neuron's row sparsity within target +- row_bound (1 = unbounded)
+
+    @property
+    def refine_weight(self) -> float:
+        return self.gram_offdiag if self.refine_offdiag is None else self.refine_offdiag
 
 
 def module_metric(method: str, weight: Tensor, input_sumsq: Tensor, weight_exp: float = 1.0) -> Tensor:

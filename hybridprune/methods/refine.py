@@ -26,13 +26,21 @@ def shrink_offdiagonal(gram: Tensor, offdiag: float, inplace: bool = False) -> T
     """
     if not 0.0 <= offdiag <= 1.0:
         raise ValueError(f"offdiag must be in [0, 1], got {offdiag}")
-    if offdiag == 1.0:
+    return scale_offdiagonal(gram, offdiag, inplace)
+
+
+def scale_offdiagonal(gram: Tensor, factor: float, inplace: bool = False) -> Tensor:
+    """diag(G) + factor * (G - diag(G)) for any factor >= 0: a Gram shrunk by a is reweighted to b by factor b / a
+    (in place: the Gram the refine chose masks under becomes the update's without a second n x n copy)."""
+    if factor < 0:
+        raise ValueError(f"factor must be >= 0, got {factor}")
+    if factor == 1.0:
         return gram
     diagonal = gram.diagonal().clone()
     # the same values as diag + a (G - diag), without two more n x n temporaries
-    shrunk = gram.mul_(offdiag) if inplace else gram * offdiag
-    shrunk.diagonal().copy_(diagonal)
-    return shrunk
+    scaled = gram.mul_(factor) if inplace else gram * factor
+    scaled.diagonal().copy_(diagonal)
+    return scaled
 
 
 def reconstruction_error(weight: Tensor, keep: Tensor, gram: Tensor) -> Tensor:
