@@ -36,7 +36,7 @@ from hybridprune.methods.reconstruct import (
     reconstruct_with_factor,
     shrink_update,
 )
-from hybridprune.methods.refine import refine_swaps, scale_offdiagonal, shrink_offdiagonal
+from hybridprune.methods.refine import refine_swaps, reweight_residual, scale_offdiagonal, shrink_offdiagonal
 from hybridprune.models.adapters import FamilyAdapter
 from hybridprune.models.loading import LoadedModel
 from hybridprune.models.streaming import (
@@ -261,8 +261,8 @@ def prune_layer(
         # the refine's final residual (its right-hand side: one n x n product per chunk saved), and writes the group's
         # weights before the next group starts
         lsq = hessians is not None and plan.update and plan.update_mask == "lsq"
-        # masks refined under one Gram weight and weights solved under another: every chunk refined first, then the
-        # held Gram reweighted once and the update solved from scratch (one more n x n product per chunk)
+        # masks refined under one Gram weight, weights solved under another: per chunk the held Gram is reweighted in
+        # place (one pass over it each way) and the refine's residual converted to the update's (elementwise)
         apart = lsq and plan.refine > 0 and plan.refine_weight != plan.gram_offdiag
         solved: set[str] = set()
         if hessians is not None and (plan.refine > 0 or lsq) and masks:
@@ -273,28 +273,31 @@ def prune_layer(
                 device = weights[names[0]].device
                 stacked = torch.cat([weights[name] for name in names])
                 keep = torch.cat([masks[name].to(device) for name in names])
-                gram = gram_of(group, plan.refine_weight if plan.refine > 0 else None).to(device)
                 rows = max(1, REFINE_CHUNK_ELEMENTS // stacked.shape[1])  # the refine's state is ~10 rows x inputs buffers
                 keeps, updates = [], []
-                together = lsq and not apart  # the update of each chunk right after its refine, from its residual
                 for start in range(0, stacked.shape[0], rows):
                     part, part_keep, target = stacked[start : start + rows], keep[start : start + rows], None
+                    gram = gram_of(group, plan.refine_weight if plan.refine > 0 else None).to(device)
                     if plan.refine > 0:
+                        # the update starts from the refine's final residual (w * ~keep) G: one n x n product saved;
+                        # a refine under the diagonal alone holds no off-diagonal to convert
+                        residual = lsq and plan.refine_weight > 0
                         refined = refine_swaps(
                             part, part_keep, gram, steps=plan.refine,
                             nm=(pattern.n, pattern.m) if pattern.kind == "nm" else None,
-                            batch=REFINE_BATCH_NM if pattern.kind == "nm" else REFINE_BATCH, with_residual=together,
+                            batch=REFINE_BATCH_NM if pattern.kind == "nm" else REFINE_BATCH, with_residual=residual,
                         )
-                        part_keep, target = refined if together else (refined, None)
+                        part_keep, target = refined if residual else (refined, None)
                     keeps.append(part_keep)
-                    if together:
+                    if lsq:
+                        if apart:
+                            if target is not None:
+                                target = reweight_residual(target, part * ~part_keep, gram.diagonal(),
+                                                           plan.gram_offdiag / plan.refine_weight)
+                            gram = gram_of(group).to(device)
                         updates.append(least_squares(part, part_keep, gram, target=target))
                     del target
                 keep = torch.cat(keeps)
-                if apart:
-                    gram = gram_of(group).to(device)
-                    updates = [least_squares(stacked[start : start + rows], keep[start : start + rows], gram)
-                               for start in range(0, stacked.shape[0], rows)]
                 masks.update(zip(names, keep.split([weights[name].shape[0] for name in names])))
                 if lsq:
                     del gram

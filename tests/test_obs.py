@@ -243,17 +243,18 @@ def test_the_refine_weight_follows_gram_offdiag_unless_given_and_only_a_second_w
         PruneConfig(refine=10, refine_offdiag=-0.1).validate()
 
 
-@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+@pytest.mark.parametrize(("pattern", "refine_weight"), [("unstructured", 0.25), ("2:4", 0.25), ("unstructured", 0.0)])
 def test_masks_refined_under_one_weight_get_the_least_squares_weights_under_the_other(
-        tiny_llama_folder: Path, tiny_cache_dir: Path, pattern: str):
+        tiny_llama_folder: Path, tiny_cache_dir: Path, pattern: str, refine_weight: float):
     """--refine-offdiag 0.25 with --gram-offdiag 0.5: the masks of the refine alone under 0.25, the kept weights
     the least-squares optimum of those masks under 0.5 (checked on layer 0's q/k/v, computed here from scratch)."""
     from hybridprune.methods.reconstruct import least_squares
     from hybridprune.methods.refine import shrink_offdiagonal
 
     common = dict(refine=5, pattern=pattern, nm_order="none")
-    both, _ = _tiny_run(tiny_llama_folder, tiny_cache_dir, update=True, refine_offdiag=0.25, gram_offdiag=0.5, **common)
-    masks, _ = _tiny_run(tiny_llama_folder, tiny_cache_dir, gram_offdiag=0.25, **common)
+    both, _ = _tiny_run(tiny_llama_folder, tiny_cache_dir, update=True, refine_offdiag=refine_weight, gram_offdiag=0.5,
+                        **common)
+    masks, _ = _tiny_run(tiny_llama_folder, tiny_cache_dir, gram_offdiag=refine_weight, **common)
     one, _ = _tiny_run(tiny_llama_folder, tiny_cache_dir, update=True, gram_offdiag=0.5, **common)
     for layer_b, layer_m in zip(both.adapter.layers(both.model), masks.adapter.layers(masks.model)):
         for name, linear in both.adapter.linears(layer_b).items():
@@ -264,9 +265,19 @@ def test_masks_refined_under_one_weight_get_the_least_squares_weights_under_the_
     names = [name for name in dense.adapter.attention_names if dense.adapter.input_group(name) == dense.adapter.input_group(
         dense.adapter.attention_names[0])]
     stack = lambda run: torch.cat([run.adapter.linears(run.adapter.layers(run.model)[0])[n].weight.detach() for n in names])  # noqa: E731
-    gram = shrink_offdiagonal(hessians.gram(0, dense.adapter.input_group(names[0]))[0].float(), 0.5)
-    solved = stack(both)
-    torch.testing.assert_close(solved, least_squares(stack(dense), solved != 0, gram), rtol=1e-4, atol=1e-5)
+    gram = shrink_offdiagonal(hessians.gram(0, dense.adapter.input_group(names[0]))[0].double(), 0.5)
+    solved, weight = stack(both).double(), stack(dense).double()
+
+    def error(v):  # per row, (w - v)^T G (w - v) under the update's Gram
+        return (((weight - v) @ gram) * (weight - v)).sum(1)
+
+    exact = torch.zeros_like(weight)  # each row's exact optimum on its support, a dense solve
+    for row in range(weight.shape[0]):
+        kept = solved[row] != 0
+        exact[row, kept] = torch.linalg.solve(gram[kept][:, kept], (weight[row] @ gram)[kept])
+    assert bool((error(solved) <= error(exact) * (1 + 1e-4) + 1e-9).all())
+    under_refine_weight = least_squares(weight, solved != 0, shrink_offdiagonal(gram, refine_weight / 0.5))
+    assert float(error(under_refine_weight).sum()) > float(error(exact).sum()) * (1 + 1e-3)  # the weight tells
     assert not torch.equal(solved, stack(one))  # the masks refined under 0.5 are other masks (or other weights)
 
 

@@ -8,7 +8,13 @@ import torch
 from helpers import correlated_inputs
 from hybridprune.masks import mask_n_m, mask_unstructured
 from hybridprune.methods import refine
-from hybridprune.methods.refine import reconstruction_error, refine_swaps, scale_offdiagonal, shrink_offdiagonal
+from hybridprune.methods.refine import (
+    reconstruction_error,
+    refine_swaps,
+    reweight_residual,
+    scale_offdiagonal,
+    shrink_offdiagonal,
+)
 
 
 def use_pool(monkeypatch, pooled: bool) -> None:
@@ -63,6 +69,18 @@ def test_a_shrunk_gram_reweighted_in_place_is_the_gram_shrunk_to_the_new_weight(
         torch.testing.assert_close(reweighted, shrink_offdiagonal(gram, want))
     with pytest.raises(ValueError, match="factor"):
         scale_offdiagonal(gram, -1.0)
+
+
+def test_the_residual_under_one_weight_converts_to_the_residual_under_another():
+    inputs = correlated_inputs(features=16)
+    gram = (inputs.T @ inputs).double()
+    weight = torch.randn(6, 16, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    pruned = weight * (torch.rand(6, 16, generator=torch.Generator().manual_seed(4)) < 0.5)
+    for have, want in ((0.25, 0.5), (0.5, 0.25), (1.0, 0.0)):
+        residual = pruned @ shrink_offdiagonal(gram, have)
+        converted = reweight_residual(residual, pruned, gram.diagonal(), want / have)
+        assert converted.data_ptr() == residual.data_ptr()
+        torch.testing.assert_close(converted, pruned @ shrink_offdiagonal(gram, want))
 
 
 def test_refinement_under_the_diagonal_gram_reaches_wandas_per_row_mask():

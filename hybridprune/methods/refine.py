@@ -43,6 +43,13 @@ def scale_offdiagonal(gram: Tensor, factor: float, inplace: bool = False) -> Ten
     return scaled
 
 
+def reweight_residual(residual: Tensor, pruned: Tensor, diagonal: Tensor, factor: float) -> Tensor:
+    """p G_b from the residual p G_a (p = w * ~keep [rows, n], in place) for Grams that differ only in their
+    off-diagonal's weight, G_x = diag + x (G - diag), factor = b / a (a > 0): (b / a) p G_a + (1 - b / a) p * diag.
+    Elementwise: the refine's residual becomes the right-hand side of an update under another weight."""
+    return residual.mul_(factor).add_(pruned * diagonal.to(residual.dtype), alpha=1.0 - factor)
+
+
 def reconstruction_error(weight: Tensor, keep: Tensor, gram: Tensor) -> Tensor:
     """Per row, (w - w*keep)^T G (w - w*keep) = ||(W - W_masked) x||^2 summed over the calibration tokens."""
     pruned = (weight.to(torch.float64) * (~keep))
