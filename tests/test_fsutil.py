@@ -100,7 +100,7 @@ def test_out_over_a_non_empty_folder(server: ForkServer, world: World, reference
 
 
 def test_output_paths_cannot_hit_the_model_or_escape(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    from hybridprune.pruning import check_output_folder
+    from hybridprune.saving import check_output_folder
 
     model = tmp_path / "model"
     (model / "sub").mkdir(parents=True)

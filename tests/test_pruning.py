@@ -12,8 +12,9 @@ from hybridprune.calibration.collect import CollectionOptions, collect_statistic
 from hybridprune.config import PruneConfig
 from hybridprune.models import load_model
 from hybridprune.passes import prune_model
-from hybridprune.pruning import plan_layers, save_pruned
+from hybridprune.pruning import plan_layers
 from hybridprune.reporting import SilentReporter
+from hybridprune.saving import save_pruned
 from hybridprune.sparsity import sparsity_report
 
 

@@ -16,7 +16,7 @@ def decompress(folder: PathLike, out: PathLike, *, overwrite: bool = False) -> i
     """
     from hybridprune.export import compression_format, decompress_folder
     from hybridprune.fsutil import atomic_folder
-    from hybridprune.pruning import check_output_folder
+    from hybridprune.saving import check_output_folder
 
     source = Path(folder).expanduser()
     if not source.is_dir() or compression_format(source) is None:

@@ -99,7 +99,7 @@ def _evaluate_one(
     from hybridprune.latency import folder_size, parameter_count
     from hybridprune.latency import measure_latency as time_latency
     from hybridprune.models import load_model
-    from hybridprune.pruning import read_metadata
+    from hybridprune.saving import read_metadata
     from hybridprune.sparsity import sparsity_report
 
     loaded = load_model(spec, dtype=dtype, device=device, cache_dir=root, trust_remote_code=trust_remote_code)

@@ -60,7 +60,7 @@ def prune(o: Options, *, reporter: Reporter | None = None, on_run: Callable[[Pru
     from hybridprune.masks import parse_pattern
     from hybridprune.models import load_model
     from hybridprune.passes import prune_model, prune_recompute, prune_streaming, sequential_pruner
-    from hybridprune.pruning import SAVE_FORMATS, check_output_folder, run_record, save_pruned, write_extras
+    from hybridprune.saving import SAVE_FORMATS, check_output_folder, run_record, save_pruned, write_extras
     from hybridprune.sparsity import sparsity_report
 
     reporter = reporter or SilentReporter()
