@@ -249,9 +249,12 @@ def configs() -> dict[str, PruneConfig]:
         c[f"wanda+update{point}:lsq-off0.25"] = preset("wanda", update=True, gram_offdiag=0.25, **_point(point))
     # masks refined under the off-diagonal weight the mask alone chose (0.25, item 12) and the update under N:M's 0.5
     # (--refine-offdiag, 2026-12-07)
+    # (--refine-offdiag, 2026-12-07; the N:M default since, item 21: `quality@2:4` and `quality@4:8` themselves)
     for point in ("@2:4", "@4:8"):
         c[f"quality{point}:refine-off0.25"] = preset("quality", refine_offdiag=0.25, **_point(point))
+        c[f"quality{point}:refine-off0.5"] = preset("quality", refine_offdiag=0.5, **_point(point))  # as before item 21
     c["balanced@4:8:off0.25"] = preset("balanced", pattern="4:8", gram_offdiag=0.25)
+    c["balanced@4:8:off0.5"] = preset("balanced", pattern="4:8", gram_offdiag=0.5)
     # ablations
     c["abl:nr-constant-score"] = P(idf_exp=0.0, tf_exp=0.0)  # gate/up matrix groups, every s_i equal
     for mode in ("doc", "topic"):

@@ -245,8 +245,8 @@ class PruneConfig:
     def gram_note(self, tokens: int, inputs: int) -> str:
         """A warning when an off-diagonal weight above 0.5 meets a calibration with fewer than
         GRAM_TOKENS_PER_INPUT tokens per MLP input channel ('' when there is nothing to say)."""
-        used = ([("--refine-offdiag", self.refine_weight, "refine_offdiag")] if self.refine else []) + (
-            [("--gram-offdiag", self.gram_weight, "gram_offdiag")] if self.update else [])
+        used = ([("--gram-offdiag", self.gram_weight, "gram_offdiag")] if self.update else []) + (
+            [("--refine-offdiag", self.refine_weight, "refine_offdiag")] if self.refine else [])  # a tie: the update's
         if not used or tokens >= GRAM_TOKENS_PER_INPUT * inputs:
             return ""
         flag, weight, field = max(used, key=lambda item: item[1])
@@ -342,7 +342,11 @@ class PruneConfig:
 # 50% (benchmarks/structured_update.py; docs/results.md, "Structured removal's compensation").
 GRAM_OFFDIAG = {"unstructured": 0.25, "nm": 0.5, "structured": 0.5}
 # --refine-offdiag when neither it nor --gram-offdiag is given: the weight under which the refine chooses masks.
-REFINE_OFFDIAG = dict(GRAM_OFFDIAG)
+# N:M: 0.25, the smallest worst case over both models' validation halves for `balanced` at 2:4 (1.037 against 1.148)
+# and 4:8 (1.062 against 1.118) and for `quality` at 2:4 (0.869 against 0.932), Qwen's docs deciding each; SmolLM2
+# alone prefers 0.5 for the masks alone and ties under the update (benchmarks/validation_choices.md, 21).
+# structured removal has no refine.
+REFINE_OFFDIAG = {"unstructured": 0.25, "nm": 0.25, "structured": 0.5}
 # Below about this many calibration tokens per MLP input channel an off-diagonal weight above 0.5 fits the
 # calibration text: on SmolLM2's validation halves the full Gram lost up to 1.18x (refine) and 1.80x (update)
 # Wanda's loss at 0.67 tokens per down_proj input, 1.01x / 1.12x at 2.7, 0.93x / 0.98x at 10.7, where 0.5 is

@@ -138,8 +138,8 @@ PRUNE_KNOBS = (
         f"({_default('nm_order')}; the saved model is the permuted one, the same function)."),
     opt("refine", type=int | None, help="Improve the masks by up to N weight swaps per row that lower the layer's output "
         "error on the calibration inputs (second-order entry; minutes on CPU; not with --update-mask sweep)."),
-    opt("gram_offdiag", type=float | None, help="With --refine / --update: weight of the calibration Gram's off-diagonal "
-        "(1 = X^T X as calibrated, 0 = its diagonal only, Wanda's objective; default "
+    opt("gram_offdiag", type=float | None, help="With --update (and --refine, unless --refine-offdiag): weight of the "
+        "calibration Gram's off-diagonal (1 = X^T X as calibrated, 0 = its diagonal only, Wanda's objective; default "
         f"{GRAM_OFFDIAG['unstructured']}, {GRAM_OFFDIAG['nm']} under N:M). Below 1 the fit depends less on the calibration text."),
     opt("refine_offdiag", type=float | None, help="With --refine: the off-diagonal's weight for choosing the masks alone "
         "(the update keeps --gram-offdiag's; default: --gram-offdiag's when given, else "

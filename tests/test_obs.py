@@ -315,7 +315,8 @@ def test_a_full_gram_on_few_calibration_tokens_gets_a_note():
     assert PruneConfig(refine=50).gram_note(few, inputs) == ""  # the default 0.25
     assert PruneConfig(update=True, pattern="2:4").gram_note(few, inputs) == ""  # N:M's default 0.5
     assert PruneConfig(gram_offdiag=1.0).gram_note(few, inputs) == ""  # no refine, no update: no Gram used
-    assert "the default 0.5 " in PruneConfig(refine=50, pattern="2:4", gram_offdiag=1.0).gram_note(few, inputs)
+    assert "the default 0.5 " in PruneConfig(refine=50, update=True, pattern="2:4", gram_offdiag=1.0).gram_note(few, inputs)
+    assert "the default 0.25 " in PruneConfig(refine=50, pattern="2:4", gram_offdiag=1.0).gram_note(few, inputs)  # refine
     assert "the default 0.25 " in note
     refine_note = PruneConfig(refine=50, update=True, refine_offdiag=1.0).gram_note(few, inputs)
     assert "--refine-offdiag 1 " in refine_note and "the default 0.25 " in refine_note
