@@ -32,7 +32,10 @@ sys.path.insert(0, str(HERE))
 import validate
 
 # what moves the refined 2:4 masks at 32 x 512 (test halves: a diagnosis, not a choice)
-QWEN_DIAGNOSTICS = ["balanced@2:4:refine0", "quality@2:4:refine0", "balanced@2:4:off0.25", "quality@2:4:lsq-off0.25"]
+# (balanced@2:4:off0.5 and quality@2:4:refine-off0.5: the N:M presets before 2026-12-07 refined under 0.5, the rows
+# that are `balanced@2:4` / `quality@2:4` of 4361132; validation_choices.md, 21)
+QWEN_DIAGNOSTICS = ["balanced@2:4:refine0", "quality@2:4:refine0", "balanced@2:4:off0.25", "quality@2:4:lsq-off0.25",
+                    "balanced@2:4:off0.5", "quality@2:4:refine-off0.5"]
 QWEN_CONFIGS = ["dense", "wanda", "wanda+update", "balanced", "quality", "wanda@2:4",
                 "wanda+update@2:4", "balanced@2:4", "quality@2:4"]
 CONFIGS = ["dense", "wanda", "balanced:refine0", "balanced:off0.1", "balanced:off0.25", "balanced:off0.5",

@@ -324,8 +324,8 @@ class PruneConfig:
         """The fields, defaults resolved (the digest names what runs: an explicit --gram-offdiag equal to the
         pattern's default is the same configuration)."""
         fields = {**dataclasses.asdict(self), "gram_offdiag": self.gram_weight, "refine_offdiag": self.refine_weight}
-        if self.refine_weight == self.gram_weight:  # added later: one weight for both leaves earlier digests as they were
-            del fields["refine_offdiag"]
+        if not self.refine or self.refine_weight == self.gram_weight:  # added later: without a refine of its own weight
+            del fields["refine_offdiag"]  # a configuration keeps the digest it had before
         if not self.dense_targets:  # added later: off, it leaves the digests of every configuration before it as they were
             del fields["dense_targets"]
         return fields

@@ -237,6 +237,7 @@ def test_the_refine_weight_follows_gram_offdiag_unless_given_and_only_a_second_w
     both = PruneConfig(refine=10, update=True, pattern="2:4", gram_offdiag=0.5, refine_offdiag=0.25)
     assert (both.refine_weight, both.gram_weight) == (0.25, 0.5)
     assert both.to_dict()["refine_offdiag"] == 0.25 and both.digest != PruneConfig(**{**both.to_dict(), "refine_offdiag": 0.5}).digest
+    assert "refine_offdiag" not in PruneConfig(update=True, pattern="2:4").to_dict()  # no refine: its weight is no knob
     same = PruneConfig(refine=10, gram_offdiag=0.5, refine_offdiag=0.5)
     assert "refine_offdiag" not in same.to_dict() and same.digest == PruneConfig(refine=10, gram_offdiag=0.5).digest
     with pytest.raises(UserError, match="--refine-offdiag"):
