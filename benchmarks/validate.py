@@ -236,7 +236,8 @@ def configs() -> dict[str, PruneConfig]:
     # `quality` itself since 2026-12-06 (benchmarks/validation_choices.md, 13): `:obs` is quality as it was before
     # `--update` alone too since 2026-12-06 (14): `wanda+update{point}:obs` is Wanda + update as it was before
     for point in ("", "@2:4", "@4:8", "@60", "@70"):
-        c[f"quality{point}:obs"] = preset("quality", update_mask="fixed", **_point(point))
+        was = {"refine_offdiag": 0.5} if ":" in point else {}  # N:M refined under 0.5 before item 21
+        c[f"quality{point}:obs"] = preset("quality", update_mask="fixed", **was, **_point(point))
         c[f"wanda+update{point}:obs"] = preset("wanda", update=True, update_mask="fixed", **_point(point))
         for name in ("quality", "wanda+update"):
             # every layer at the target (as measured, before the presets' layer spread)
@@ -255,6 +256,8 @@ def configs() -> dict[str, PruneConfig]:
         c[f"quality{point}:refine-off0.5"] = preset("quality", refine_offdiag=0.5, **_point(point))  # as before item 21
     c["balanced@4:8:off0.25"] = preset("balanced", pattern="4:8", gram_offdiag=0.25)
     c["balanced@4:8:off0.5"] = preset("balanced", pattern="4:8", gram_offdiag=0.5)
+    for pattern in ("2:4", "4:8"):  # `joint` at N:M as measured (2026-12-05), before item 21
+        c[f"joint@{pattern}:refine-off0.5"] = preset("joint", pattern=pattern, refine_offdiag=0.5, current=True)
     # ablations
     c["abl:nr-constant-score"] = P(idf_exp=0.0, tf_exp=0.0)  # gate/up matrix groups, every s_i equal
     for mode in ("doc", "topic"):
@@ -560,8 +563,9 @@ def fmt_table(s: dict, names: list[str], models: list[str], domains: tuple[str, 
 
 HEADLINE = ["wanda", "wanda+update:obs", "wanda+update", "wanda+update:off0.5", "wanda+qk0.1", "balanced@87425c2", "quality@87425c2", "balanced:refine0",
             "balanced:off0.5", "quality:off0.5", "balanced:owl0", "quality:owl0", "balanced", "quality:obs", "quality", "joint", "conservative", "fast",
-            "wanda@2:4", "wanda+update@2:4:obs", "wanda+update@2:4", "balanced@2:4", "quality@2:4:obs", "quality@2:4", "joint@2:4", "wanda@4:8",
-            "quality@4:8:obs", "quality@4:8", "joint@4:8", "wanda@60", "quality@60:obs", "quality@60:owl0", "balanced@60", "quality@60", "joint@60",
+            "wanda@2:4", "wanda+update@2:4:obs", "wanda+update@2:4", "balanced@2:4:off0.5", "balanced@2:4", "quality@2:4:obs",
+            "quality@2:4:refine-off0.5", "quality@2:4", "joint@2:4:refine-off0.5", "joint@2:4", "wanda@4:8", "quality@4:8:obs",
+            "quality@4:8:refine-off0.5", "quality@4:8", "joint@4:8:refine-off0.5", "joint@4:8", "wanda@60", "quality@60:obs", "quality@60:owl0", "balanced@60", "quality@60", "joint@60",
             "wanda@70", "quality@70:obs", "quality@70:owl0", "balanced@70", "quality@70", "joint@70"]
 
 
