@@ -245,17 +245,16 @@ class PruneConfig:
     def gram_note(self, tokens: int, inputs: int) -> str:
         """A warning when an off-diagonal weight above 0.5 meets a calibration with fewer than
         GRAM_TOKENS_PER_INPUT tokens per MLP input channel ('' when there is nothing to say)."""
-        used = ([("--gram-offdiag", self.gram_weight, "gram_offdiag")] if self.update else []) + (
-            [("--refine-offdiag", self.refine_weight, "refine_offdiag")] if self.refine else [])  # a tie: the update's
+        # (flag that set the weight, weight, that weight's defaults); on a tie max keeps the update's
+        used = ([("--gram-offdiag", self.gram_weight, GRAM_OFFDIAG)] if self.update else []) + (
+            [("--refine-offdiag" if self.refine_offdiag is not None else "--gram-offdiag", self.refine_weight,
+              REFINE_OFFDIAG)] if self.refine else [])
         if not used or tokens >= GRAM_TOKENS_PER_INPUT * inputs:
             return ""
-        flag, weight, field = max(used, key=lambda item: item[1])
+        flag, weight, defaults = max(used, key=lambda item: item[1])
         if weight <= 0.5:
             return ""
-        if flag == "--refine-offdiag" and self.refine_offdiag is None:
-            flag = "--gram-offdiag"  # the refine's weight came from there
-        default = dataclasses.replace(self, gram_offdiag=None, refine_offdiag=None)  # this pattern's defaults
-        default = getattr(default, "refine_weight" if field == "refine_offdiag" else "gram_weight")
+        default = defaults[self._pattern_kind()]
         return (f"[yellow]note:[/] {flag} {weight:g} with {tokens} calibration tokens for {inputs} MLP inputs "
                 f"({tokens / inputs:.1f} per input): with fewer than {GRAM_TOKENS_PER_INPUT} per input the off-diagonal fits "
                 "the calibration text (on SmolLM2 it lost up to 1.8x Wanda's loss on other text); the default "

@@ -165,6 +165,9 @@ def _tiny_run(folder: Path, cache: Path, **fields):
         dict(refine=5, update=True, update_mask="lsq"),  # the least-squares weights of the refined masks
         dict(update=True, update_mask="lsq", pattern="2:4"),
         dict(refine=5, update=True, update_mask="lsq", pattern="2:4"),  # quality at 2:4: the N:M refine's residual
+        # masks under one Gram weight, the update under another: the held Gram reweighted before the OBS sweep / ADMM
+        dict(refine=5, update=True, update_mask="fixed", refine_offdiag=0.25, gram_offdiag=0.5),
+        dict(refine=5, update=True, update_mask="admm", pattern="2:4", refine_offdiag=0.25, gram_offdiag=0.5),
     ],
 )
 def test_every_update_and_refine_mode_hits_the_target(tiny_llama_folder: Path, tiny_cache_dir: Path, fields: dict):
