@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ from hybridprune.methods.hybrid import (
 from hybridprune.methods.obs import spread_order, sweep_counts, sweep_prune
 from hybridprune.methods.reconstruct import (
     aim_at_dense,
+    gram_spectrum,
     inverse_factor,
     keep_columns,
     least_squares,
@@ -282,13 +284,16 @@ def prune_layer(
                                 target = reweight_residual(target, part * ~part_keep, gram.diagonal(),
                                                            plan.gram_offdiag / plan.refine_weight)
                             gram = gram_of(group).to(device)
-                        updates.append(least_squares(part, part_keep, gram, target=target))
+                        # the preconditioner's eigen-directions of the update's Gram: once per group, for every chunk
+                        spectrum = once("spectrum", group, partial(gram_spectrum, gram))
+                        updates.append(least_squares(part, part_keep, gram, target=target, spectrum=spectrum))
                     del target
                 keep = torch.cat(keeps)
                 masks.update(zip(names, keep.split([weights[name].shape[0] for name in names])))
                 if lsq:
                     del gram
                     cached.pop(("gram", group), None)  # each group's Gram freed once its rows are solved
+                    cached.pop(("spectrum", group), None)
                     updated = shrink_update(stacked * keep, torch.cat(updates), update_shrink)
                     for name, rows_of in zip(names, updated.split([weights[name].shape[0] for name in names])):
                         linears[name].weight.copy_(rows_of)
