@@ -1,6 +1,7 @@
 """How many conjugate-gradient steps the least-squares update takes, and what stopping earlier would leave.
 
-    python benchmarks/lsq_steps.py [SHAPE]      # SHAPE from benchmarks/scale.py (default llama8b)
+    python benchmarks/lsq_steps.py [SHAPE [RANK]]   # SHAPE from benchmarks/scale.py (default llama8b), RANK the
+                                                    # preconditioner's eigen-directions (default the product's; 0: the diagonal)
     python benchmarks/lsq_steps.py real         # real layers: the steps under each preconditioner
 
 SHAPE: builds scale.py's random-initialised layer of the published shape (bfloat16), collects its statistics from
@@ -45,6 +46,8 @@ TRACE_STEPS = (1, 2, 3, 4, 6, 8, 12, 25)
 def main() -> None:
     torch.set_num_threads(2)
     shape = scale.SHAPES[sys.argv[1] if len(sys.argv) > 1 else "llama8b"]
+    if len(sys.argv) > 2:
+        reconstruct.SPECTRAL_RANK = int(sys.argv[2])
     model = scale.build_model(shape, 512)
     adapter = adapter_for("llama")
     layer = adapter.layers(model)[0]

@@ -210,10 +210,12 @@ class Spectrum:
     excess: Tensor
 
 
-def gram_spectrum(gram: Tensor, rank: int = SPECTRAL_RANK, passes: int = SPECTRAL_PASSES) -> Spectrum | None:
+def gram_spectrum(gram: Tensor, rank: int | None = None, passes: int = SPECTRAL_PASSES) -> Spectrum | None:
     """The `Spectrum` of the (damped, float32) `gram` by subspace iteration from a seeded random start (the same
-    directions every run), applied as s * (G (s * q)) without an n x n copy; None where rank is 0, the Gram is too
-    narrow to gain from it (n <= 2 rank: the diagonal alone), or no direction stands above the rest."""
+    directions every run), applied as s * (G (s * q)) without an n x n copy; None where rank (None: SPECTRAL_RANK)
+    is 0, the Gram is too narrow to gain from it (n <= 2 rank: the diagonal alone), or no direction stands above the
+    rest."""
+    rank = SPECTRAL_RANK if rank is None else rank
     width = gram.shape[0]
     if rank <= 0 or width <= 2 * rank:
         return None
