@@ -207,6 +207,10 @@ def test_a_spectrum_that_is_the_whole_gram_solves_every_row_on_its_own_support_i
     solved = resolve_on_support(gram, (weight * ~keep) @ gram, keep, None, steps=1, tolerance=0.0,
                                 preconditioner=Spectrum(scale, vectors, excess))
     torch.testing.assert_close(weight * keep + solved, _exact_rows(weight, keep, gram), rtol=1e-9, atol=1e-9)
+    # from a start (as ADMM's re-solve calls it): the same one step
+    started = resolve_on_support(gram, weight @ gram, keep, weight * keep, steps=1, tolerance=0.0,
+                                 preconditioner=Spectrum(scale, vectors, excess))
+    torch.testing.assert_close(started, _exact_rows(weight, keep, gram), rtol=1e-9, atol=1e-9)
     jacobi = resolve_on_support(gram, (weight * ~keep) @ gram, keep, None, steps=1, tolerance=0.0,
                                 preconditioner=1 / gram.diagonal())
     assert not torch.allclose(weight * keep + jacobi, _exact_rows(weight, keep, gram), rtol=1e-3, atol=1e-3)

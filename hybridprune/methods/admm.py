@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from hybridprune.masks import _keep_all_but_lowest, mask_n_m
-from hybridprune.methods.reconstruct import FLOAT64_BYTES, resolve_on_support
+from hybridprune.methods.reconstruct import FLOAT64_BYTES, SPECTRAL_RANK, resolve_on_support, spectrum_of
 
 RHO = 0.1  # the first penalty, in the unit-diagonal scale (ALPS's)
 MAX_STEPS = 300
@@ -120,10 +120,13 @@ def admm_prune(weight: Tensor, keep: Tensor, gram: Tensor, nm: tuple[int, int] |
             break
     final = new_support  # the last projection: exact per-row counts (or N:M)
     error_admm = float(objective(start, solution * final, unit).sum())
-    solved = resolve_on_support(unit, target, final, solution)
+    # the re-solves preconditioned by the largest eigen-directions, here exact (least_squares': gram_spectrum)
+    rank = min(SPECTRAL_RANK, width // 2)
+    spectrum = spectrum_of(torch.ones_like(start[0]), eigenvalues[-rank:], basis[:, -rank:]) if rank else None
+    solved = resolve_on_support(unit, target, final, solution, preconditioner=spectrum)
     # ADMM is a heuristic row by row: where the starting mask re-solved the same way does better, that row keeps it
     # (so no row ends worse than the least-squares weights of the hybrid's own mask)
-    fallback = resolve_on_support(unit, target, keep, start * keep)
+    fallback = resolve_on_support(unit, target, keep, start * keep, preconditioner=spectrum)
     errors, fallback_errors = objective(start, solved, unit), objective(start, fallback, unit)
     better = fallback_errors < errors
     if bool(better.any()):

@@ -229,7 +229,13 @@ def gram_spectrum(gram: Tensor, rank: int | None = None, passes: int = SPECTRAL_
     for _ in range(passes):
         basis = torch.linalg.qr(unit(basis))[0]
     values, rotation = torch.linalg.eigh(basis.T @ unit(basis))  # ascending
-    values, vectors = values[-rank:], basis @ rotation[:, -rank:]
+    return spectrum_of(scale, values[-rank:], basis @ rotation[:, -rank:])
+
+
+def spectrum_of(scale: Tensor, values: Tensor, vectors: Tensor) -> Spectrum | None:
+    """The `Spectrum` of a Gram with diagonal 1 / scale^2 from the largest eigenpairs of its unit-diagonal form
+    (`values` [k] ascending, `vectors` [n, k]); None where none stands above the mean of the others."""
+    width, rank = vectors.shape
     sigma = ((width - values.sum()) / (width - rank)).clamp_min(1e-6)  # trace C = n
     excess = values / sigma - 1
     chosen = excess > 1e-3
