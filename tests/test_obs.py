@@ -279,7 +279,7 @@ def test_masks_refined_under_one_weight_get_the_least_squares_weights_under_the_
     for row in range(weight.shape[0]):
         kept = solved[row] != 0
         exact[row, kept] = torch.linalg.solve(gram[kept][:, kept], (weight[row] @ gram)[kept])
-    assert bool((error(solved) <= error(exact) * (1 + 1e-4) + 1e-9).all())
+    assert bool((error(solved) <= error(exact) * (1 + 1e-3) + 1e-9).all())  # to the update's stopping rule
     under_refine_weight = least_squares(weight, solved != 0, shrink_offdiagonal(gram, refine_weight / 0.5))
     assert float(error(under_refine_weight).sum()) > float(error(exact).sum()) * (1 + 1e-3)  # the weight tells
     assert not torch.equal(solved, stack(one))  # the masks refined under 0.5 are other masks (or other weights)
