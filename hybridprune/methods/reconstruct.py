@@ -36,15 +36,15 @@ it removed: on Qwen2.5-1.5B's and SmolLM2's cached Grams the error is then withi
 (10-15 steps at the 0.5-shrunk Gram, 5 at 0.25, where the residual test took 25). Under a `Spectrum` it stops a step
 sooner: once what the preconditioner estimates is left (r^T P r / sigma, exact where the spectrum is the whole Gram;
 the shrunk Grams' other eigenvalues, >= 1 - offdiag, bound it within 2x) is below this fraction of what was
-removed, rather than taking the step that would show it (one step fewer in 16 of 22 real cases, 0.9994-0.99995 of
-the converged gain, 2026-12-07)."""
+removed, rather than taking the step that would show it (on 30 of those real cases 103 steps against 128, one fewer
+in 25, 0.9993-0.99995 of the converged decrease, 2026-12-07)."""
 
 SPECTRAL_RANK = 16
 """Largest eigen-directions of the unit-diagonal Gram the least-squares update's preconditioner takes in besides
-its diagonal (0: the diagonal alone). On 16 real layer groups of SmolLM2 and Qwen2.5-1.5B (Wanda masks at 50% under
-the 0.25-shrunk Gram, 2:4 under 0.5) the stopping rule above ends after 3-8 steps where the diagonal alone took 4-11,
-at the same or a lower objective; 32 saved at most one step more and its per-row set-up costs 4x as much (2026-12-07,
-`python benchmarks/lsq_steps.py real`)."""
+its diagonal (0: the diagonal alone). On 32 real cases of SmolLM2 and Qwen2.5-1.5B (16 input groups; Wanda masks at
+50% under the 0.25-shrunk Gram, 2:4 under 0.5) the stopping rule ends after 118 steps in all where the diagonal alone
+took 228 (8 directions: 135; 32: 105, at 4x the per-row set-up), at 0.9993-0.99995 of the converged decrease
+(2026-12-07, `python benchmarks/lsq_steps.py real`)."""
 SPECTRAL_PASSES = 4
 """Subspace-iteration passes that find those directions (rank + 8 vectors; each pass one n x n x (rank + 8) product).
 They need not be exact: any orthonormal directions give a symmetric positive definite preconditioner."""
