@@ -12,7 +12,7 @@ the layer's output on the calibration inputs moves as little as possible.
   removes 1.6x (Gram shrunk to 0.25) to 1.5x (unshrunk) the sweep's error reduction, converged in 5-25
   steps (docs/results.md, "The least-squares update"; chosen for `quality`: benchmarks/validation_choices.md, 13).
   Preconditioned by the Gram's diagonal and its largest eigen-directions (`gram_spectrum`), per row exactly on
-  that row's support (Woodbury): 35-45% fewer steps than the diagonal alone to the same objective.
+  that row's support (Woodbury): about half the steps of the diagonal alone to the same objective (SPECTRAL_RANK).
 - `keep_columns`: that optimum when one column mask serves every row (structured removal of whole neurons or
   heads): one k x k Cholesky solve, exact.
 
@@ -207,7 +207,8 @@ def shrink_update(pruned: Tensor, updated: Tensor, shrink: float) -> Tensor:
 class Spectrum:
     """G ~ sigma D^1/2 (I + V diag(excess) V^T) D^1/2: `scale` = D^-1/2 [n] (D = diag G), `vectors` V [n, k] the
     largest eigenvectors of the unit-diagonal C = D^-1/2 G D^-1/2 (orthonormal), `excess` [k] their eigenvalues over
-    sigma, the mean of C's other eigenvalues, less one (> 0). From `gram_spectrum`."""
+    `sigma`, the mean of C's other eigenvalues, less one (> 0); `sigma` also scales the stopping rule's estimate
+    (CG_SETTLE). From `gram_spectrum` or `spectrum_of`."""
 
     scale: Tensor
     vectors: Tensor
