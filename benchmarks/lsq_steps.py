@@ -3,6 +3,7 @@
     python benchmarks/lsq_steps.py [SHAPE [RANK]]   # SHAPE from benchmarks/scale.py (default llama8b), RANK the
                                                     # preconditioner's eigen-directions (default the product's; 0: the diagonal)
     python benchmarks/lsq_steps.py real         # real layers: the steps under each preconditioner
+    python benchmarks/lsq_steps.py dots         # the steps' per-row dot products: vecdot against row_dots
 
 SHAPE: builds scale.py's random-initialised layer of the published shape (bfloat16), collects its statistics from
 8 x 512 random tokens, and runs `quality`'s `prune_layer` on it with `resolve_on_support` traced: per solve (one
@@ -15,6 +16,10 @@ layers and groups, the first 1024 rows of each group), Wanda masks at 50% under 
 for unstructured) and at 2:4 under the 0.5-shrunk one (N:M's); per preconditioner (the diagonal alone, and with the
 Gram's 8, 16 or 32 largest eigen-directions, `gram_spectrum`) the steps the product's stopping rule takes, in float32,
 and the share of the converged decrease (60 steps, rank 32, no early stop) it reaches; the spectrum's seconds.
+
+dots: milliseconds per call (the best of three medians of five) of the per-row dot products of two float32 [rows, n]
+matrices at the 8B update's shapes, torch.linalg.vecdot, (a * b).sum(1) and `reconstruct.row_dots` (a batched
+matrix product), 2 threads.
 """
 
 from __future__ import annotations
@@ -143,8 +148,29 @@ def real() -> None:
     print("steps in all: " + ", ".join(f"{'diagonal' if rank == 0 else f'rank {rank}'} {sum(v)}" for rank, v in steps.items()))
 
 
+def dots() -> None:
+    torch.set_num_threads(2)
+    ways = {"vecdot": lambda a, b: torch.linalg.vecdot(a, b, dim=1), "mul-sum": lambda a, b: (a * b).sum(1),
+            "row_dots": reconstruct.row_dots}
+    for rows, width in ((16384, 4096), (4096, 14336), (6144, 4096)):
+        a, b = torch.randn(rows, width), torch.randn(rows, width)
+        best = {name: float("inf") for name in ways}
+        for _ in range(3):  # interleaved, so that a slower moment of the machine falls on every way alike
+            for name, way in ways.items():
+                way(a, b)
+                times = []
+                for _ in range(5):
+                    start = time.perf_counter()
+                    way(a, b)
+                    times.append(time.perf_counter() - start)
+                best[name] = min(best[name], sorted(times)[2])
+        print(f"{rows} x {width}: " + ", ".join(f"{name} {1000 * seconds:.1f} ms" for name, seconds in best.items()))
+
+
 if __name__ == "__main__":
-    if sys.argv[1:] == ["real"]:
+    if sys.argv[1:] == ["dots"]:
+        dots()
+    elif sys.argv[1:] == ["real"]:
         real()
     else:
         main()

@@ -348,9 +348,10 @@ def resolve_on_support(gram: Tensor, target: Tensor, keep: Tensor, start: Tensor
 
 
 def row_dots(a: Tensor, b: Tensor) -> Tensor:
-    """Per row, a_i . b_i ([rows, n] each) as one batched matrix product: 39 ms per 16384 x 4096 float32 pair where
-    torch.linalg.vecdot took 99 ms and (a * b).sum(1) 107 ms (vecdot multiplies into a temporary first; 4096 x 14336:
-    38 against 103 ms; 2 quiet cores of an AMD EPYC, 2026-12-07)."""
+    """Per row, a_i . b_i ([rows, n] each) as one batched matrix product, without the [rows, n] temporary that
+    torch.linalg.vecdot and (a * b).sum(1) fill first: 49 against vecdot's 125 ms per 16384 x 4096 float32 pair where
+    that temporary's pages fault in one by one, 48 against 60 ms under transparent huge pages (hybridprune/env.py
+    sets them, unless torch was imported first); `python benchmarks/lsq_steps.py dots`, AMD EPYC, 2026-12-07."""
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
 
 
