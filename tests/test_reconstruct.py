@@ -18,6 +18,7 @@ from hybridprune.methods.reconstruct import (
     least_squares,
     reconstruct,
     resolve_on_support,
+    row_dots,
 )
 from hybridprune.models import load_model
 from hybridprune.passes import prune_model
@@ -363,3 +364,13 @@ def test_aim_at_dense_is_each_inputs_least_squares_to_the_dense_outputs():
     torch.testing.assert_close(aim_at_dense(weight, same, same, damping), weight, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="shapes"):
         aim_at_dense(weight, own[:-1], cross, damping)
+
+
+def test_row_dots_are_each_rows_dot_product_for_strided_and_empty_inputs():
+    """row_dots (the update's per-row a_i . b_i as one batched product) gives vecdot's values, for rows read through a
+    column slice (strided) and for no rows at all."""
+    generator = torch.Generator().manual_seed(40)
+    a, b = torch.randn(37, 300, generator=generator), torch.randn(37, 300, generator=generator)
+    torch.testing.assert_close(row_dots(a, b), torch.linalg.vecdot(a, b, dim=1))
+    torch.testing.assert_close(row_dots(a[:, 10:250], b[:, 10:250]), torch.linalg.vecdot(a[:, 10:250], b[:, 10:250], dim=1))
+    assert row_dots(a[:0], b[:0]).shape == (0,)
