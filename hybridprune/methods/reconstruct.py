@@ -350,8 +350,9 @@ def resolve_on_support(gram: Tensor, target: Tensor, keep: Tensor, start: Tensor
 def row_dots(a: Tensor, b: Tensor) -> Tensor:
     """Per row, a_i . b_i ([rows, n] each) as one batched matrix product, without the [rows, n] temporary that
     torch.linalg.vecdot and (a * b).sum(1) fill first: 49 against vecdot's 125 ms per 16384 x 4096 float32 pair where
-    that temporary's pages fault in one by one, 48 against 60 ms under transparent huge pages (hybridprune/env.py
-    sets them, unless torch was imported first); `python benchmarks/lsq_steps.py dots`, AMD EPYC, 2026-12-07."""
+    that temporary's pages fault in one by one; under transparent huge pages (hybridprune/env.py sets them, unless
+    torch was imported first) within noise either way (52 / 48 against 41 / 60 ms in two runs, 6144 x 4096 up to 4 ms
+    slower); `python benchmarks/lsq_steps.py dots` at load 3, AMD EPYC, 2026-12-07."""
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
 
 
