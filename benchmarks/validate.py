@@ -154,6 +154,11 @@ def configs() -> dict[str, PruneConfig]:
         for a in (0.1, 0.25, 0.5, 1.0):
             c[f"{name}:off{a}"] = preset(name, gram_offdiag=a, **was)
     c["wanda+update:off0.5"] = preset("wanda", update=True, gram_offdiag=0.5, update_mask="fixed")  # the update before 84ecbf2
+    # the presets as the product defines them (layer spread, least-squares update) with the Gram's off-diagonal weight
+    # changed: how that weight should follow the calibration's token count (benchmarks/calibration_size.py, 2026-12-08)
+    for name in ("balanced", "quality"):
+        for a in (0.25, 0.5, 0.75, 1.0):
+            c[f"{name}:off{a}:now"] = preset(name, gram_offdiag=a, current=True)
     c["balanced@2:4:off0.25"] = preset("balanced", pattern="2:4", gram_offdiag=0.25)
     c["quality@2:4:off0.25"] = preset("quality", pattern="2:4", gram_offdiag=0.25, update_mask="fixed")
     c["balanced@2:4:off0.5"] = preset("balanced", pattern="2:4", gram_offdiag=0.5)
