@@ -40,7 +40,11 @@ QWEN_CONFIGS = ["dense", "wanda", "wanda+update", "balanced", "quality", "wanda@
                 "wanda+update@2:4", "balanced@2:4", "quality@2:4"]
 CONFIGS = ["dense", "wanda", "balanced:refine0", "balanced:off0.1", "balanced:off0.25", "balanced:off0.5",
            "balanced:off1.0", "quality:off0.1", "quality:off0.25", "quality:off0.5", "quality:off1.0"]
-SIZES = (2, 8, 32)
+# the presets as defined now (layer spread, least-squares update) with the weight varied, at 32 and 128 x 512
+# (2026-12-08): does the best weight keep rising with the tokens per input?
+NOW = ["balanced", "balanced:off0.5:now", "balanced:off1.0:now", "quality", "quality:off0.5:now",
+       "quality:off0.75:now", "quality:off1.0:now"]
+SIZES = (2, 8, 32, 128)
 
 
 def results(nsamples: int | str, model: str = "smollm2") -> Path:
@@ -104,10 +108,12 @@ def cell(ppl: dict[tuple[str, str], float], names: dict, name: str) -> str:
 
 def table() -> None:
     names = validate.configs()
-    print("| configuration | " + " | ".join(f"{n} x 512 ({n * 512} tokens)" for n in SIZES) + " |")
-    print("|---|" + "---|" * len(SIZES))
-    cells: dict[str, list[str]] = {name: [] for name in CONFIGS[2:]}
-    for n in SIZES:
+    sizes = [n for n in SIZES if results(n).exists()]
+    print("| configuration | " + " | ".join(f"{n} x 512 ({n * 512} tokens, {n * 512 / 1536:.1f} per down_proj input)"
+                                          for n in sizes) + " |")
+    print("|---|" + "---|" * len(sizes))
+    cells: dict[str, list[str]] = {name: [] for name in CONFIGS[2:] + NOW}
+    for n in sizes:
         ppl: dict[tuple[str, str], float] = {}  # (digest, domain): rows count for every name with their digest
         if results(n).exists():
             for line in results(n).read_text().splitlines():
@@ -116,7 +122,8 @@ def table() -> None:
         for name in cells:
             cells[name].append(cell(ppl, names, name))
     for name, row in cells.items():
-        print(f"| {name} | " + " | ".join(row) + " |")
+        if any(cell != "-" for cell in row):
+            print(f"| {name} | " + " | ".join(row) + " |")
 
 
 if __name__ == "__main__":
