@@ -16,6 +16,7 @@ already there (same model, configuration digest, seed, domain, half, windows) is
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -52,9 +53,10 @@ DOCS = ROOT / "docs"
 
 # Protocol per model. Qwen on 2 CPU cores: bf16, 256-token windows, few windows (see docs/validation.md).
 MODELS = {
-    "smollm2": {"spec": None, "dtype": "float32", "nsamples": 32, "seqlen": 512, "windows": 8, "batch": 4},
+    "smollm2": {"spec": None, "dtype": "float32", "nsamples": 32, "seqlen": 512, "windows": 8, "batch": 4,
+                "mlp_inputs": 1536},
     "qwen": {"spec": "/work/models/qwen-coder-1.5b", "dtype": "bfloat16", "nsamples": 16, "seqlen": 256,
-             "windows": 16, "batch": 4},  # 16 windows since 6c89776, 2026-12-01 (4 before: rows kept, docs/research/2026-12-earlier-results.md)
+             "windows": 16, "batch": 4, "mlp_inputs": 8960},  # 16 windows since 6c89776, 2026-12-01 (4 before: rows kept, docs/research/2026-12-earlier-results.md)
 }
 # A model's calibration windows may be longer than its evaluation windows ("calibration_seqlen", default "seqlen"):
 # benchmarks/calibration_size.py runs Qwen at the product's own 32 x 512 this way, evaluated as the protocol does.
@@ -62,6 +64,14 @@ MODELS = {
 
 def calibration_shape(spec: dict) -> tuple[int, int]:
     return spec["nsamples"], spec.get("calibration_seqlen", spec["seqlen"])
+
+
+def resolved(config: PruneConfig, model: str) -> PruneConfig:
+    """A configuration as the product runs it on this model's calibration (PruneConfig.for_calibration: the Gram's
+    default weight follows the tokens per MLP input), so that its rows carry the digest of what ran. Only the current
+    presets (`preset(current=True)`) leave the weights to the default; every other configuration spells them out."""
+    nsamples, seqlen = calibration_shape(MODELS[model])
+    return config.for_calibration(nsamples * seqlen, MODELS[model]["mlp_inputs"])
 
 
 TOPICS, Q_ACTIVE = 128, 0.9
@@ -85,7 +95,12 @@ def preset(name: str, *, current: bool = False, **overrides) -> PruneConfig:
     if not {**values, **explicit}.get("update"):  # no update: update_mask changes nothing, spelled as it was so the digest stays
         explicit.setdefault("update_mask", values.get("update_mask", "fixed"))
     # the product's own merge: explicit > preset, and a preset knob gives way where the explicit choices exclude it
-    return resolve(explicit, Preset(name=name, values=values, source="presets.toml"))
+    config = resolve(explicit, Preset(name=name, values=values, source="presets.toml"))
+    if current:
+        return config
+    # the Gram's weights spelled out as the pattern's defaults (the same digest): a variant measured under them keeps
+    # them where the product's default follows the calibration's tokens per input (`resolved`, 2026-12-08)
+    return dataclasses.replace(config, gram_offdiag=config.gram_weight, refine_offdiag=config.refine_weight)
 
 
 # The product defaults of the new fields before this work, and idf_exp's old default: every
@@ -117,7 +132,7 @@ def configs() -> dict[str, PruneConfig]:
     """Every named configuration the harness knows (the report and the ablations pick from these)."""
     c: dict[str, PruneConfig] = {
         "wanda": P(prune_method="wanda"),
-        "wanda+update": preset("wanda", update=True),  # the product's --update (least squares since 2026-12-06, Gram 0.25)
+        "wanda+update": preset("wanda", update=True, current=True),  # the product's --update (least squares since 2026-12-06, Gram 0.25)
         "wanda+update@full": P(prune_method="wanda", update=True),  # full step, full Gram ("wanda+update" up to 87425c2)
         "wanda+qk0.1": P(prune_method="wanda", qk_shift=0.1),
         "wanda+qk0.1+update": P(prune_method="wanda", qk_shift=0.1, update=True),
@@ -128,11 +143,11 @@ def configs() -> dict[str, PruneConfig]:
     }
     # 2:4 (issue 12's pattern on this protocol): each ratio is against Wanda at 2:4 (`report` pairs them)
     c["wanda@2:4"] = preset("wanda", pattern="2:4")
-    c["wanda+update@2:4"] = preset("wanda", pattern="2:4", update=True)
+    c["wanda+update@2:4"] = preset("wanda", pattern="2:4", update=True, current=True)
     c["balanced@2:4"] = preset("balanced", pattern="2:4", current=True)
     c["quality@2:4"] = preset("quality", pattern="2:4", current=True)
     for point in ("@60", "@70", "@4:8"):  # --update alone (least squares since 2026-12-06) at the higher points
-        c[f"wanda+update{point}"] = preset("wanda", update=True, **_point(point))
+        c[f"wanda+update{point}"] = preset("wanda", update=True, current=True, **_point(point))
     # OWL's layer allocation (--layer-spread: layers with more Wanda-metric outliers kept denser) at the high
     # sparsities, where its paper measured its gains (lambda 0.08 at 70%); 2026-12-06
     for point in ("", "@60", "@70"):
@@ -456,7 +471,7 @@ def run(model: str, names: list[str], half: str, domains: list[str], seeds: list
     bench: Bench | None = None
     for seed in seeds:
         for name in names:
-            config = None if name == "dense" else known[name]
+            config = None if name == "dense" else resolved(known[name], model)
             rows = load_rows()
             have = {(r["model"], r["digest"], r["seed"], r["domain"], r["half"], r["windows"]) for r in rows
                     if calibration_of(r) == CALIBRATION or r["config"] == "dense"}
@@ -493,7 +508,7 @@ def table(rows: list[dict], model: str, half: str, seed: int = 0) -> dict[tuple[
     `balanced`'s too once the defaults make them the same); a row whose digest no name has any more is stale."""
     names_of: dict[str, list[str]] = {}
     for name, config in configs().items():
-        names_of.setdefault(config.digest, []).append(name)
+        names_of.setdefault(resolved(config, model).digest, []).append(name)
     out: dict[tuple[str, str], float] = {}
     for r in rows:
         if r["model"] != model or r["half"] != half or r["windows"] != MODELS[model]["windows"]:

@@ -242,6 +242,15 @@ class PruneConfig:
             return self.gram_offdiag
         return REFINE_OFFDIAG[self._pattern_kind()]
 
+    def for_calibration(self, tokens: int, inputs: int) -> PruneConfig:
+        """This configuration as run on `tokens` calibration tokens for `inputs` MLP input channels: with
+        GRAM_TOKENS_PER_INPUT or more per input and neither weight given, the refine and the update weigh the Gram's
+        off-diagonal RICH_GRAM_OFFDIAG (spelled out as --gram-offdiag, so the digest says what ran); else unchanged."""
+        if (self.gram_offdiag is not None or self.refine_offdiag is not None or not self.needs_second_order
+                or self._pattern_kind() == "structured" or tokens < GRAM_TOKENS_PER_INPUT * inputs):
+            return self
+        return dataclasses.replace(self, gram_offdiag=RICH_GRAM_OFFDIAG)
+
     def gram_note(self, tokens: int, inputs: int) -> str:
         """A warning when an off-diagonal weight above 0.5 meets a calibration with fewer than
         GRAM_TOKENS_PER_INPUT tokens per MLP input channel ('' when there is nothing to say)."""
@@ -351,6 +360,16 @@ REFINE_OFFDIAG = {"unstructured": 0.25, "nm": 0.25, "structured": 0.5}
 # Wanda's loss at 0.67 tokens per down_proj input, 1.01x / 1.12x at 2.7, 0.93x / 0.98x at 10.7, where 0.5 is
 # the best weight (benchmarks/validation_choices.md, 10). A note, not a refusal: the weight is the user's choice.
 GRAM_TOKENS_PER_INPUT = 10
+# The weight both the refine and the update use, every pattern but structured, when the calibration has at least
+# GRAM_TOKENS_PER_INPUT tokens per MLP input and no weight is given (PruneConfig.for_calibration): the Gram is then
+# estimated well enough for more of its off-diagonal. On SmolLM2's validation halves (the current presets, mean / worst
+# loss vs Wanda's): at 10.7 tokens per input (32 x 512) `balanced` 0.688 / 0.745 against 0.729 / 0.794 under 0.25,
+# `quality` 0.592 / 0.687 against 0.644 / 0.701; at 42.7 (128 x 512)
+# `balanced` 0.694 / 0.754 against 0.746 / 0.821 under 0.25 and 0.724 / 0.865 under 1, `quality` 0.596 / 0.700
+# against 0.656 / 0.707 (0.25), 0.593 / 0.751 (0.75), 0.632 / 0.875 (1); at 2.7 and 0.67 per input 0.25 was the
+# better weight (above). Qwen2.5-Coder-1.5B at its protocol's 0.46 and the product's 1.8 per input stays under the
+# pattern defaults (`python benchmarks/calibration_size.py table`, docs/results.md).
+RICH_GRAM_OFFDIAG = 0.5
 # `--layer-spread auto` (balanced's and quality's): OWL's layer spread by target sparsity, the best spread of each
 # point measured on both models' validation halves (benchmarks/validation_choices.md, 17 and 18); linear between the
 # points, the nearest point's spread outside them (below 50% and above 70% not measured)

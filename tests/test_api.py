@@ -263,6 +263,18 @@ def test_a_full_gram_on_few_calibration_tokens_is_noted(world):
     assert not any("--gram-offdiag" in line for line in default.lines)
 
 
+def test_the_grams_weight_follows_the_calibration_tokens(world):
+    """The tiny model's 128 MLP inputs: 4 x 32 tokens keep the pattern's default weight, 40 x 32 (10 per input) take
+    RICH_GRAM_OFFDIAG for the refine and the update, and the run's record names it."""
+    from hybridprune.config import RICH_GRAM_OFFDIAG
+
+    common = dict(model=str(world["model"]), data=str(world["text"]), cache_dir=world["cache"], topics=4, seqlen=32)
+    few = api.prune(sparsity=0.5, refine=5, update=True, nsamples=4, **common).runs[0]
+    many = api.prune(sparsity=0.5, refine=5, update=True, nsamples=40, **common).runs[0]
+    assert few.config.gram_offdiag is None and few.record["config"]["gram_offdiag"] == 0.25
+    assert many.config.gram_offdiag == RICH_GRAM_OFFDIAG and many.record["config"]["gram_offdiag"] == RICH_GRAM_OFFDIAG
+
+
 class RecordingReporter:
     """Keeps every note and progress label a run shows."""
 

@@ -307,6 +307,25 @@ def test_refine_conflict_is_the_rule_validate_and_presets_share(fields, conflict
         PruneConfig(refine=10, **fields).validate()
 
 
+def test_the_grams_default_weight_follows_the_calibration_tokens_per_input():
+    """At GRAM_TOKENS_PER_INPUT tokens per MLP input or more, the refine and the update weigh the off-diagonal
+    RICH_GRAM_OFFDIAG, spelled out; a weight given, a configuration without a Gram, or structured removal: unchanged."""
+    from hybridprune.config import GRAM_TOKENS_PER_INPUT, RICH_GRAM_OFFDIAG
+
+    inputs = 1536
+    few, many = GRAM_TOKENS_PER_INPUT * inputs - 1, GRAM_TOKENS_PER_INPUT * inputs
+    for fields in (dict(refine=50), dict(refine=50, update=True), dict(update=True, pattern="2:4"),
+                   dict(refine=50, pattern="4:8")):
+        config = PruneConfig(**fields)
+        assert config.for_calibration(few, inputs) is config
+        rich = config.for_calibration(many, inputs)
+        assert rich.gram_offdiag == RICH_GRAM_OFFDIAG and rich.gram_weight == rich.refine_weight == RICH_GRAM_OFFDIAG
+        assert rich.digest == PruneConfig(**fields, gram_offdiag=RICH_GRAM_OFFDIAG).digest
+    for config in (PruneConfig(refine=50, gram_offdiag=0.25), PruneConfig(refine=50, refine_offdiag=0.1),
+                   PruneConfig(), PruneConfig(pattern="structured", update=True)):
+        assert config.for_calibration(many, inputs) is config
+
+
 def test_a_full_gram_on_few_calibration_tokens_gets_a_note():
     """Measured (validation_choices.md, 10): the full Gram with few tokens per input fits the calibration text."""
     from hybridprune.config import GRAM_TOKENS_PER_INPUT

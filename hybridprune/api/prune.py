@@ -134,11 +134,17 @@ def prune(o: Options, *, reporter: Reporter | None = None, on_run: Callable[[Pru
     reporter.phase(f"{configs[0].prune_method.upper()} PRUNING MODE", mode_banner(configs[0], chosen))
     result = PruneResult([], chosen)
     noted = {""}  # notes already shown ('' is no note)
+    tokens: int | None = None  # the calibration's tokens, counted once: the Gram's default weight follows them
     for number, config in enumerate(configs):
         started = time.perf_counter()
         if number:
             loaded = load()  # a fresh dense o.model for each sweep point
         dense_width = getattr(loaded.model.config, loaded.adapter.intermediate_size_key)
+        if config.needs_second_order:
+            if tokens is None:
+                tokens = (dense_stats.stats.tokens if dense_stats is not None
+                          else calibration_windows(loaded, request, root)[0].numel())
+            config = config.for_calibration(tokens, dense_width)
         hessians, replay = None, True
         if config.sequential:
             calibration = calibrated_statistics(
