@@ -33,8 +33,10 @@ from hybridprune.config import (
     DEFAULT_SECOND_ORDER,
     DEFAULT_SEQLEN,
     GRAM_OFFDIAG,
+    GRAM_TOKENS_PER_INPUT,
     NM_ORDERS,
     REFINE_OFFDIAG,
+    RICH_GRAM_OFFDIAG,
     SECOND_ORDER_MODES,
     UPDATE_MASKS,
     default_of,
@@ -140,7 +142,8 @@ PRUNE_KNOBS = (
         "error on the calibration inputs (second-order entry; minutes on CPU; not with --update-mask sweep)."),
     opt("gram_offdiag", type=float | None, help="With --update (and --refine, unless --refine-offdiag): weight of the "
         "calibration Gram's off-diagonal (1 = X^T X as calibrated, 0 = its diagonal only, Wanda's objective; default "
-        f"{GRAM_OFFDIAG['unstructured']}, {GRAM_OFFDIAG['nm']} under N:M). Below 1 the fit depends less on the calibration text."),
+        f"{GRAM_OFFDIAG['unstructured']}, {GRAM_OFFDIAG['nm']} under N:M; {RICH_GRAM_OFFDIAG} for both this and --refine-offdiag "
+        f"with {GRAM_TOKENS_PER_INPUT} or more calibration tokens per MLP input). Below 1 the fit depends less on the calibration text."),
     opt("refine_offdiag", type=float | None, help="With --refine: the off-diagonal's weight for choosing the masks alone "
         "(the update keeps --gram-offdiag's; default: --gram-offdiag's when given, else "
         f"{REFINE_OFFDIAG['unstructured']}, {REFINE_OFFDIAG['nm']} under N:M)."),
