@@ -26,14 +26,17 @@ STEPS = [  # (configuration, label)
     ("step:bound", "+ each neuron's row within 0.05 of the target"),
     ("step:qk", "+ q/k pruned more than v/o (--qk-shift 0.1)"),
     ("step:refine", "+ swap refinement, 50 steps"),
-    ("balanced", "+ OWL's layer spread 0.04 (= balanced)"),
+    ("balanced:off0.25:now", "+ OWL's layer spread 0.04 (= balanced under the Gram weighted 0.25)"),
+    ("balanced", "+ the Gram weighted 0.5 at 10 or more calibration tokens per MLP input (= balanced; SmolLM2's 10.7: "
+                 "Qwen's protocol has 0.46 and keeps 0.25)"),
     ("quality", "+ least-squares weight update (= quality)"),
     ("joint", "joint: the refined masks without the spread, masks and weights solved together by ADMM (= joint)"),
 ]
 SHORT = {"wanda": "Wanda", "step:score": "+NR alloc.", "step:bound": "+row bound", "step:qk": "+q/k shift",
-         "step:refine": "+refine", "balanced": "+layer spread", "quality": "+lsq update", "joint": "joint"}
+         "step:refine": "+refine", "balanced:off0.25:now": "+layer spread", "balanced": "+Gram 0.5\n(tokens)",
+         "quality": "+lsq update", "joint": "joint"}
 # a step that does not build on the one before it is judged against the configuration it builds on
-AGAINST = {"joint": "quality:owl0"}  # joint keeps every layer at the target: against quality without the spread
+AGAINST = {"joint": "quality:owl0:now"}  # joint keeps every layer at the target: against quality without the spread
 IN_DOMAIN = ("wiki",)
 
 

@@ -174,6 +174,8 @@ def configs() -> dict[str, PruneConfig]:
     for name in ("balanced", "quality"):
         for a in (0.25, 0.5, 0.75, 1.0):
             c[f"{name}:off{a}:now"] = preset(name, gram_offdiag=a, current=True)
+    # `quality` without the layer spread, the Gram's weight left to the calibration (joint's comparison)
+    c["quality:owl0:now"] = preset("quality", layer_spread=0.0, current=True)
     c["balanced@2:4:off0.25"] = preset("balanced", pattern="2:4", gram_offdiag=0.25)
     c["quality@2:4:off0.25"] = preset("quality", pattern="2:4", gram_offdiag=0.25, update_mask="fixed")
     c["balanced@2:4:off0.5"] = preset("balanced", pattern="2:4", gram_offdiag=0.5)
