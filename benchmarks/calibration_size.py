@@ -10,8 +10,9 @@ configuration's loss ratio against Wanda at the same calibration size (mean / wo
 
 `--model qwen` runs Qwen2.5-Coder-1.5B with more calibration tokens than its protocol's 16 x 256 (4096 tokens, 0.46
 per down_proj input), evaluated as its protocol does (16 x 256-token windows per half): NxL windows of L tokens, 32x512
-(the product's own default: 16384 tokens, 1.8 per down_proj input) and 64x256 (as many tokens in the evaluation's
-window length). Each configuration is pruned once and evaluated on the halves `--half` names (default test, for
+(the product's own default: 16384 tokens, 1.8 per down_proj input), 64x256 (as many tokens in the evaluation's
+window length) and 176x512 (90112 tokens, 10.06 per down_proj input: where the Gram's default weight becomes 0.5,
+config.RICH_GRAM_OFFDIAG; its dense rows are the 32x512 file's, which the calibration does not change). Each configuration is pruned once and evaluated on the halves `--half` names (default test, for
 reporting; "validation,test" for choosing too: an evaluation of Qwen's five domains takes about 3 min on 2 cores).
 Rows go to calibration_size-qwen-NxL.jsonl; its table sets them beside the protocol's own 16 x 256 rows.
 
@@ -51,7 +52,7 @@ def results(nsamples: int | str, model: str = "smollm2") -> Path:
     return HERE / (f"calibration_size-{nsamples}.jsonl" if model == "smollm2" else f"calibration_size-{model}-{nsamples}.jsonl")
 
 
-QWEN_SHAPES = ("64x256", "32x512")
+QWEN_SHAPES = ("64x256", "32x512", "176x512")
 
 
 def run_qwen(shape: str, names: list[str], halves: str = "test") -> None:
