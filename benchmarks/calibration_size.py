@@ -43,7 +43,7 @@ CONFIGS = ["dense", "wanda", "balanced:refine0", "balanced:off0.1", "balanced:of
            "balanced:off1.0", "quality:off0.1", "quality:off0.25", "quality:off0.5", "quality:off1.0"]
 # the presets as defined now (layer spread, least-squares update) with the weight varied, at 32 and 128 x 512
 # (2026-12-08): does the best weight keep rising with the tokens per input?
-NOW = ["balanced", "balanced:off0.5:now", "balanced:off1.0:now", "quality", "quality:off0.5:now",
+NOW = ["balanced:off0.25:now", "balanced:off0.5:now", "balanced:off1.0:now", "quality:off0.25:now", "quality:off0.5:now",
        "quality:off0.75:now", "quality:off1.0:now"]
 SIZES = (2, 8, 32, 128)
 
