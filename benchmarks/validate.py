@@ -132,7 +132,7 @@ def configs() -> dict[str, PruneConfig]:
     """Every named configuration the harness knows (the report and the ablations pick from these)."""
     c: dict[str, PruneConfig] = {
         "wanda": P(prune_method="wanda"),
-        "wanda+update": preset("wanda", update=True, current=True),  # the product's --update (least squares since 2026-12-06, Gram 0.25)
+        "wanda+update": preset("wanda", update=True, current=True),  # the product's --update (least squares since 2026-12-06; its Gram weight by calibration tokens, 2026-12-08)
         "wanda+update@full": P(prune_method="wanda", update=True),  # full step, full Gram ("wanda+update" up to 87425c2)
         "wanda+qk0.1": P(prune_method="wanda", qk_shift=0.1),
         "wanda+qk0.1+update": P(prune_method="wanda", qk_shift=0.1, update=True),
