@@ -6,6 +6,7 @@
     .venv/bin/python benchmarks/refine_pool.py peak [REV]   # peak memory of one 16384 x 4096 chunk's refine
     .venv/bin/python benchmarks/refine_pool.py products  # float32 against bfloat16 matrix products on this CPU
     .venv/bin/python benchmarks/refine_pool.py candidates  # real layers: fewer moves per side paired exactly
+    .venv/bin/python benchmarks/refine_pool.py nm        # real layers at 2:4: is the N:M refine at its optimum?
 
 The refine's search scores every weight of a row only every `REFRESH` steps and keeps a pool of each side's moves:
 the best of each of `POOL` blocks of columns; the steps between score the pool alone, with the current residual (every
@@ -20,11 +21,16 @@ about as many swaps in fewer, larger steps (STEPS), the refined error / unrefine
 process's peak RSS (/proc VmHWM, reset before) above its start while one 16384 x 4096 chunk refines 50 steps, in
 [rows, columns] float32 buffers (at revision REV when given). The first residual from G in bfloat16 (measured at
 e733f68 with a `precision` mode and a bfloat16 `peak`, not adopted: docs/results.md) is no longer in the refine.
+`nm`: SmolLM2's cases at 2:4 under the Gram weighted 0.5 (its default at 32 x 512): Wanda's 2:4 masks refined as the
+product does (50 steps of up to 8 swaps) and with 200 steps, then searched further by exact moves of whole groups (each
+group's best of its six 2:4 patterns given the rest of the row, the best group per row and step, until none lowers
+the error): each one's error / Wanda's, and the exact search alone from Wanda's masks.
 `products`: seconds and GFLOPS of a [2048, 4096] x [4096, 4096] product in float32 and bfloat16, 1 and 2 threads.
 """
 
 from __future__ import annotations  # noqa: I001  (hybridprune.env goes before torch)
 
+import itertools
 import os
 import sys
 import time
@@ -35,7 +41,7 @@ import torch
 from safetensors import safe_open
 
 from hybridprune.calibration.second_order import damped_gram
-from hybridprune.masks import _keep_all_but_lowest
+from hybridprune.masks import _keep_all_but_lowest, mask_n_m
 from hybridprune.methods import refine
 from hybridprune.methods.refine import reconstruction_error, shrink_offdiagonal
 from hybridprune.models import load_model
@@ -176,6 +182,61 @@ def peak(rev: str | None = None) -> None:
           f"float32 [{rows}, {columns}] buffers", flush=True)
 
 
+PATTERNS_2_4 = [[i in kept for i in range(4)] for kept in itertools.combinations(range(4), 2)]  # the six 2:4 groups
+
+
+def exact_groups(weight, keep, gram, steps: int = 2000):
+    """Exact moves of whole 2:4 groups: per row and step, the group and pattern (of six) that lowers the row's error
+    (w - w*keep)^T G (w - w*keep) most, until no group's pattern lowers it (float64; a diagnosis, not the product)."""
+    patterns = torch.tensor(PATTERNS_2_4)
+    w, g, keep = weight.double(), gram.double(), keep.clone()
+    rows, groups = w.shape[0], w.shape[1] // 4
+    pruned = w * ~keep
+    residual = pruned @ g
+    blocks = torch.stack([g[4 * k:4 * k + 4, 4 * k:4 * k + 4] for k in range(groups)])  # [groups, 4, 4]
+    options = w.view(rows, groups, 1, 4) * (~patterns).double()  # each pattern's pruned part [rows, groups, 6, 4]
+    moves = step = 0
+    while step < steps:
+        step += 1
+        change = options - pruned.view(rows, groups, 1, 4)
+        delta = (2 * (change * residual.view(rows, groups, 1, 4)).sum(-1)
+                 + torch.einsum("rgpi,gij,rgpj->rgp", change, blocks, change))
+        best, index = delta.view(rows, -1).min(1)
+        moving = (best < -1e-12 * (pruned * residual).sum(1).abs().clamp_min(1e-30)).nonzero().squeeze(1)
+        if not len(moving):
+            break
+        group, pattern = index[moving] // 6, index[moving] % 6
+        d = change[moving, group, pattern]
+        columns = group.unsqueeze(1) * 4 + torch.arange(4)
+        pruned[moving.unsqueeze(1), columns] += d
+        residual[moving] += torch.einsum("ki,kin->kn", d, g[columns])
+        keep.view(rows, groups, 4)[moving, group] = patterns[pattern]
+        moves += len(moving)
+    return keep, step, moves
+
+
+def nm() -> None:
+    """`nm`: how far the product's 2:4 refine is from the optimum of exact whole-group moves (SmolLM2's cases)."""
+    torch.set_num_threads(1)
+    for name, layer, group, weight, gram in real_groups():
+        if name != "smollm2":
+            continue
+        gram = shrink_offdiagonal(gram, 0.5).float()
+        keep = mask_n_m(weight.abs() * gram.diagonal().sqrt(), 2, 4)
+        before = float(reconstruction_error(weight, keep, gram).sum())
+
+        def ratio(mask, weight=weight, gram=gram, before=before):
+            return float(reconstruction_error(weight, mask, gram).sum()) / before
+
+        refined = refine.refine_swaps(weight, keep, gram, steps=50, nm=(2, 4), batch=8)
+        longer = refine.refine_swaps(weight, keep, gram, steps=200, nm=(2, 4), batch=8)
+        further, steps, moves = exact_groups(weight, refined, gram)
+        alone, alone_steps, _ = exact_groups(weight, keep, gram)
+        print(f"smollm2 L{layer} {group} {tuple(weight.shape)} 2:4: refine 50 {ratio(refined):.5f} | refine 200 "
+              f"{ratio(longer):.5f} | + exact group moves {ratio(further):.5f} ({moves} moves in {steps} steps) | "
+              f"exact group moves from Wanda {ratio(alone):.5f} ({alone_steps} steps)", flush=True)
+
+
 def _status(key: str) -> int:
     line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(key))
     return int(line.split()[1]) * 1024
@@ -186,6 +247,8 @@ if __name__ == "__main__":
         peak(sys.argv[2] if len(sys.argv) > 2 else None)
     elif sys.argv[1] == "products":
         products()
+    elif sys.argv[1] == "nm":
+        nm()
     elif sys.argv[1] == "shapes":
         shapes(sys.argv[2] if len(sys.argv) > 2 else None)
     else:

@@ -276,6 +276,9 @@ def configs() -> dict[str, PruneConfig]:
     for point in ("@2:4", "@4:8"):
         c[f"quality{point}:refine-off0.25"] = preset("quality", refine_offdiag=0.25, **_point(point))
         c[f"quality{point}:refine-off0.5"] = preset("quality", refine_offdiag=0.5, **_point(point))  # as before item 21
+    # more swap steps per row at N:M (2026-12-08): the same masks as the presets' 50 (validation_choices.md, 24)
+    for steps in (100, 200):
+        c[f"balanced@2:4:refine{steps}"] = preset("balanced", pattern="2:4", refine=steps, current=True)
     c["balanced@4:8:off0.25"] = preset("balanced", pattern="4:8", gram_offdiag=0.25)
     c["balanced@4:8:off0.5"] = preset("balanced", pattern="4:8", gram_offdiag=0.5)
     for pattern in ("2:4", "4:8"):  # `joint` at N:M as measured (2026-12-05), before item 21
