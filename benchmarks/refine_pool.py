@@ -22,7 +22,7 @@ process's peak RSS (/proc VmHWM, reset before) above its start while one 16384 x
 [rows, columns] float32 buffers (at revision REV when given). The first residual from G in bfloat16 (measured at
 e733f68 with a `precision` mode and a bfloat16 `peak`, not adopted: docs/results.md) is no longer in the refine.
 `nm`: SmolLM2's cases at 2:4 under the Gram weighted 0.5 (its default at 32 x 512): Wanda's 2:4 masks refined as the
-product does (50 steps of up to 8 swaps) and with 200 steps, then searched further by exact moves of whole groups (each
+product does (50 steps of up to REFINE_BATCH_NM swaps) and with 200 steps, then searched further by exact moves of whole groups (each
 group's best of its six 2:4 patterns given the rest of the row, the best group per row and step, until none lowers
 the error): each one's error / Wanda's, and the exact search alone from Wanda's masks.
 `products`: seconds and GFLOPS of a [2048, 4096] x [4096, 4096] product in float32 and bfloat16, 1 and 2 threads.
@@ -45,6 +45,7 @@ from hybridprune.masks import _keep_all_but_lowest, mask_n_m
 from hybridprune.methods import refine
 from hybridprune.methods.refine import reconstruction_error, shrink_offdiagonal
 from hybridprune.models import load_model
+from hybridprune.pruning import REFINE_BATCH_NM
 
 CACHE = Path(os.environ.get("HYBRIDPRUNE_VALIDATE_CACHE", "/tmp/hpcache/validate"))
 MODELS = {"smollm2": (None, "smollm2-wiki-vital-code-hessians-32x512-s0.safetensors", (3, 15)),
@@ -228,8 +229,8 @@ def nm() -> None:
         def ratio(mask, weight=weight, gram=gram, before=before):
             return float(reconstruction_error(weight, mask, gram).sum()) / before
 
-        refined = refine.refine_swaps(weight, keep, gram, steps=50, nm=(2, 4), batch=8)
-        longer = refine.refine_swaps(weight, keep, gram, steps=200, nm=(2, 4), batch=8)
+        refined = refine.refine_swaps(weight, keep, gram, steps=50, nm=(2, 4), batch=REFINE_BATCH_NM)
+        longer = refine.refine_swaps(weight, keep, gram, steps=200, nm=(2, 4), batch=REFINE_BATCH_NM)
         further, steps, moves = exact_groups(weight, refined, gram)
         alone, alone_steps, _ = exact_groups(weight, keep, gram)
         print(f"smollm2 L{layer} {group} {tuple(weight.shape)} 2:4: refine 50 {ratio(refined):.5f} | refine 200 "
